@@ -1,0 +1,433 @@
+"""The `alignkit` command line: parse → build a config → trainer.run(config) → print the summary.
+
+Thin on purpose (docs/architecture.md): every command that trains takes flags or a recipe (flags
+override recipe values, `--set key=value` overrides anything), validates everything before writing,
+and reports bad input as ONE line with exit code 2 (a traceback only with `--debug`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from alignkit.errors import UserError, closest
+
+console = Console()
+err_console = Console(stderr=True)
+
+app = typer.Typer(
+    name="alignkit",
+    help="Align language models to preferences: SFT, reward ensembles (UP-RLHF), DPO/IPO/KTO, SPPO, Q-probe.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="rich",
+)
+data_app = typer.Typer(help="Inspect and convert datasets with the shared loader.", no_args_is_help=True)
+recipes_app = typer.Typer(help="List, show, validate and copy the shipped recipes.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+app.add_typer(recipes_app, name="recipes")
+
+_state = {"debug": False}
+
+
+@app.callback()
+def _root(
+    debug: Annotated[bool, typer.Option("--debug", help="show full tracebacks on errors")] = False,
+) -> None:
+    _state["debug"] = debug or os.environ.get("ALIGNKIT_DEBUG") == "1"
+
+
+# ------------------------------------------------------------------------- shared training options
+RecipeOpt = Annotated[Path | None, typer.Option("--recipe", "-r", help="YAML recipe to start from")]
+SetOpt = Annotated[list[str] | None, typer.Option("--set", help="override any key: --set train.epochs=2")]
+ModelOpt = Annotated[str | None, typer.Option("--model", "-m", help="alias, hub id, local dir, or tiny")]
+DataOpt = Annotated[str | None, typer.Option("--data", "-d", help="file, saved dataset dir, hub id or builtin:KIND")]
+KindOpt = Annotated[str | None, typer.Option("--kind", help="sft, pairwise, unpaired, prompts or scored")]
+ColumnsOpt = Annotated[str | None, typer.Option("--columns", help="column mapping: prompt=question,chosen=resp_j")]
+MaxSamplesOpt = Annotated[int | None, typer.Option("--max-samples", help="use only the first N rows")]
+OutOpt = Annotated[str | None, typer.Option("--output-dir", "-o", help="run directory (default runs/CMD-TIME)")]
+OverwriteOpt = Annotated[bool | None, typer.Option("--overwrite", help="replace an existing run directory")]
+ResumeOpt = Annotated[bool | None, typer.Option("--resume", help="continue an interrupted run")]
+LrOpt = Annotated[float | None, typer.Option("--lr", help="learning rate")]
+EpochsOpt = Annotated[float | None, typer.Option("--epochs", help="training epochs")]
+StepsOpt = Annotated[int | None, typer.Option("--max-steps", help="stop after N optimiser steps")]
+BatchOpt = Annotated[int | None, typer.Option("--batch-size", help="per-device batch size")]
+AccumOpt = Annotated[int | None, typer.Option("--grad-accum", help="gradient accumulation steps")]
+MaxLenOpt = Annotated[int | None, typer.Option("--max-length", help="max tokens per sequence")]
+SeedOpt = Annotated[int | None, typer.Option("--seed", help="training seed")]
+LoraOpt = Annotated[bool | None, typer.Option("--lora/--no-lora", help="LoRA adapter instead of full FT")]
+LoraROpt = Annotated[int | None, typer.Option("--lora-r", help="LoRA rank")]
+DtypeOpt = Annotated[str | None, typer.Option("--dtype", help="auto, float32, bfloat16 or float16")]
+DeviceOpt = Annotated[str | None, typer.Option("--device", help="auto, cpu, cuda, cuda:N")]
+RemoteOpt = Annotated[bool | None, typer.Option("--trust-remote-code", help="allow a hub model's own code")]
+NprocOpt = Annotated[int | None, typer.Option("--num-processes", help="data-parallel processes")]
+AccOpt = Annotated[str | None, typer.Option("--accelerate-config", help="ddp, zero2, zero3 or fsdp")]
+DryOpt = Annotated[bool, typer.Option("--dry-run", help="resolve the config and print the plan only")]
+
+
+def _common_flags(**kw: Any) -> dict[str, Any]:
+    """Map the shared options to dotted config keys (None = not given on the command line)."""
+    keys = {
+        "model": "model.name", "data": "data.source", "kind": "data.kind", "max_samples": "data.max_samples",
+        "output_dir": "output.dir", "overwrite": "output.overwrite", "resume": "output.resume",
+        "lr": "train.learning_rate", "epochs": "train.epochs", "max_steps": "train.max_steps",
+        "batch_size": "train.batch_size", "grad_accum": "train.grad_accum", "max_length": "train.max_length",
+        "seed": "train.seed", "lora": "model.lora.enabled", "lora_r": "model.lora.r", "dtype": "model.dtype",
+        "device": "model.device", "trust_remote_code": "model.trust_remote_code",
+        "num_processes": "launch.num_processes", "accelerate_config": "launch.accelerate_config",
+    }
+    flags = {keys[k]: v for k, v in kw.items() if k in keys}
+    if kw.get("columns"):
+        from alignkit.data import parse_columns
+
+        flags["data.columns"] = parse_columns(kw["columns"])
+    return flags
+
+
+def _train(command: str, recipe: Path | None, sets: list[str] | None, flags: dict[str, Any], dry_run: bool = False):
+    """Build and validate the config, re-launch through accelerate if asked, run, print the summary."""
+    from alignkit import launch
+    from alignkit.config import build_config, read_recipe, to_yaml
+    from alignkit.trainers import TRAINERS
+
+    cfg_cls, run_fn = TRAINERS[command]
+    tree = read_recipe(_recipe_path(str(recipe))) if recipe else {}
+    if tree.get("command", command) != command:
+        raise UserError(f"{recipe}: this recipe is for `alignkit {tree['command']}`, not `alignkit {command}`")
+    tree["command"] = command
+    cfg = build_config(cfg_cls, tree, sets, flags, origin=str(recipe or command))
+    if dry_run:
+        _print_plan(cfg, to_yaml(cfg))
+        return
+    code = launch.maybe_relaunch(sys.argv[1:], cfg.launch.num_processes, cfg.launch.accelerate_config)
+    if code is not None:
+        raise typer.Exit(code)
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    show = launch.rank_info()["is_main"]
+    with Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        console=console, disable=not show, transient=False,
+    ) as progress:
+        summary = run_fn(cfg, progress=progress)
+    if show:
+        _print_summary(f"alignkit {command}", summary)
+
+
+def _print_plan(cfg: Any, config_yaml: str) -> None:
+    from alignkit import models
+
+    console.print(f"[bold]plan[/bold]: alignkit {cfg.command} (nothing is downloaded or written)")
+    try:
+        where = models.describe_source(cfg.model.name)
+    except UserError as exc:
+        where = f"unresolved: {exc}"
+    console.print(f"  model  : {cfg.model.name} -> {where}")
+    console.print(f"  data   : {cfg.data.source} (kind {cfg.data.kind or 'auto'})")
+    console.print(f"  output : {cfg.output.dir or 'runs/' + cfg.command + '-<timestamp>'}")
+    n = cfg.launch.num_processes
+    console.print(f"  launch : {n} process{'es' if n > 1 else ''}, accelerate config {cfg.launch.accelerate_config}")
+    console.print("[bold]resolved config[/bold]:")
+    console.print(config_yaml, markup=False, highlight=False)
+
+
+def _print_summary(title: str, summary: dict[str, Any]) -> None:
+    table = Table(title=title, show_header=False)
+    for k, v in summary.items():
+        if isinstance(v, float):
+            v = f"{v:.4g}"
+        elif isinstance(v, (dict, list)):
+            v = json.dumps(v)
+        table.add_row(k, str(v))
+    console.print(table)
+
+
+# ------------------------------------------------------------------------------------ commands
+@app.command()
+def sft(
+    recipe: RecipeOpt = None, set_: SetOpt = None, model: ModelOpt = None, data: DataOpt = None,
+    kind: KindOpt = None, columns: ColumnsOpt = None, max_samples: MaxSamplesOpt = None,
+    output_dir: OutOpt = None, overwrite: OverwriteOpt = None, resume: ResumeOpt = None, lr: LrOpt = None,
+    epochs: EpochsOpt = None, max_steps: StepsOpt = None, batch_size: BatchOpt = None,
+    grad_accum: AccumOpt = None, max_length: MaxLenOpt = None, seed: SeedOpt = None, lora: LoraOpt = None,
+    lora_r: LoraROpt = None, dtype: DtypeOpt = None, device: DeviceOpt = None,
+    trust_remote_code: RemoteOpt = None, num_processes: NprocOpt = None, accelerate_config: AccOpt = None,
+    dry_run: DryOpt = False,
+) -> None:
+    """Supervised fine-tuning on demonstrations (TRL SFTTrainer), full or LoRA."""
+    flags = _common_flags(**{k: v for k, v in locals().items() if k not in ("recipe", "set_", "dry_run")})
+    _train("sft", recipe, set_, flags, dry_run)
+
+
+@app.command()
+def generate(
+    model: Annotated[str, typer.Option("--model", "-m", help="policy: alias, dir, run dir, or tiny")],
+    prompts: Annotated[str, typer.Option("--prompts", "-p", help="prompt source (any kind with a prompt column)")],
+    out: Annotated[Path, typer.Option("--out", help="JSONL file to write")],
+    k: Annotated[int, typer.Option("--k", help="samples per prompt")] = 1,
+    temperature: Annotated[float, typer.Option(help="0 = greedy")] = 1.0,
+    top_p: Annotated[float, typer.Option(help="nucleus sampling")] = 1.0,
+    max_new_tokens: Annotated[int, typer.Option(help="tokens per completion")] = 48,
+    batch_size: Annotated[int, typer.Option(help="prompts per generate call")] = 32,
+    max_samples: MaxSamplesOpt = None,
+    columns: ColumnsOpt = None,
+    seed: Annotated[int, typer.Option(help="sampling seed")] = 0,
+    dtype: DtypeOpt = None,
+    device: DeviceOpt = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="replace --out if it exists")] = False,
+) -> None:
+    """Sample K completions per prompt and write them as JSONL (prompt, completion, finished, ...)."""
+    from alignkit import data as data_mod
+    from alignkit import generation, models
+
+    if k < 1:
+        raise UserError(f"--k must be at least 1 (got {k})")
+    if temperature < 0:
+        raise UserError(f"--temperature must be >= 0 (got {temperature})")
+    if not 0 < top_p <= 1:
+        raise UserError(f"--top-p must be in (0, 1] (got {top_p})")
+    if out.exists() and not overwrite:
+        raise UserError(f"{out} already exists: pass --overwrite or choose another --out")
+    ds, _ = data_mod.load(prompts, kind="prompts", columns=columns, max_samples=max_samples)
+    lm, tok = models.load_causal_lm(model, dtype=dtype or "auto", device=device or "auto")
+    stats: dict[str, Any] = {}
+    samples = generation.generate(
+        lm, tok, list(ds["prompt"]), k=k, max_new_tokens=max_new_tokens, temperature=temperature,
+        top_p=top_p, batch_size=batch_size, seed=seed, progress=True, stats=stats,
+    )
+    generation.write_jsonl(samples, out)
+    fin = sum(s.finished for s in samples) / max(len(samples), 1)
+    console.print(
+        f"wrote {len(samples)} samples to {out} ({stats.get('samples_per_s', 0):.1f} samples/s, "
+        f"{fin:.0%} ended with EOS)"
+    )
+
+
+@app.command("models")
+def models_cmd() -> None:
+    """List the model aliases (the papers' models), the built-ins, and whether each is available here."""
+    from alignkit import models
+
+    table = Table(title="alignkit models")
+    for col in ("name", "source", "kind", "available", "notes"):
+        table.add_column(col)
+    for row in models.list_models():
+        table.add_row(row["name"], row["source"], row["kind"], "yes" if row["available"] else "no", row["notes"])
+    console.print(table)
+
+
+@data_app.command("inspect")
+def data_inspect(
+    source: Annotated[str, typer.Argument(help="file, saved dataset dir, hub id, or builtin:KIND")],
+    kind: KindOpt = None,
+    columns: ColumnsOpt = None,
+    split: Annotated[str, typer.Option(help="split of a dataset dict / hub dataset")] = "train",
+) -> None:
+    """Show the detected kind, columns, row count and one normalised row."""
+    from alignkit import data
+
+    ds, k = data.load(source, kind=kind, columns=columns, split=split)
+    info = data.describe(ds, k)
+    table = Table(title=f"{source}", show_header=False)
+    for key, value in info.items():
+        if key == "sample":
+            continue
+        table.add_row(key, json.dumps(value) if isinstance(value, (list, dict)) else str(value))
+    console.print(table)
+    console.print("[bold]sample (normalised)[/bold]:")
+    console.print_json(json.dumps(info.get("sample"), default=str))
+
+
+@data_app.command("convert")
+def data_convert(
+    source: Annotated[str, typer.Argument(help="file, saved dataset dir, hub id, or builtin:KIND")],
+    out: Annotated[Path, typer.Argument(help="normalised JSONL to write")],
+    kind: KindOpt = None,
+    columns: ColumnsOpt = None,
+    split: Annotated[str, typer.Option(help="split of a dataset dict / hub dataset")] = "train",
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="replace OUT if it exists")] = False,
+) -> None:
+    """Write the normalised dataset (canonical columns of its kind) as JSONL."""
+    from alignkit import data
+
+    if out.exists() and not overwrite:
+        raise UserError(f"{out} already exists: pass --overwrite or choose another path")
+    ds, k = data.load(source, kind=kind, columns=columns, split=split)
+    data.to_jsonl(ds, out)
+    console.print(f"wrote {len(ds)} {k} rows to {out}")
+
+
+# ------------------------------------------------------------------------------------- recipes
+def recipes_dir() -> Path:
+    env = os.environ.get("ALIGNKIT_RECIPES")
+    return Path(env) if env else Path(__file__).resolve().parent.parent / "recipes"
+
+
+def _recipe_path(name: str) -> Path:
+    p = Path(name)
+    if p.is_file():
+        return p
+    for cand in (recipes_dir() / name, recipes_dir() / f"{name}.yaml"):
+        if cand.is_file():
+            return cand
+    names = [f.stem for f in recipes_dir().glob("*.yaml")]
+    raise UserError(f"recipe '{name}' not found{closest(Path(name).stem, names)} (see `alignkit recipes ls`)")
+
+
+def validate_recipe(path: Path) -> Any:
+    """Validate one recipe file; returns the resolved config."""
+    from alignkit.config import build_config, read_recipe
+    from alignkit.trainers import TRAINERS
+
+    tree = read_recipe(path)
+    command = tree.get("command")
+    if command not in TRAINERS:
+        raise UserError(f"{path}: 'command' must be one of {sorted(TRAINERS)}{closest(str(command), TRAINERS)}")
+    first = path.read_text().lstrip().splitlines()[0] if path.read_text().strip() else ""
+    if not (first.startswith("#") and "alignkit" in first):
+        raise UserError(f"{path}: the first line must be a comment with the command that runs it")
+    return build_config(TRAINERS[command][0], tree, origin=str(path))
+
+
+@recipes_app.command("ls")
+def recipes_ls() -> None:
+    """List the shipped recipes with their command and first-line description."""
+    table = Table(title=f"recipes in {recipes_dir()}")
+    for col in ("name", "command", "runs with"):
+        table.add_column(col)
+    import yaml
+
+    for f in sorted(recipes_dir().glob("*.yaml")):
+        tree = yaml.safe_load(f.read_text()) or {}
+        first = f.read_text().splitlines()[0].lstrip("# ").strip()
+        table.add_row(f.stem, str(tree.get("command")), first)
+    console.print(table)
+
+
+@recipes_app.command("show")
+def recipes_show(name: Annotated[str, typer.Argument(help="recipe name or path")]) -> None:
+    """Print a recipe file."""
+    console.print(_recipe_path(name).read_text(), markup=False, highlight=False)
+
+
+@recipes_app.command("validate")
+def recipes_validate(
+    names: Annotated[list[str] | None, typer.Argument(help="recipes to check (default: all shipped)")] = None,
+) -> None:
+    """Validate recipes against their command's config (unknown keys, ranges, cross-field rules)."""
+    paths = [_recipe_path(n) for n in names] if names else sorted(recipes_dir().glob("*.yaml"))
+    for p in paths:
+        validate_recipe(p)
+        console.print(f"[green]ok[/green] {p}")
+
+
+@recipes_app.command("cp")
+def recipes_cp(
+    name: Annotated[str, typer.Argument(help="recipe to copy")],
+    dest: Annotated[Path, typer.Argument(help="file or directory to copy to")],
+) -> None:
+    """Copy a shipped recipe to edit it."""
+    src = _recipe_path(name)
+    target = dest / src.name if dest.is_dir() else dest
+    if target.exists():
+        raise UserError(f"{target} already exists: choose another destination")
+    shutil.copyfile(src, target)
+    console.print(f"copied {src} -> {target}")
+
+
+@app.command("run")
+def run_recipe(
+    recipe: Annotated[str, typer.Argument(help="recipe name (see `alignkit recipes ls`) or YAML path")],
+    overrides: Annotated[list[str] | None, typer.Argument(help="key=value overrides, e.g. train.epochs=2")] = None,
+    dry_run: DryOpt = False,
+) -> None:
+    """Run a recipe: `alignkit run sft-tiny train.epochs=2`."""
+    from alignkit.config import read_recipe
+    from alignkit.trainers import TRAINERS
+
+    path = _recipe_path(recipe)
+    command = read_recipe(path).get("command")
+    if command not in TRAINERS:
+        raise UserError(f"{path}: 'command' must be one of {sorted(TRAINERS)}{closest(str(command), TRAINERS)}")
+    _train(command, path, overrides, {}, dry_run)
+
+
+# ---------------------------------------------------------------------------------- env, quickstart
+@app.command()
+def env() -> None:
+    """Versions, devices and which optional extras are installed."""
+    import importlib.metadata as md
+    import importlib.util
+    import platform
+
+    import torch
+
+    table = Table(title="alignkit env", show_header=False)
+    table.add_row("python", platform.python_version())
+    for pkg in ("alignkit", "torch", "transformers", "trl", "peft", "datasets", "accelerate", "safetensors"):
+        try:
+            table.add_row(pkg, md.version(pkg))
+        except md.PackageNotFoundError:
+            table.add_row(pkg, "[red]missing[/red]")
+    table.add_row("cpu threads", str(torch.get_num_threads()))
+    if torch.cuda.is_available():
+        for i in range(torch.cuda.device_count()):
+            p = torch.cuda.get_device_properties(i)
+            table.add_row(f"cuda:{i}", f"{p.name}, {p.total_memory / 2**30:.0f} GiB, bf16 "
+                          f"{'yes' if torch.cuda.is_bf16_supported() else 'no'}")
+    else:
+        table.add_row("gpu", "none (training runs on CPU in fp32)")
+    for extra, module in (("vllm", "vllm"), ("deepspeed", "deepspeed"), ("pairrm", "llm_blender")):
+        found = importlib.util.find_spec(module) is not None
+        table.add_row(f"extra [{extra}]", "installed" if found else f"not installed (pip install 'alignkit[{extra}]')")
+    console.print(table)
+
+
+@app.command()
+def quickstart(
+    output_dir: Annotated[str, typer.Option("--output-dir", "-o", help="run directory")] = "runs/quickstart",
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="replace an existing run directory")] = False,
+    seed: Annotated[int, typer.Option(help="seed of the model, data and sampling")] = 0,
+) -> None:
+    """Build the tiny model, SFT it on the built-in task, and compare samples before/after."""
+    from alignkit.quickstart import run_quickstart
+
+    run_quickstart(output_dir=output_dir, overwrite=overwrite, seed=seed, console=console)
+
+
+def main() -> None:
+    """Console entry point: the error contract lives here."""
+    try:
+        app(standalone_mode=False)
+    except UserError as exc:
+        if _state["debug"]:
+            raise
+        err_console.print(f"[bold red]error:[/bold red] {exc}", highlight=False, soft_wrap=True)
+        sys.exit(2)
+    except typer.Exit as exc:
+        sys.exit(exc.exit_code)
+    except typer.Abort:
+        err_console.print("aborted")
+        sys.exit(130)
+    except SystemExit:
+        raise
+    except Exception as exc:  # click usage errors are ClickException subclasses
+        import click
+
+        if isinstance(exc, click.ClickException):
+            exc.show()
+            sys.exit(exc.exit_code)
+        raise
+
+
+if __name__ == "__main__":
+    main()

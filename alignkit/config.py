@@ -1,0 +1,212 @@
+"""Typed configuration shared by every trainer: model, data, LoRA, training, output and launch blocks.
+
+A job config is a pydantic model; a recipe is the same model written as YAML. Values come from (in
+increasing priority) the defaults below, a recipe file, `key=value` overrides, and command-line flags.
+Unknown keys are rejected with the closest valid name; cross-field checks live in one validator per
+config and raise a clear error (never an `assert`, never a silent change).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from alignkit.errors import UserError, closest
+
+Kind = Literal["sft", "pairwise", "unpaired", "prompts", "scored"]
+
+
+class Block(BaseModel):
+    """Base of every config block: unknown keys are errors, assignments are validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+
+
+class LoraSection(Block):
+    """LoRA adapter options (peft). `enabled: false` means full fine-tuning."""
+
+    enabled: bool = Field(False, description="train a LoRA adapter instead of all weights")
+    r: int = Field(8, ge=1, description="LoRA rank")
+    alpha: int = Field(16, ge=1, description="LoRA alpha (scaling = alpha / r)")
+    dropout: float = Field(0.05, ge=0.0, lt=1.0, description="dropout on the LoRA input")
+    target_modules: str | list[str] = Field(
+        "all-linear", description='modules to adapt: "all-linear" or a list of module names'
+    )
+
+
+class ModelSection(Block):
+    name: str = Field("tiny", description="alias (see `alignkit models`), hub id, local directory, or tiny")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="auto: bf16 on a capable GPU, fp32 on CPU"
+    )
+    device: str = Field("auto", description="auto, cpu, cuda, cuda:1, ...")
+    trust_remote_code: bool = Field(False, description="run code shipped with a hub model (off by default)")
+    lora: LoraSection = Field(default_factory=LoraSection)
+
+
+class DataSection(Block):
+    source: str = Field(
+        "builtin:sft",
+        description="a .jsonl/.json/.csv/.parquet file, a saved HF dataset dir, a hub id, or builtin:<kind>",
+    )
+    kind: Kind | None = Field(None, description="dataset kind; detected from the columns when omitted")
+    columns: dict[str, str] = Field(default_factory=dict, description="canonical=source column mapping")
+    split: str = Field("train", description="split to read from a dataset dict or hub dataset")
+    max_samples: int | None = Field(None, ge=1, description="use only the first N rows")
+    eval_fraction: float = Field(0.0, ge=0.0, lt=1.0, description="held-out fraction for evaluation")
+    seed: int = Field(0, description="seed of the built-in data and of the train/eval split")
+
+
+class TrainSection(Block):
+    learning_rate: float = Field(2e-5, gt=0.0)
+    epochs: float = Field(1.0, gt=0.0)
+    max_steps: int = Field(-1, description="stop after this many optimiser steps (-1: run all epochs)")
+    batch_size: int = Field(8, ge=1, description="per-device batch size")
+    grad_accum: int = Field(1, ge=1, description="gradient accumulation steps")
+    warmup_ratio: float = Field(0.0, ge=0.0, le=1.0)
+    weight_decay: float = Field(0.0, ge=0.0)
+    lr_scheduler: str = Field("linear", description="transformers scheduler name")
+    max_length: int = Field(512, ge=8, description="truncate tokenised sequences to this length")
+    gradient_checkpointing: bool = False
+    logging_steps: int = Field(10, ge=1)
+    save_steps: int = Field(0, ge=0, description="checkpoint every N steps (0: only at the end)")
+    seed: int = 42
+
+
+class OutputSection(Block):
+    dir: str | None = Field(None, description="run directory (default runs/<command>-<timestamp>)")
+    overwrite: bool = Field(False, description="replace an existing run directory")
+    resume: bool = Field(False, description="continue an interrupted run from its last checkpoint")
+
+
+class LaunchSection(Block):
+    num_processes: int = Field(1, ge=1, description="data-parallel processes (re-launch via accelerate)")
+    accelerate_config: Literal["ddp", "zero2", "zero3", "fsdp"] | None = Field(
+        None, description="accelerate config shipped with TRL"
+    )
+
+
+class JobConfig(Block):
+    """Fields every training job has. Each trainer subclasses it with its own `command` and options."""
+
+    command: str
+    model: ModelSection = Field(default_factory=ModelSection)
+    data: DataSection = Field(default_factory=DataSection)
+    train: TrainSection = Field(default_factory=TrainSection)
+    output: OutputSection = Field(default_factory=OutputSection)
+    launch: LaunchSection = Field(default_factory=LaunchSection)
+
+    @model_validator(mode="after")
+    def _check_output(self) -> JobConfig:
+        if self.output.overwrite and self.output.resume:
+            raise ValueError("output.overwrite and output.resume exclude each other: pick one")
+        return self
+
+
+# --------------------------------------------------------------------------- building a config
+
+
+def _field_names(model_cls: type[BaseModel], path: tuple[Any, ...]) -> list[str]:
+    """Valid keys at `path` inside `model_cls` (for 'did you mean' suggestions)."""
+    cls: Any = model_cls
+    for part in path:
+        field = getattr(cls, "model_fields", {}).get(part)
+        if field is None:
+            return []
+        ann = field.annotation
+        cls = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
+        if cls is None:
+            return []
+    return list(cls.model_fields)
+
+
+def format_validation_error(err: ValidationError, model_cls: type[BaseModel], origin: str) -> str:
+    """One line for the first problem of a pydantic error, with the closest valid key for typos."""
+    first = err.errors()[0]
+    loc = tuple(first["loc"])
+    dotted = ".".join(str(p) for p in loc) or "(top level)"
+    if first["type"] == "extra_forbidden":
+        hint = closest(str(loc[-1]), _field_names(model_cls, loc[:-1]))
+        return f"{origin}: unknown key '{dotted}'{hint}"
+    msg = first["msg"].removeprefix("Value error, ")
+    if loc:
+        return f"{origin}: {dotted}: {msg} (got {first.get('input')!r})"
+    return f"{origin}: {msg}"
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """'train.learning_rate=1e-4' -> ('train.learning_rate', 1e-4). Values are parsed as YAML scalars."""
+    if "=" not in item:
+        raise UserError(f"override '{item}' is not of the form key=value (e.g. train.learning_rate=1e-4)")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise UserError(f"override '{item}' has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key, value
+
+
+def set_dotted(tree: dict[str, Any], key: str, value: Any, model_cls: type[BaseModel]) -> None:
+    """Set tree['a']['b'] = value for key 'a.b', checking each part against the config class."""
+    parts = key.split(".")
+    node = tree
+    for depth, part in enumerate(parts):
+        valid = _field_names(model_cls, tuple(parts[:depth]))
+        if valid and part not in valid:
+            where = ".".join(parts[:depth]) or "the top level"
+            raise UserError(f"unknown key '{key}': no '{part}' in {where}{closest(part, valid)}")
+        if depth == len(parts) - 1:
+            node[part] = value
+        else:
+            child = node.get(part)
+            if not isinstance(child, dict):
+                child = {} if child is None else (child.model_dump() if isinstance(child, BaseModel) else {})
+                node[part] = child
+            node = child
+
+
+def read_recipe(path: str | Path) -> dict[str, Any]:
+    """Read a recipe YAML into a dict. The recipe must name its `command`."""
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"recipe '{path}' not found (see `alignkit recipes ls`)")
+    try:
+        tree = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise UserError(f"{path}{where}: invalid YAML ({getattr(exc, 'problem', exc)})") from None
+    if not isinstance(tree, dict):
+        raise UserError(f"{path}: a recipe must be a YAML mapping of sections (model:, data:, train: ...)")
+    return tree
+
+
+def build_config(
+    model_cls: type[JobConfig],
+    recipe: dict[str, Any] | None = None,
+    overrides: list[str] | None = None,
+    flags: dict[str, Any] | None = None,
+    origin: str = "config",
+) -> JobConfig:
+    """defaults < recipe < key=value overrides < flags (dotted keys whose value is not None)."""
+    tree: dict[str, Any] = dict(recipe or {})
+    for item in overrides or []:
+        key, value = parse_override(item)
+        set_dotted(tree, key, value, model_cls)
+    for key, value in (flags or {}).items():
+        if value is not None:
+            set_dotted(tree, key, value, model_cls)
+    try:
+        return model_cls.model_validate(tree)
+    except ValidationError as err:
+        raise UserError(format_validation_error(err, model_cls, origin)) from None
+
+
+def to_yaml(cfg: BaseModel) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

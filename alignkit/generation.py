@@ -1,0 +1,297 @@
+"""Sampling: K completions per prompt, batched, seeded, with optional hidden-state capture.
+
+Conventions
+* The model input for a plain-text prompt is `prompt + join` (default `alignkit.arena.JOIN`) and the
+  completion is what follows; `Sample.prompt` keeps the prompt as given. A chat prompt (a list of
+  `{"role", "content"}` messages, or a string with `chat=True`) goes through the tokenizer's chat
+  template with the generation prompt added, and `Sample.prompt` holds the rendered text.
+* Results are prompt-major: `samples[i * k + j]` is sample `j` of prompt `i`.
+* `batch_size` counts sequences (prompts x k). Sampling is reproducible for a given
+  (seed, batch_size): batch `b` runs under `torch.manual_seed(seed + b)` inside a forked RNG, so the
+  caller's random stream is left untouched.
+* `temperature == 0` or `do_sample=False` is greedy decoding. `top_k` defaults to 0 (off), unlike
+  transformers' default of 50, so `temperature=1, top_p=1` samples from the model's distribution.
+* `capture_layer=L` fills `Sample.embedding` with the hidden state of layer `L` (indexing as in
+  `output_hidden_states`: 0 = embeddings, -1 = last layer) at the last token of prompt + completion,
+  i.e. the input position a forward pass over that sequence would give (Q-probe's feature). Because
+  that token is only fed back to the model on the *next* step, capture generates one extra token,
+  which is discarded.
+* Timing: pass `stats={}` and it is filled with n_samples, seconds, samples_per_s, tokens_per_s.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from alignkit.errors import UserError
+
+try:  # the built-in task defines how a prompt and its completion are joined
+    from alignkit.arena import JOIN as DEFAULT_JOIN
+except ImportError:  # pragma: no cover - arena is part of the package; this is only a fallback
+    DEFAULT_JOIN = " "
+
+Prompt = str | list[dict[str, str]]
+
+
+@dataclass
+class Sample:
+    prompt: str
+    completion: str
+    finished: bool  # EOS was emitted within max_new_tokens
+    n_tokens: int  # completion tokens, EOS excluded
+    index: int  # which of the k samples of this prompt
+    token_ids: list[int] = field(default_factory=list, repr=False)  # the completion's ids, EOS excluded
+    embedding: torch.Tensor | None = field(default=None, repr=False)  # see capture_layer
+
+    def to_json(self) -> dict[str, Any]:
+        return {k: v for k, v in asdict(self).items() if k not in ("token_ids", "embedding")}
+
+
+def format_prompt(tokenizer: Any, prompt: Prompt, chat: bool = False, join: str = DEFAULT_JOIN) -> str:
+    """The text the model sees: the chat template for message lists (or any prompt when `chat`),
+    else `prompt + join`."""
+    if isinstance(prompt, str) and not chat:
+        return prompt + join
+    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+    if getattr(tokenizer, "chat_template", None) is None:
+        raise UserError("chat prompts need a tokenizer with a chat template; this model's tokenizer has none")
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def _eos_ids(model: Any, tokenizer: Any) -> list[int]:
+    ids = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids = [ids] if isinstance(ids, int) else list(ids or [])
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
+        ids.append(tokenizer.eos_token_id)
+    return ids
+
+
+def generate(
+    model: Any,
+    tokenizer: Any,
+    prompts: list[Prompt],
+    k: int = 1,
+    max_new_tokens: int = 48,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    do_sample: bool = True,
+    batch_size: int = 32,
+    seed: int = 0,
+    progress: bool = True,
+    join: str = DEFAULT_JOIN,
+    chat: bool = False,
+    capture_layer: int | None = None,
+    backend: Literal["hf", "vllm"] = "hf",
+    stats: dict[str, float] | None = None,
+) -> list[Sample]:
+    """K samples for each prompt (prompt-major order). See the module docstring for conventions."""
+    if k < 1 or max_new_tokens < 1 or batch_size < 1:
+        raise UserError(
+            f"k, max_new_tokens and batch_size must be >= 1 (got {k}, {max_new_tokens}, {batch_size})"
+        )
+    if temperature < 0 or not 0 < top_p <= 1:
+        raise UserError(f"temperature must be >= 0 and top_p in (0, 1] (got {temperature}, {top_p})")
+    if backend == "vllm":
+        if capture_layer is not None:
+            raise UserError("capture_layer needs the hf backend (vLLM does not return hidden states)")
+        return _generate_vllm(model, prompts, k, max_new_tokens, temperature, top_p, top_k, seed, join, stats)
+    if backend != "hf":
+        raise UserError(f"generation backend '{backend}' is unknown: use hf or vllm")
+
+    texts = [format_prompt(tokenizer, p, chat=chat, join=join) for p in prompts]
+    shown = [p if isinstance(p, str) and not chat else t for p, t in zip(prompts, texts, strict=True)]
+    # Plain prompts get the tokenizer's own special tokens (BOS); chat templates already contain them.
+    encoded = [
+        tokenizer(t, add_special_tokens=isinstance(p, str) and not chat)["input_ids"]
+        for p, t in zip(prompts, texts, strict=True)
+    ]
+    greedy = temperature == 0 or not do_sample
+    eos_ids = _eos_ids(model, tokenizer)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
+    extra = 1 if capture_layer is not None else 0
+    gen_kwargs: dict[str, Any] = {
+        "max_new_tokens": max_new_tokens + extra,
+        "do_sample": not greedy,
+        "pad_token_id": pad_id,
+        "eos_token_id": eos_ids,
+    }
+    if greedy:  # neutralise sampling knobs a checkpoint's generation_config may carry
+        gen_kwargs.update(temperature=None, top_p=None, top_k=None)
+    else:
+        gen_kwargs.update(temperature=temperature, top_p=top_p, top_k=top_k)
+    if capture_layer is not None:
+        gen_kwargs.update(output_hidden_states=True, return_dict_in_generate=True)
+
+    device = next(model.parameters()).device
+    per_batch = max(1, batch_size // k)
+    samples: list[Sample] = []
+    n_tokens_total = 0
+    start = time.perf_counter()
+    was_training = model.training
+    model.eval()
+    with _progress_bar(progress, len(prompts) * k) as advance, torch.no_grad():
+        for b, lo in enumerate(range(0, len(prompts), per_batch)):
+            ids = [ids for ids in encoded[lo : lo + per_batch] for _ in range(k)]
+            batch = tokenizer.pad({"input_ids": ids}, padding_side="left", return_tensors="pt").to(device)
+            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+                torch.manual_seed(seed + b)
+                out = model.generate(**batch, **gen_kwargs)
+            seqs = out.sequences if capture_layer is not None else out
+            gen = seqs[:, batch["input_ids"].shape[1] :]
+            new = _split_completions(gen, eos_ids, pad_id, max_new_tokens, tokenizer)
+            emb = (
+                _captured(out.hidden_states, capture_layer, new["n_tokens"])
+                if capture_layer is not None
+                else None
+            )
+            for row in range(gen.shape[0]):
+                i, j = lo + row // k, row % k
+                samples.append(
+                    Sample(
+                        prompt=shown[i],
+                        completion=new["text"][row],
+                        finished=bool(new["finished"][row]),
+                        n_tokens=int(new["n_tokens"][row]),
+                        index=j,
+                        token_ids=new["ids"][row],
+                        embedding=None if emb is None else emb[row],
+                    )
+                )
+            n_tokens_total += int(new["n_tokens"].sum())
+            advance(gen.shape[0])
+    model.train(was_training)
+    seconds = time.perf_counter() - start
+    if stats is not None:
+        stats.update(
+            n_samples=len(samples),
+            seconds=seconds,
+            samples_per_s=len(samples) / max(seconds, 1e-9),
+            tokens_per_s=n_tokens_total / max(seconds, 1e-9),
+        )
+    return samples
+
+
+def _split_completions(
+    gen: torch.Tensor, eos_ids: list[int], pad_id: int, max_new_tokens: int, tokenizer: Any
+) -> dict[str, Any]:
+    """Cut each generated row at its first EOS (vectorised) and decode the rows in one call."""
+    gen = gen[:, :max_new_tokens]  # drop the extra capture step, if any
+    is_eos = torch.isin(gen, torch.tensor(eos_ids, device=gen.device))
+    finished = is_eos.any(1)
+    n_tokens = torch.where(
+        finished, is_eos.int().argmax(1), torch.full_like(finished, gen.shape[1], dtype=torch.long)
+    )
+    keep = torch.arange(gen.shape[1], device=gen.device)[None, :] < n_tokens[:, None]
+    ids = [row[:n].tolist() for row, n in zip(gen.cpu(), n_tokens.tolist(), strict=True)]
+    text = tokenizer.batch_decode(gen.masked_fill(~keep, pad_id), skip_special_tokens=True)
+    return {"text": text, "finished": finished.cpu(), "n_tokens": n_tokens.cpu(), "ids": ids}
+
+
+def _captured(hidden_states: tuple, layer: int, n_tokens: torch.Tensor) -> torch.Tensor:
+    """Hidden state of `layer` at the last token of prompt + completion, per row.
+
+    Step 0 encodes the prompt (its last position is the last prompt token, left padding); step s >= 1
+    feeds generated token s-1. So a completion of n tokens ends at step n's last position.
+    """
+    per_step = torch.stack([step[layer][:, -1, :] for step in hidden_states], dim=1)  # (B, steps, H)
+    idx = n_tokens.to(per_step.device).clamp(max=per_step.shape[1] - 1)
+    return per_step[torch.arange(per_step.shape[0], device=per_step.device), idx].float().cpu()
+
+
+class _progress_bar:
+    """Rich progress bar on stderr with samples/s; a no-op when disabled."""
+
+    def __init__(self, enabled: bool, total: int) -> None:
+        self.enabled, self.total = enabled, total
+
+    def __enter__(self):
+        if not self.enabled:
+            return lambda n: None
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self.bar = Progress(
+            TextColumn("generating"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[rate]}"),
+            TimeElapsedColumn(),
+            console=Console(stderr=True),
+            transient=True,
+        )
+        self.bar.start()
+        self.task = self.bar.add_task("generate", total=self.total, rate="")
+        self.t0 = time.perf_counter()
+
+        def advance(n: int) -> None:
+            done = self.bar.tasks[0].completed + n
+            rate = done / max(time.perf_counter() - self.t0, 1e-9)
+            self.bar.update(self.task, advance=n, rate=f"{rate:.1f} samples/s")
+
+        return advance
+
+    def __exit__(self, *exc: object) -> None:
+        if self.enabled:
+            self.bar.stop()
+
+
+def write_jsonl(samples: list[Sample], path: str | Path) -> Path:
+    """Write one JSON object per sample (no token ids / embeddings), atomically (tmp + os.replace)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for s in samples:
+            f.write(json.dumps(s.to_json(), ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+# --------------------------------------------------------------------------- vLLM (GPU only, untested on CPU)
+
+
+def _generate_vllm(
+    model: Any,
+    prompts: list[Prompt],
+    k: int,
+    max_new_tokens: int,
+    temperature: float,
+    top_p: float,
+    top_k: int,
+    seed: int,
+    join: str,
+    stats: dict[str, float] | None,
+) -> list[Sample]:
+    """UNTESTED in CI (no GPU): `model` is a `vllm.LLM` or a model directory / hub id to load into one.
+    Plain string prompts only (apply the chat template yourself); greedy when temperature == 0."""
+    try:
+        import vllm
+    except ImportError as err:
+        raise UserError("vLLM is not installed: pip install 'alignkit[vllm]' (GPU only)") from err
+    if not all(isinstance(p, str) for p in prompts):
+        raise UserError("the vllm backend takes plain string prompts; render chat prompts first")
+    llm = model if isinstance(model, vllm.LLM) else vllm.LLM(model=str(model), seed=seed)
+    params = vllm.SamplingParams(
+        n=k, temperature=temperature, top_p=top_p, top_k=top_k or -1, max_tokens=max_new_tokens, seed=seed
+    )
+    start = time.perf_counter()
+    outputs = llm.generate([p + join for p in prompts], params)
+    eos = llm.get_tokenizer().eos_token_id
+    samples = []
+    for p, o in zip(prompts, outputs, strict=True):
+        for j, c in enumerate(o.outputs):
+            ids = [t for t in c.token_ids if t != eos]  # vLLM may keep the EOS in token_ids
+            finished = c.finish_reason == "stop"
+            samples.append(Sample(p, c.text, finished, len(ids), j, token_ids=ids))
+    if stats is not None:
+        seconds = time.perf_counter() - start
+        stats.update(n_samples=len(samples), seconds=seconds, samples_per_s=len(samples) / max(seconds, 1e-9))
+    return samples

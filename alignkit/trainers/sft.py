@@ -1,0 +1,125 @@
+"""Supervised fine-tuning (step 1 of the RLHF pipeline, ALGORITHMS.md §0): cross-entropy on
+demonstrations, through TRL's `SFTTrainer`, full fine-tuning or LoRA.
+
+Setup → train → save, top to bottom. Prompt/completion data is trained on the completion tokens only
+(TRL's `completion_only_loss`), with EOS appended by TRL so the policy learns to stop.
+No deviation from the usual recipe; alignkit adds the shared data/model loaders, the run directory,
+the launcher and a data-parallel report.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import Field
+
+from alignkit.config import DataSection, JobConfig, TrainSection
+from alignkit.errors import UserError
+
+
+class SFTDataSection(DataSection):
+    source: str = "builtin:sft"
+
+
+class SFTTrainSection(TrainSection):
+    learning_rate: float = Field(2e-5, gt=0.0, description="TRL SFTConfig default")
+    completion_only_loss: bool = Field(True, description="prompt/completion data: loss on completion tokens only")
+    packing: bool = Field(False, description="pack short sequences into max_length blocks")
+
+
+class SFTConfig(JobConfig):
+    command: str = "sft"
+    data: SFTDataSection = Field(default_factory=SFTDataSection)
+    train: SFTTrainSection = Field(default_factory=SFTTrainSection)
+
+
+def run(cfg: SFTConfig, callbacks: list | None = None, progress: Any | None = None) -> dict[str, Any]:
+    """Train; returns the summary (also written to summary.json). `callbacks` are extra TrainerCallbacks."""
+    import torch
+    from accelerate import PartialState
+    from trl import SFTConfig as TRLSFTConfig
+    from trl import SFTTrainer
+
+    from alignkit import data, models
+    from alignkit.config import to_yaml
+    from alignkit.runs import RunDir, default_dir
+    from alignkit.trainers import _hf
+
+    out = cfg.output.dir or str(default_dir("sft"))
+    RunDir.check(__import__("pathlib").Path(out), cfg.output.overwrite, cfg.output.resume)
+
+    # -- setup: data and model are loaded (and validated) before anything is written -------------
+    ds, kind = data.load_source(cfg.data, expected=("sft",))
+    if kind != "sft":
+        raise UserError(f"{cfg.data.source}: `alignkit sft` needs sft data (prompt+completion, messages or text), got {kind}")
+    splits = data.split(ds, (1 - cfg.data.eval_fraction, cfg.data.eval_fraction), cfg.data.seed, ("train", "eval")) \
+        if cfg.data.eval_fraction > 0 else {"train": ds, "eval": None}
+    model, tokenizer = models.load_causal_lm(
+        cfg.model.name, dtype=cfg.model.dtype, device=cfg.model.device,
+        trust_remote_code=cfg.model.trust_remote_code,
+        lora=models.LoraSpec(**cfg.model.lora.model_dump(exclude={"enabled"})) if cfg.model.lora.enabled else None,
+    )
+    trainable, total = models.trainable_parameters(model)
+    bf16 = next(model.parameters()).dtype == torch.bfloat16 or (
+        cfg.model.lora.enabled and models.choose_dtype(cfg.model.dtype, models.choose_device(cfg.model.device))
+        == torch.bfloat16
+    )
+
+    state = PartialState()
+    run_dir = RunDir.open(out, cfg.output.overwrite, cfg.output.resume, to_yaml(cfg), is_main=state.is_main_process)
+    args = TRLSFTConfig(
+        **_hf.training_args(cfg, run_dir, bf16=bf16),
+        max_length=cfg.train.max_length,
+        completion_only_loss=cfg.train.completion_only_loss if "prompt" in ds.column_names else None,
+        packing=cfg.train.packing,
+        eval_strategy="epoch" if splits["eval"] is not None else "no",
+    )
+    trainer = SFTTrainer(
+        model=model, args=args, train_dataset=splits["train"], eval_dataset=splits["eval"],
+        processing_class=tokenizer,
+        callbacks=[_hf.RunDirMetrics(run_dir, progress), *(callbacks or [])],
+    )
+    recorder = _hf.ShardRecorder(trainer.data_collator)
+    trainer.data_collator = recorder
+
+    # -- train -------------------------------------------------------------------------------------
+    result = trainer.train(resume_from_checkpoint=_hf.resume_checkpoint(run_dir))
+    parallel = _hf.gather_shards(recorder)
+
+    # -- save ------------------------------------------------------------------------------------
+    trainer.save_model(str(run_dir.path("model")))  # safetensors (transformers default); adapter only with LoRA
+    if state.is_main_process:
+        tokenizer.save_pretrained(str(run_dir.path("model")))
+        metrics = run_dir.read_metrics()
+        _hf.loss_plot(metrics, run_dir.path("plots", "loss.png"), title=f"SFT {cfg.model.name}")
+    state.wait_for_everyone()
+    summary = {
+        "command": "sft",
+        "model": cfg.model.name,
+        "train_rows": len(splits["train"]),
+        "steps": trainer.state.global_step,
+        "train_loss": result.training_loss,
+        "final_loss": next((m["loss"] for m in reversed(run_dir.read_metrics()) if "loss" in m), None),
+        "train_runtime_s": result.metrics.get("train_runtime"),
+        "train_samples_per_s": result.metrics.get("train_samples_per_second"),
+        "trainable_params": trainable,
+        "total_params": total,
+        "lora": cfg.model.lora.enabled,
+        "world_size": state.num_processes,
+    }
+    if parallel:
+        summary["data_parallel"] = parallel
+    final = run_dir.finish(summary, readme=_readme(cfg, summary))
+    summary["output_dir"] = str(final)
+    return summary
+
+
+def _readme(cfg: SFTConfig, summary: dict[str, Any]) -> str:
+    return (
+        f"# SFT run\n\nBase model: `{cfg.model.name}`; data: `{cfg.data.source}`; "
+        f"{'LoRA r=' + str(cfg.model.lora.r) if cfg.model.lora.enabled else 'full fine-tuning'}.\n\n"
+        f"Steps: {summary['steps']}, final loss {summary['final_loss']}.\n\n"
+        "Load the policy with `alignkit generate --model <this dir>/model` or "
+        "`AutoModelForCausalLM.from_pretrained('<this dir>/model')` "
+        "(LoRA runs save a peft adapter: `PeftModel.from_pretrained`).\n"
+    )

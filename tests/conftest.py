@@ -1,0 +1,33 @@
+"""Shared fixtures: offline, isolated cache, the tiny model built once per session."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+# Set before transformers / huggingface_hub are imported by any test module.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ["TOKENIZERS_PARALLELISM"] = "false"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def alignkit_cache(tmp_path_factory: pytest.TempPathFactory):
+    """Point ALIGNKIT_CACHE at a session temp dir so tests never touch ~/.cache."""
+    path = tmp_path_factory.mktemp("alignkit-cache")
+    old = os.environ.get("ALIGNKIT_CACHE")
+    os.environ["ALIGNKIT_CACHE"] = str(path)
+    yield path
+    if old is None:
+        os.environ.pop("ALIGNKIT_CACHE", None)
+    else:
+        os.environ["ALIGNKIT_CACHE"] = old
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(alignkit_cache):
+    """The built-in tiny Llama, built once into the session cache (also what `resolve("tiny")` returns)."""
+    from alignkit.models import build_tiny
+
+    return build_tiny(alignkit_cache)
