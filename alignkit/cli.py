@@ -141,13 +141,12 @@ def _print_plan(cfg: Any, config_yaml: str) -> None:
 
 
 def _print_summary(title: str, summary: dict[str, Any]) -> None:
+    """The scalar entries of a summary (nested results are in summary.json)."""
     table = Table(title=title, show_header=False)
     for k, v in summary.items():
-        if isinstance(v, float):
-            v = f"{v:.4g}"
-        elif isinstance(v, (dict, list)):
-            v = json.dumps(v)
-        table.add_row(k, str(v))
+        if isinstance(v, (dict, list)):
+            continue
+        table.add_row(k, f"{v:.4g}" if isinstance(v, float) else str(v))
     console.print(table)
 
 
@@ -396,12 +395,11 @@ def env() -> None:
 def quickstart(
     output_dir: Annotated[str, typer.Option("--output-dir", "-o", help="run directory")] = "runs/quickstart",
     overwrite: Annotated[bool, typer.Option("--overwrite", help="replace an existing run directory")] = False,
-    seed: Annotated[int, typer.Option(help="seed of the model, data and sampling")] = 0,
+    recipe: RecipeOpt = None,
+    set_: SetOpt = None,
 ) -> None:
-    """Build the tiny model, SFT it on the built-in task, and compare samples before/after."""
-    from alignkit.quickstart import run_quickstart
-
-    run_quickstart(output_dir=output_dir, overwrite=overwrite, seed=seed, console=console)
+    """Build the tiny model, SFT it on the built-in task, compare samples before/after (~2 min on CPU)."""
+    _train("quickstart", recipe, set_, {"output.dir": output_dir, "output.overwrite": overwrite or None})
 
 
 def main() -> None:
@@ -411,7 +409,10 @@ def main() -> None:
     except UserError as exc:
         if _state["debug"]:
             raise
-        err_console.print(f"[bold red]error:[/bold red] {exc}", highlight=False, soft_wrap=True)
+        from alignkit.launch import rank_info
+
+        if rank_info()["is_main"]:  # in a multi-process launch, say it once
+            err_console.print(f"[bold red]error:[/bold red] {exc}", highlight=False, soft_wrap=True)
         sys.exit(2)
     except typer.Exit as exc:
         sys.exit(exc.exit_code)

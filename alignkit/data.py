@@ -29,6 +29,7 @@ import json
 import math
 import os
 import re
+import socket
 import tempfile
 import uuid
 from collections.abc import Callable, Iterator, Sequence
@@ -153,7 +154,8 @@ def _apply_columns(ds: datasets.Dataset, mapping: dict[str, str], src: str) -> d
         out = {c: batch[c] for c in keep}
         for name, (col, tokens) in plan.items():
             out[name] = [
-                _resolve(v, tokens, mapping[name], _where(src, i)) for v, i in zip(batch[col], idx)
+                _resolve(v, tokens, mapping[name], _where(src, i))
+                for v, i in zip(batch[col], idx, strict=True)
             ]
         return out
 
@@ -182,7 +184,9 @@ def _summarize_prompt(info: dict | None, where: str) -> str:
 
 def _convert_summarize(batch: dict, idx: list[int], src: str) -> dict:
     out: dict[str, list] = {"prompt": [], "chosen": [], "rejected": []}
-    for info, summaries, choice, i in zip(batch["info"], batch["summaries"], batch["choice"], idx):
+    for info, summaries, choice, i in zip(
+        batch["info"], batch["summaries"], batch["choice"], idx, strict=True
+    ):
         where = _where(src, i)
         if choice not in (0, 1) or not isinstance(summaries, list) or len(summaries) != 2:
             raise UserError(f"{where}: 'choice' must be 0 or 1 and 'summaries' must hold two summaries")
@@ -204,7 +208,7 @@ def _convert_mbpp(text_col: str) -> Callable[[dict, list[int], str], dict]:
         out = {
             "prompt": [
                 MBPP_TEMPLATE.format(text=text, tests="\n".join(t)) if text else None
-                for text, t in zip(batch[text_col], tests)
+                for text, t in zip(batch[text_col], tests, strict=True)
             ],
             "completion": batch["code"],
             "test_list": tests,
@@ -260,12 +264,12 @@ _REQUIRED: dict[str, Callable[[set[str]], bool]] = {
     "sft": lambda c: _sft_form(c) is not None,
     "prompts": lambda c: "prompt" in c,
 }
-_NEEDS = {
-    "pairwise": "chosen, rejected (prompt optional)",
-    "scored": "prompt, completion, reward",
-    "unpaired": "prompt, completion, label",
-    "sft": "prompt+completion, or messages, or text",
-    "prompts": "prompt",
+_NEEDS = {  # (what the error says, the --columns hint)
+    "pairwise": ("chosen, rejected (prompt optional)", "prompt=<col>,chosen=<col>,rejected=<col>"),
+    "scored": ("prompt, completion, reward", "prompt=<col>,completion=<col>,reward=<col>"),
+    "unpaired": ("prompt, completion, label", "prompt=<col>,completion=<col>,label=<col>"),
+    "sft": ("prompt+completion, or messages, or text", "prompt=<col>,completion=<col>"),
+    "prompts": ("prompt", "prompt=<col>"),
 }
 
 
@@ -300,11 +304,13 @@ def _text(v: Any, field: str, where: str) -> str | list[dict]:
             raise UserError(f"{where}: field '{field}' is an empty message list — fill it in or drop the row")
         msgs = []
         for m in v:
-            if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(
-                m.get("content"), str
+            if (
+                not isinstance(m, dict)
+                or not isinstance(m.get("role"), str)
+                or not isinstance(m.get("content"), str)
             ):
                 raise UserError(
-                    f"{where}: field '{field}' must be a list of {{\"role\": str, \"content\": str}} "
+                    f'{where}: field \'{field}\' must be a list of {{"role": str, "content": str}} '
                     f"messages (got {m!r:.60})"
                 )
             msgs.append({k: x for k, x in m.items() if x is not None})
@@ -407,14 +413,14 @@ def _split_conversations(prompt: Any, chosen: list, rejected: list, where: str) 
 
 def _rows(batch: dict) -> Iterator[dict]:
     keys = list(batch)
-    return (dict(zip(keys, vals)) for vals in zip(*batch.values()))
+    return (dict(zip(keys, vals, strict=True)) for vals in zip(*batch.values(), strict=True))
 
 
 def _norm_pairwise(batch: dict, idx: list[int], src: str) -> dict:
     has_prompt = "prompt" in batch
     extras = [c for c in EXTRAS["pairwise"] if c in batch]
     out: dict[str, list] = {c: [] for c in ("prompt", "chosen", "rejected", *extras)}
-    for row, i in zip(_rows(batch), idx):
+    for row, i in zip(_rows(batch), idx, strict=True):
         where = _where(src, i)
         prompt = _text(row["prompt"], "prompt", where) if has_prompt else None
         chosen = _text(row["chosen"], "chosen", where)
@@ -442,7 +448,7 @@ def _norm_completions(extra: str | None) -> Callable[[dict, list[int], str], dic
     def norm(batch: dict, idx: list[int], src: str) -> dict:
         cols = ("prompt", "completion") + ((extra,) if extra else ())
         out: dict[str, list] = {c: [] for c in cols}
-        for row, i in zip(_rows(batch), idx):
+        for row, i in zip(_rows(batch), idx, strict=True):
             where = _where(src, i)
             prompt, completion = _prompt_for(
                 _text(row["prompt"], "prompt", where), _text(row["completion"], "completion", where), where
@@ -464,14 +470,14 @@ def _norm_sft(batch: dict, idx: list[int], src: str) -> dict:
         out = _norm_completions(None)(batch, idx, src)
     else:
         (col,) = form
-        out = {col: [_text(v, col, _where(src, i)) for v, i in zip(batch[col], idx)]}
+        out = {col: [_text(v, col, _where(src, i)) for v, i in zip(batch[col], idx, strict=True)]}
         if col == "text" and any(_is_messages(v) for v in out["text"]):
             raise UserError(f"{src}: field 'text' must hold plain strings — use 'messages' for message lists")
     return out | {c: batch[c] for c in EXTRAS["sft"] if c in batch}
 
 
 def _norm_prompts(batch: dict, idx: list[int], src: str) -> dict:
-    out = {"prompt": [_text(v, "prompt", _where(src, i)) for v, i in zip(batch["prompt"], idx)]}
+    out = {"prompt": [_text(v, "prompt", _where(src, i)) for v, i in zip(batch["prompt"], idx, strict=True)]}
     return out | {c: batch[c] for c in EXTRAS["prompts"] if c in batch}
 
 
@@ -519,7 +525,9 @@ def _chosen_as_sft(ds: datasets.Dataset) -> datasets.Dataset:
 
 def _to_prompts(ds: datasets.Dataset) -> datasets.Dataset:
     if "prompt" not in ds.column_names:
-        raise UserError(f"cannot take prompts from data with columns {', '.join(ds.column_names)}: no 'prompt'")
+        raise UserError(
+            f"cannot take prompts from data with columns {', '.join(ds.column_names)}: no 'prompt'"
+        )
     return _select(ds, ("prompt", *EXTRAS["prompts"]))
 
 
@@ -574,22 +582,36 @@ def normalise(
         ds = _map(ds, lambda b, idx: convert_schema(b, idx, src), ds.column_names)
     cols = set(ds.column_names)
     have = kind if kind is not None and _REQUIRED[kind](cols) else detect_kind(list(cols))
+    if kind is not None and have != kind and (have, kind) not in CONVERSIONS:
+        have = None  # neither the asked kind nor convertible to it: say which columns it needs
     if have is None:
         if kind is None:
             raise UserError(
                 f"{src}: cannot tell the data kind from columns {', '.join(ds.column_names)} — pass "
                 "--kind and map your columns with --columns, e.g. --columns prompt=question,chosen=answer"
             )
-        hint = ",".join(f"{c}=<column>" for c in _NEEDS[kind].split(" (")[0].split(", "))
+        need, hint = _NEEDS[kind]
         raise UserError(
-            f"{src}: kind '{kind}' needs columns {_NEEDS[kind]}; the data has "
+            f"{src}: kind '{kind}' needs columns {need}; the data has "
             f"{', '.join(ds.column_names)} — map yours with --columns {hint}"
         )
     norm = _NORMALISERS[have]
     ds = _map(ds, lambda b, idx: norm(b, idx, src), ds.column_names)
     want = kind or have
-    ds = convert(ds, have, want)
-    return _select(ds, _column_order(want)), want
+    ds = _select(convert(ds, have, want), _column_order(want))
+    for col, dtype in _DTYPES.items():  # map() keeps a reused column's old type (e.g. int64 label)
+        if col in ds.column_names and ds.features[col] != datasets.Value(dtype):
+            ds = ds.cast_column(col, datasets.Value(dtype))
+    return ds, want
+
+
+_DTYPES = {
+    "label": "bool",
+    "reward": "float64",
+    "prob": "float64",
+    "score_chosen": "float64",
+    "score_rejected": "float64",
+}
 
 
 def _column_order(kind: str) -> tuple[str, ...]:
@@ -605,18 +627,75 @@ def load(
     columns: str | dict | None = None,
     split: str = "train",
     max_samples: int | None = None,
+    seed: int = 0,
 ) -> tuple[datasets.Dataset, str]:
-    """Load a source and normalise it: the one call every trainer makes. Returns (dataset, kind)."""
+    """Load a source and normalise it: the one call every trainer makes. Returns (dataset, kind).
+
+    `seed` only matters for the built-in task's sources (`builtin:KIND`), which are generated.
+    """
     mapping = parse_columns(columns) if isinstance(columns, str) or columns is None else dict(columns)
-    if max_samples is not None and (isinstance(max_samples, bool) or int(max_samples) < 1):
+    if max_samples is not None and (
+        not isinstance(max_samples, int) or isinstance(max_samples, bool) or max_samples < 1
+    ):
         raise UserError(f"max_samples must be a positive integer, got {max_samples!r}")
-    ds = load_raw(source, split)
+    if source.startswith(BUILTIN_PREFIX):
+        ds = builtin(source, max_samples or BUILTIN_ROWS, seed)
+    else:
+        ds = load_raw(source, split)
     if max_samples is not None:
-        ds = ds.select(range(min(int(max_samples), len(ds))))
+        ds = ds.select(range(min(max_samples, len(ds))))
     ds, kind = normalise(ds, kind, mapping, source_name=str(source))
     if max_samples is not None and len(ds) > max_samples:  # unpair doubles rows
-        ds = ds.select(range(int(max_samples)))
+        ds = ds.select(range(max_samples))
     return ds, kind
+
+
+def load_source(section: Any, expected: Sequence[str] | None = None) -> tuple[datasets.Dataset, str]:
+    """`load` driven by a config `DataSection`; `expected` lists the kinds the trainer accepts."""
+    ds, kind = load(
+        section.source, kind=section.kind, columns=section.columns or None, split=section.split,
+        max_samples=section.max_samples, seed=section.seed,
+    )
+    if expected and kind not in expected:
+        want = " or ".join(expected)
+        can = [w for w in expected if (kind, w) in CONVERSIONS]
+        hint = f"; pass --kind {can[0]} to convert it" if can else " (see docs/data.md)"
+        raise UserError(f"{section.source}: this command needs {want} data but got {kind} data{hint}")
+    return ds, kind
+
+
+# --------------------------------------------------------------------------- built-in task sources
+BUILTIN_PREFIX = "builtin:"
+BUILTIN_ROWS = 2000  # rows generated when max_samples is not given
+
+
+def _builtin_table() -> dict[str, Callable[[int, int], list[dict]]]:
+    from alignkit import arena
+
+    return {
+        "sft": arena.build_sft,
+        "pairwise": arena.build_pairwise_offline,
+        "unpaired": arena.build_unpaired,
+        "prompts": arena.build_prompts,
+        "scored": arena.build_scored,
+        "ood": arena.build_ood,
+    }
+
+
+def builtin(source: str, n: int, seed: int = 0) -> datasets.Dataset:
+    """`builtin:KIND` -> n rows of the built-in review task (alignkit.arena), deterministic by seed.
+
+    `builtin:ood` holds degenerate completions (prompt, completion, kind) for uncertainty checks.
+    """
+    name = source[len(BUILTIN_PREFIX):]
+    table = _builtin_table()
+    if name not in table:
+        raise UserError(f"unknown built-in dataset '{source}'{closest(name, table)} — one of: "
+                        + ", ".join(BUILTIN_PREFIX + k for k in table))
+    rows = table[name](int(n), seed)
+    if name == "ood":
+        rows = [{"prompt": r["prompt"], "completion": r["completion"]} for r in rows]
+    return datasets.Dataset.from_list(rows)
 
 
 # --------------------------------------------------------------------------- raw sources
@@ -670,14 +749,32 @@ def _load_dir(path: Path, split: str) -> datasets.Dataset:
 
 def _load_hub(source: str, split: str) -> datasets.Dataset:
     name, _, config = source.partition(":")
+    hint = (
+        f"cannot load '{source}' from the Hugging Face hub (offline?) and there is no local file of that "
+        "name: download it on a machine with access and pass the local path"
+    )
+    # Without a network, datasets retries for ~20 s per file: fail fast instead. HF_HUB_OFFLINE=1 skips
+    # the probe so a copy in the local HF cache can still be used.
+    if not datasets.config.HF_HUB_OFFLINE and not _hub_reachable():
+        raise UserError(f"{hint} (hub unreachable; set HF_HUB_OFFLINE=1 to use a cached copy)")
     try:
         with _quiet():
             return datasets.load_dataset(name, config or None, split=split)
     except Exception as e:  # offline, gated, missing, bad split: one line whatever the cause
-        raise UserError(
-            f"cannot load '{source}' from the Hugging Face hub (offline?) and there is no local file of "
-            f"that name: download it on a machine with access and pass the local path ({_first_line(e)})"
-        ) from e
+        raise UserError(f"{hint} ({_first_line(e)})") from e
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    from urllib.parse import urlparse
+
+    from huggingface_hub.constants import ENDPOINT
+
+    url = urlparse(ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
 
 
 def _first_line(e: BaseException) -> str:
@@ -706,7 +803,9 @@ def _read_jsonl(path: Path) -> tuple[list[dict], list[str]]:
                 rows.append(obj)
                 where.append(f"line {n}")
     except UnicodeDecodeError as e:
-        raise UserError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}) — re-save it as UTF-8") from None
+        raise UserError(
+            f"{path}: not UTF-8 text ({e.reason} at byte {e.start}) — re-save it as UTF-8"
+        ) from None
     except (OSError, EOFError) as e:
         raise UserError(f"{path}: cannot read ({e})") from None
     return rows, where
@@ -730,7 +829,7 @@ def _read_json(path: Path, split: str) -> datasets.Dataset:
         obj = obj.get(key)
     if not isinstance(obj, list) or not all(isinstance(r, dict) for r in obj):
         raise UserError(
-            f"{path}: expected a list of JSON objects (or {{\"{split}\": [...]}}) — one object per row"
+            f'{path}: expected a list of JSON objects (or {{"{split}": [...]}}) — one object per row'
         )
     return _from_rows(obj, [f"row {i + 1}" for i in range(len(obj))], path)
 
@@ -742,7 +841,9 @@ def _from_rows(rows: list[dict], where: list[str], path: Path) -> datasets.Datas
         return datasets.Dataset.from_dict(columns)
     except (pa.ArrowException, TypeError, ValueError, OverflowError) as e:
         clash = _type_clash(columns, where)
-        raise UserError(f"{path} {clash}" if clash else f"{path}: rows disagree on a field's type ({e})") from None
+        raise UserError(
+            f"{path} {clash}" if clash else f"{path}: rows disagree on a field's type ({e})"
+        ) from None
 
 
 def _shape(v: Any) -> str:
@@ -790,21 +891,25 @@ def split(
     inside each part); e.g. UP-RLHF's 20/40/40: split(ds, (0.2, 0.4, 0.4), seed, ("sft", "rm", "rl"))."""
     ratios = [float(r) for r in ratios]
     if names is None:
-        names = ("train", "eval", "test")[: len(ratios)] if len(ratios) <= 3 else [
-            f"part{i}" for i in range(len(ratios))
-        ]
+        names = (
+            ("train", "eval", "test")[: len(ratios)]
+            if len(ratios) <= 3
+            else [f"part{i}" for i in range(len(ratios))]
+        )
     names = list(names)
     if len(names) != len(ratios) or len(set(names)) != len(names):
         raise UserError(f"split: need one distinct name per ratio, got names {names} for ratios {ratios}")
     if not ratios or any(r < 0 for r in ratios) or abs(sum(ratios) - 1.0) > 1e-6:
-        raise UserError(f"split: ratios must be non-negative and sum to 1, got {ratios} (sum {sum(ratios):g})")
+        raise UserError(
+            f"split: ratios must be non-negative and sum to 1, got {ratios} (sum {sum(ratios):g})"
+        )
     n = len(ds)
     exact = np.array(ratios) * n
     sizes = np.floor(exact).astype(int)
     # hand the leftover rows to the largest fractional parts (ties: earlier part first)
     for i in np.argsort(-(exact - sizes), kind="stable")[: n - sizes.sum()]:
         sizes[i] += 1
-    for name, r, size in zip(names, ratios, sizes):
+    for name, r, size in zip(names, ratios, sizes, strict=True):
         if r > 0 and size == 0:
             raise UserError(f"split: {n} rows are too few for ratios {ratios} — part '{name}' would be empty")
     perm = np.random.default_rng(seed).permutation(n)
@@ -873,7 +978,9 @@ def describe(ds: datasets.Dataset, kind: str, max_rows: int = 10_000) -> dict:
     }
 
 
-def apply_chat_template_if_any(tokenizer: Any, messages_or_text: str | list[dict], add_generation_prompt: bool) -> str:
+def apply_chat_template_if_any(
+    tokenizer: Any, messages_or_text: str | list[dict], add_generation_prompt: bool
+) -> str:
     """A prompt as one string for generation.
 
     Plain strings are returned unchanged (they are already formatted, e.g. hh-rlhf's

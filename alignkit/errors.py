@@ -18,5 +18,8 @@ class UserError(Exception):
 
 def closest(name: str, choices: Iterable[str]) -> str:
     """' (did you mean "x"?)' for the closest valid name, or '' when nothing is close."""
-    match = difflib.get_close_matches(name, list(choices), n=1, cutoff=0.5)
+    choices = list(choices)
+    match = difflib.get_close_matches(name, choices, n=1, cutoff=0.5)
+    if not match:  # short names: "rank" -> "r", "lr" -> "learning_rate" style prefixes
+        match = [c for c in choices if name.startswith(c) or c.startswith(name)][:1]
     return f' (did you mean "{match[0]}"?)' if match else ""

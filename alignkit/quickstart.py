@@ -105,19 +105,21 @@ def run(cfg: QuickstartConfig, progress: Any | None = None, console: Any | None 
 
     console.print("[bold]4/4[/bold] scoring with the gold reward")
     table = Table(title=f"quickstart: built-in review task, {cfg.eval.n_prompts} prompts x {cfg.eval.k} samples")
-    for col in ("policy", "gold reward (mean ± sd)", "EOS rate", "repetition", "samples/s", "example"):
+    for col in ("policy", "gold reward (mean ± sd)", "EOS rate", "repetition", "samples/s"):
         table.add_column(col)
     for name, r in rows.items():
         table.add_row(
             name, f"{r['gold_mean']:+.3f} ± {r['gold_sd']:.3f}", f"{r['eos_rate']:.0%}",
-            f"{r['repetition_rate']:.0%}", f"{r['samples_per_s']:.0f}", r["example"][:60],
+            f"{r['repetition_rate']:.0%}", f"{r['samples_per_s']:.0f}",
         )
     console.print(table)
+    for name, r in rows.items():
+        console.print(f"  {name:>9}: {r['example'][:100]!r}", highlight=False)
     _plot(rows, run_dir.path("plots", "gold_reward.png"))
     summary = {
         "command": "quickstart",
         "policies": {k: {m: v for m, v in r.items() if m != "gold"} for k, r in rows.items()},
-        "sft": {k: sft_summary[k] for k in ("steps", "final_loss", "train_samples_per_s")},
+        "sft": {k: sft_summary[k] for k in ("steps", "train_loss", "last_loss", "train_samples_per_s")},
         "sft_seconds": sft_seconds,
         "wall_seconds": time.perf_counter() - t0,
     }

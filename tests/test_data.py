@@ -92,7 +92,12 @@ def test_prompts_and_scored():
     assert kind == "prompts" and ds.column_names == ["prompt"]
     ds, _ = load_rows([{"prompt": msgs((USER, "Tell me a joke"))}])
     assert ds[0]["prompt"][0]["role"] == USER
-    ds, kind = load_rows([{"prompt": "p", "completion": "c", "reward": "1.5"}, {"prompt": "q", "completion": "d", "reward": -2}])
+    ds, kind = load_rows(
+        [
+            {"prompt": "p", "completion": "c", "reward": "1.5"},
+            {"prompt": "q", "completion": "d", "reward": "-2"},
+        ]
+    )
     assert kind == "scored" and ds["reward"] == [1.5, -2.0]
     assert data.describe(ds, "scored")["stats"]["reward"]["min"] == -2.0
 
@@ -103,7 +108,7 @@ def test_kind_conversions():
     assert kind == "sft" and ds[0] == {"prompt": "p", "completion": " a"}
     ds, _ = load_rows(rows, kind="prompts")
     assert ds.column_names == ["prompt"]
-    with pytest.raises(UserError, match="cannot use 'prompts' data as 'pairwise'"):
+    with pytest.raises(UserError, match="kind 'pairwise' needs columns chosen, rejected"):
         load_rows([{"prompt": "p"}], kind="pairwise")
 
 
@@ -119,7 +124,7 @@ def test_hh_rlhf_implicit_prompt():
     assert row["prompt"].count("\n\nAssistant:") == 2  # split at the LAST shared marker
     assert row["chosen"].startswith(" Every week") and row["rejected"] == " Whenever you want."
     raw = data.load_raw(str(FIXTURES / "hh_rlhf.jsonl"))
-    assert all(p + c == r for p, c, r in zip(ds["prompt"], ds["chosen"], raw["chosen"]))
+    assert all(p + c == r for p, c, r in zip(ds["prompt"], ds["chosen"], raw["chosen"], strict=True))
     assert data.describe(ds, kind)["conversational"] is False
 
 
@@ -171,7 +176,14 @@ def test_implicit_prompt_generic_fallback_cuts_at_whitespace():
 
 def test_implicit_prompt_conversational():
     shared = msgs((USER, "hi"), ("assistant", "hello"), (USER, "how are you?"))
-    ds, _ = load_rows([{"chosen": shared + msgs(("assistant", "fine")), "rejected": shared + msgs(("assistant", "go away"))}])
+    ds, _ = load_rows(
+        [
+            {
+                "chosen": shared + msgs(("assistant", "fine")),
+                "rejected": shared + msgs(("assistant", "go away")),
+            }
+        ]
+    )
     assert ds[0]["prompt"] == shared and ds[0]["chosen"] == msgs(("assistant", "fine"))
 
 
@@ -199,9 +211,14 @@ def test_parse_columns():
 
 def test_column_mapping_rename_and_swap():
     rows = [{"question": "Q", "response_j": "good", "response_k": "bad"}]
-    ds, kind = load_rows(rows, columns=data.parse_columns("prompt=question,chosen=response_j,rejected=response_k"))
+    ds, kind = load_rows(
+        rows, columns=data.parse_columns("prompt=question,chosen=response_j,rejected=response_k")
+    )
     assert kind == "pairwise" and ds[0] == {"prompt": "Q", "chosen": "good", "rejected": "bad"}
-    ds, _ = load_rows([{"prompt": "Q", "chosen": "x", "rejected": "y"}], columns={"chosen": "rejected", "rejected": "chosen"})
+    ds, _ = load_rows(
+        [{"prompt": "Q", "chosen": "x", "rejected": "y"}],
+        columns={"chosen": "rejected", "rejected": "chosen"},
+    )
     assert ds[0] == {"prompt": "Q", "chosen": "y", "rejected": "x"}
 
 
@@ -211,11 +228,16 @@ def test_column_mapping_nested(tmp_path):
     assert kind == "pairwise" and len(ds) == 2
     assert ds[0]["prompt"].startswith("My sister (22F)") and ds[0]["chosen"].startswith(" sister borrows")
     with pytest.raises(UserError, match=r"row 1: cannot read 'summaries\[5\].text': index 5 out of range"):
-        data.load(str(FIXTURES / "summarize_comparisons.jsonl"), columns="prompt=info.post,chosen=summaries[5].text,rejected=summaries.1.text")
+        data.load(
+            str(FIXTURES / "summarize_comparisons.jsonl"),
+            columns="prompt=info.post,chosen=summaries[5].text,rejected=summaries.1.text",
+        )
 
 
 def test_column_mapping_unknown_column_suggests():
-    with pytest.raises(UserError, match=r"--columns prompt=questoin: no column 'questoin' \(did you mean \"question\"\?\)"):
+    with pytest.raises(
+        UserError, match=r"--columns prompt=questoin: no column 'questoin' \(did you mean \"question\"\?\)"
+    ):
         load_rows([{"question": "Q", "answer": "A"}], columns={"prompt": "questoin"})
 
 
@@ -233,7 +255,10 @@ def test_split_deterministic_disjoint_covering():
     other = data.split(ds, (0.2, 0.4, 0.4), seed=4, names=("sft", "rm", "rl"))
     assert any(parts[k]["prompt"] != other[k]["prompt"] for k in parts)
     assert set(data.split(ds, (0.5, 0.5), seed=0)) == {"train", "eval"}
-    sizes = [len(v) for v in data.split(datasets.Dataset.from_dict({"x": list(range(7))}), (0.2, 0.4, 0.4), 0).values()]
+    sizes = [
+        len(v)
+        for v in data.split(datasets.Dataset.from_dict({"x": list(range(7))}), (0.2, 0.4, 0.4), 0).values()
+    ]
     assert sum(sizes) == 7
 
 
@@ -280,12 +305,17 @@ def test_saved_dataset_dirs(tmp_path):
     ds, kind = data.load(str(tmp_path / "ds"))
     assert kind == "sft" and ds["prompt"] == ["a", "b"]
     dd = datasets.DatasetDict(
-        {"train": datasets.Dataset.from_dict(rows), "test": datasets.Dataset.from_dict({"prompt": ["t"], "completion": ["u"]})}
+        {
+            "train": datasets.Dataset.from_dict(rows),
+            "test": datasets.Dataset.from_dict({"prompt": ["t"], "completion": ["u"]}),
+        }
     )
     dd.save_to_disk(str(tmp_path / "dd"))
     ds, _ = data.load(str(tmp_path / "dd"), split="test")
     assert ds["prompt"] == ["t"]
-    with pytest.raises(UserError, match=r"no split 'tset' \(did you mean \"test\"\?\) — available: train, test"):
+    with pytest.raises(
+        UserError, match=r"no split 'tset' \(did you mean \"test\"\?\) — available: train, test"
+    ):
         data.load(str(tmp_path / "dd"), split="tset")
 
 
@@ -307,7 +337,10 @@ def test_csv_parquet_json_sources(tmp_path):
 
 def test_apply_chat_template_if_any():
     conv = msgs((USER, "hi"), ("assistant", "hello"))
-    assert data.apply_chat_template_if_any(None, "\n\nHuman: hi\n\nAssistant:", True) == "\n\nHuman: hi\n\nAssistant:"
+    assert (
+        data.apply_chat_template_if_any(None, "\n\nHuman: hi\n\nAssistant:", True)
+        == "\n\nHuman: hi\n\nAssistant:"
+    )
     assert data.apply_chat_template_if_any(None, conv, True) == "user: hi\nassistant: hello\nassistant:"
 
     class Tok:
@@ -333,7 +366,9 @@ def bad(tmp_path: Path, rows: list[dict], match: str, **kw) -> None:
 def test_bad_malformed_jsonl_line(tmp_path):
     p = tmp_path / "train.jsonl"
     p.write_text('{"prompt": "a"}\n\n{"prompt": "b"\n')
-    with pytest.raises(UserError, match=r"train.jsonl line 3: invalid JSON \(Expecting ',' delimiter.*fix or remove"):
+    with pytest.raises(
+        UserError, match=r"train.jsonl line 3: invalid JSON \(Expecting ',' delimiter.*fix or remove"
+    ):
         data.load(str(p))
 
 
@@ -344,28 +379,61 @@ def test_bad_empty_dataset(tmp_path):
 
 
 def test_bad_missing_column(tmp_path):
-    bad(tmp_path, [{"prompt": "a", "answer": "b"}], r"kind 'pairwise' needs columns chosen, rejected.*has prompt, answer.*--columns chosen=<column>", kind="pairwise")
+    bad(
+        tmp_path,
+        [{"prompt": "a", "answer": "b"}],
+        r"kind .pairwise. needs columns chosen, rejected.*has prompt, answer.*--columns prompt=<col>,chosen=",
+        kind="pairwise",
+    )
 
 
 def test_bad_unknown_layout(tmp_path):
-    bad(tmp_path, [{"question": "a", "answer": "b"}], r"bad.jsonl: cannot tell the data kind from columns question, answer.*--columns")
+    bad(
+        tmp_path,
+        [{"question": "a", "answer": "b"}],
+        r"bad.jsonl: cannot tell the data kind from columns question, answer.*--columns",
+    )
 
 
 def test_bad_null_and_empty_values(tmp_path):
-    bad(tmp_path, [{"prompt": "a", "completion": "b"}, {"prompt": None, "completion": "c"}], r"bad.jsonl: row 2: field 'prompt' is missing \(null\)")
+    bad(
+        tmp_path,
+        [{"prompt": "a", "completion": "b"}, {"prompt": None, "completion": "c"}],
+        r"bad.jsonl: row 2: field 'prompt' is missing \(null\)",
+    )
     bad(tmp_path, [{"prompt": "a", "chosen": "b", "rejected": "   "}], r"row 1: field 'rejected' is empty")
     bad(tmp_path, [{"messages": []}], r"row 1: field 'messages' is an empty message list")
 
 
 def test_bad_label_reward_prob(tmp_path):
-    bad(tmp_path, [{"prompt": "a", "completion": "b", "label": "maybe"}], r"row 1: field 'label' must be true/false.*'maybe'")
-    bad(tmp_path, [{"prompt": "a", "completion": "b", "reward": "high"}], r"row 1: field 'reward' must be a finite number, got 'high'")
-    bad(tmp_path, [{"prompt": "a", "chosen": "b", "rejected": "c", "prob": 1.5}], r"row 1: field 'prob' must be in \[0, 1\], got 1.5")
+    bad(
+        tmp_path,
+        [{"prompt": "a", "completion": "b", "label": "maybe"}],
+        r"row 1: field 'label' must be true/false.*'maybe'",
+    )
+    bad(
+        tmp_path,
+        [{"prompt": "a", "completion": "b", "reward": "high"}],
+        r"row 1: field 'reward' must be a finite number, got 'high'",
+    )
+    bad(
+        tmp_path,
+        [{"prompt": "a", "chosen": "b", "rejected": "c", "prob": 1.5}],
+        r"row 1: field 'prob' must be in \[0, 1\], got 1.5",
+    )
 
 
 def test_bad_mixed_row_types(tmp_path):
-    bad(tmp_path, [{"prompt": "a"}, {"prompt": ["x", 1]}], r"bad.jsonl line 2: field 'prompt' is a list but line 1 has a string")
-    bad(tmp_path, [{"prompt": msgs((USER, "a")), "chosen": "b", "rejected": "c"}], r"row 1: 'prompt' is a message list but 'chosen' is a plain string")
+    bad(
+        tmp_path,
+        [{"prompt": "a"}, {"prompt": ["x", 1]}],
+        r"bad.jsonl line 2: field 'prompt' is a list but line 1 has a string",
+    )
+    bad(
+        tmp_path,
+        [{"prompt": msgs((USER, "a")), "chosen": "b", "rejected": "c"}],
+        r"row 1: 'prompt' is a message list but 'chosen' is a plain string",
+    )
     bad(tmp_path, [{"prompt": [{"role": "user"}]}], r"row 1: field 'prompt' must be a list of")
 
 
@@ -383,12 +451,33 @@ def test_bad_files_and_sources(tmp_path, monkeypatch):
         raise ConnectionError("Couldn't reach 'foo/bar' on the Hub (LocalEntryNotFoundError)")
 
     monkeypatch.setattr(datasets, "load_dataset", offline)
-    with pytest.raises(UserError, match=r"cannot load 'foo/bar' from the Hugging Face hub \(offline\?\).*pass the local path"):
+    monkeypatch.setattr(data, "_hub_reachable", lambda: True)
+    with pytest.raises(
+        UserError, match=r"cannot load 'foo/bar' from the Hugging Face hub \(offline\?\).*pass the local path"
+    ):
         data.load("foo/bar")
+    monkeypatch.setattr(data, "_hub_reachable", lambda: False)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
+    with pytest.raises(UserError, match=r"cannot load 'org/x:cfg' .*hub unreachable; set HF_HUB_OFFLINE=1"):
+        data.load("org/x:cfg")
 
 
 def test_bad_kind_and_args(tmp_path):
-    bad(tmp_path, [{"prompt": "a"}], r"unknown data kind 'pairwize' \(did you mean \"pairwise\"\?\)", kind="pairwize")
+    bad(
+        tmp_path,
+        [{"prompt": "a"}],
+        r"unknown data kind 'pairwize' \(did you mean \"pairwise\"\?\)",
+        kind="pairwize",
+    )
     bad(tmp_path, [{"prompt": "a"}], r"max_samples must be a positive integer", max_samples=0)
-    bad(tmp_path, [{"info": {"post": None, "article": None, "title": "t"}, "summaries": [{"text": "a"}, {"text": "b"}], "choice": 0}],
-        r"row 1: field 'info' has neither 'post' nor 'article'")
+    bad(
+        tmp_path,
+        [
+            {
+                "info": {"post": None, "article": None, "title": "t"},
+                "summaries": [{"text": "a"}, {"text": "b"}],
+                "choice": 0,
+            }
+        ],
+        r"row 1: field 'info' has neither 'post' nor 'article'",
+    )

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from alignkit import quickstart
 from alignkit.trainers import sft
 
 TRAINERS = {
+    "quickstart": (quickstart.QuickstartConfig, quickstart.run),
     "sft": (sft.SFTConfig, sft.run),
 }

@@ -31,7 +31,7 @@ def training_args(cfg: JobConfig, run: RunDir, bf16: bool) -> dict[str, Any]:
         warmup_steps=t.warmup_ratio,  # transformers 5: a float < 1 is a ratio of the total steps
         weight_decay=t.weight_decay,
         lr_scheduler_type=t.lr_scheduler,
-        gradient_checkpointing=t.gradient_checkpointing,
+        gradient_checkpointing=t.gradient_checkpointing,  # explicit: TRL's configs default to True
         logging_steps=t.logging_steps,
         save_strategy="steps" if t.save_steps else "no",
         save_steps=t.save_steps or 500,
@@ -42,8 +42,37 @@ def training_args(cfg: JobConfig, run: RunDir, bf16: bool) -> dict[str, Any]:
         report_to="none",
         disable_tqdm=True,
         dataloader_num_workers=0,
+        dataloader_pin_memory=cfg.model.device != "cpu" and _cuda(),
+        logging_first_step=True,
         use_cpu=cfg.model.device == "cpu",
     )
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def quiet_libraries() -> None:
+    """alignkit shows its own rich progress: silence datasets'/transformers' bars and info logs."""
+    import datasets
+    import transformers
+
+    import warnings
+
+    warnings.filterwarnings("ignore", message=".*gradient_checkpointing.*deprecated", category=FutureWarning)
+    datasets.disable_progress_bars()
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
+def drop_printer(trainer) -> None:
+    """With tqdm off, transformers prints every log dict; metrics go to metrics.jsonl instead."""
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    trainer.remove_callback(PrinterCallback)
+    trainer.remove_callback(ProgressCallback)
 
 
 class RunDirMetrics(TrainerCallback):
@@ -109,6 +138,27 @@ def gather_shards(recorder: ShardRecorder) -> dict[str, Any] | None:
     }
 
 
+def save_final(trainer, tokenizer, run: RunDir, subdir: str = "model") -> None:
+    """Save weights (safetensors; a peft adapter for LoRA) + tokenizer; drop what a finished run
+    does not need: the resume checkpoints and transformers' pickled training_args.bin."""
+    import shutil
+
+    target = run.path(subdir)
+    trainer.save_model(str(target))
+    if trainer.is_world_process_zero():
+        tokenizer.save_pretrained(str(target))
+        (target / "training_args.bin").unlink(missing_ok=True)
+        shutil.rmtree(run.path("checkpoints"), ignore_errors=True)
+
+
+def loss_summary(metrics: list[dict[str, Any]]) -> dict[str, Any]:
+    """First and last logged training loss (evidence that the loss fell)."""
+    losses = [(m["step"], m["loss"]) for m in metrics if "loss" in m]
+    if not losses:
+        return {}
+    return {"first_loss": losses[0][1], "last_loss": losses[-1][1], "last_loss_step": losses[-1][0]}
+
+
 def resume_checkpoint(run: RunDir) -> str | None:
     return last_checkpoint(run.work) if run.resumed else None
 
@@ -127,7 +177,8 @@ def loss_plot(metrics: list[dict[str, Any]], path: Path, keys: tuple[str, ...] =
             ax.plot(*zip(*pts, strict=True), marker=".", label=key)
     ax.set_xlabel("step")
     ax.set_title(title)
-    ax.legend()
+    if ax.lines:
+        ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

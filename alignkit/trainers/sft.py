@@ -9,6 +9,7 @@ the launcher and a data-parallel report.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from pydantic import Field
@@ -45,8 +46,9 @@ def run(cfg: SFTConfig, callbacks: list | None = None, progress: Any | None = No
     from alignkit.runs import RunDir, default_dir
     from alignkit.trainers import _hf
 
+    _hf.quiet_libraries()
     out = cfg.output.dir or str(default_dir("sft"))
-    RunDir.check(__import__("pathlib").Path(out), cfg.output.overwrite, cfg.output.resume)
+    RunDir.check(Path(out), cfg.output.overwrite, cfg.output.resume)
 
     # -- setup: data and model are loaded (and validated) before anything is written -------------
     ds, kind = data.load_source(cfg.data, expected=("sft",))
@@ -79,6 +81,7 @@ def run(cfg: SFTConfig, callbacks: list | None = None, progress: Any | None = No
         processing_class=tokenizer,
         callbacks=[_hf.RunDirMetrics(run_dir, progress), *(callbacks or [])],
     )
+    _hf.drop_printer(trainer)
     recorder = _hf.ShardRecorder(trainer.data_collator)
     trainer.data_collator = recorder
 
@@ -87,10 +90,9 @@ def run(cfg: SFTConfig, callbacks: list | None = None, progress: Any | None = No
     parallel = _hf.gather_shards(recorder)
 
     # -- save ------------------------------------------------------------------------------------
-    trainer.save_model(str(run_dir.path("model")))  # safetensors (transformers default); adapter only with LoRA
+    _hf.save_final(trainer, tokenizer, run_dir)  # safetensors; a peft adapter with LoRA
+    metrics = run_dir.read_metrics()
     if state.is_main_process:
-        tokenizer.save_pretrained(str(run_dir.path("model")))
-        metrics = run_dir.read_metrics()
         _hf.loss_plot(metrics, run_dir.path("plots", "loss.png"), title=f"SFT {cfg.model.name}")
     state.wait_for_everyone()
     summary = {
@@ -99,7 +101,7 @@ def run(cfg: SFTConfig, callbacks: list | None = None, progress: Any | None = No
         "train_rows": len(splits["train"]),
         "steps": trainer.state.global_step,
         "train_loss": result.training_loss,
-        "final_loss": next((m["loss"] for m in reversed(run_dir.read_metrics()) if "loss" in m), None),
+        **_hf.loss_summary(metrics),
         "train_runtime_s": result.metrics.get("train_runtime"),
         "train_samples_per_s": result.metrics.get("train_samples_per_second"),
         "trainable_params": trainable,
@@ -118,7 +120,7 @@ def _readme(cfg: SFTConfig, summary: dict[str, Any]) -> str:
     return (
         f"# SFT run\n\nBase model: `{cfg.model.name}`; data: `{cfg.data.source}`; "
         f"{'LoRA r=' + str(cfg.model.lora.r) if cfg.model.lora.enabled else 'full fine-tuning'}.\n\n"
-        f"Steps: {summary['steps']}, final loss {summary['final_loss']}.\n\n"
+        f"Steps: {summary['steps']}, mean training loss {summary['train_loss']:.4f}.\n\n"
         "Load the policy with `alignkit generate --model <this dir>/model` or "
         "`AutoModelForCausalLM.from_pretrained('<this dir>/model')` "
         "(LoRA runs save a peft adapter: `PeftModel.from_pretrained`).\n"

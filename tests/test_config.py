@@ -1,0 +1,101 @@
+"""Config blocks, recipes and overrides: precedence, unknown keys with suggestions, range checks."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from alignkit.cli import recipes_dir, validate_recipe
+from alignkit.config import build_config, parse_override, read_recipe
+from alignkit.errors import UserError
+from alignkit.quickstart import QuickstartConfig
+from alignkit.trainers import TRAINERS
+from alignkit.trainers.sft import SFTConfig
+
+
+def test_precedence_defaults_recipe_overrides_flags():
+    recipe = {"command": "sft", "train": {"learning_rate": 1e-3, "epochs": 2}, "model": {"name": "tiny"}}
+    cfg = build_config(SFTConfig, recipe, ["train.epochs=3", "train.batch_size=4"], {"train.batch_size": 16})
+    assert cfg.train.learning_rate == 1e-3  # recipe over default
+    assert cfg.train.epochs == 3  # override over recipe
+    assert cfg.train.batch_size == 16  # flag over override
+    assert cfg.train.max_length == 512  # default kept
+
+
+def test_override_values_are_yaml_scalars():
+    assert parse_override("train.learning_rate=1e-4") == ("train.learning_rate", 1e-4)
+    assert parse_override("model.lora.enabled=true") == ("model.lora.enabled", True)
+    assert parse_override("model.lora.target_modules=[q_proj, v_proj]")[1] == ["q_proj", "v_proj"]
+    with pytest.raises(UserError, match="key=value"):
+        parse_override("train.learning_rate")
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("train.learnin_rate=1", 'did you mean "learning_rate"'),
+        ("trian.epochs=1", 'did you mean "train"'),
+        ("model.lora.rank=4", 'did you mean "r"'),
+    ],
+)
+def test_unknown_override_key_names_the_closest(override, message):
+    with pytest.raises(UserError, match=message):
+        build_config(SFTConfig, {}, [override])
+
+
+def test_unknown_recipe_key_names_the_closest(tmp_path: Path):
+    f = tmp_path / "r.yaml"
+    f.write_text("# alignkit run r\ncommand: sft\ntrain:\n  epoch: 2\n")
+    with pytest.raises(UserError, match=r"unknown key 'train.epoch'.*did you mean \"epochs\""):
+        build_config(SFTConfig, read_recipe(f), origin=str(f))
+
+
+@pytest.mark.parametrize(
+    "flags, field",
+    [
+        ({"train.learning_rate": -1.0}, "train.learning_rate"),
+        ({"train.batch_size": 0}, "train.batch_size"),
+        ({"data.eval_fraction": 1.5}, "data.eval_fraction"),
+        ({"model.dtype": "float8"}, "model.dtype"),
+        ({"launch.accelerate_config": "zero4"}, "launch.accelerate_config"),
+    ],
+)
+def test_out_of_range_values_name_the_field(flags, field):
+    with pytest.raises(UserError, match=field.replace(".", r"\.")):
+        build_config(SFTConfig, {}, None, flags)
+
+
+def test_cross_field_check():
+    with pytest.raises(UserError, match="overwrite and output.resume"):
+        build_config(SFTConfig, {}, None, {"output.overwrite": True, "output.resume": True})
+
+
+def test_invalid_yaml_names_the_line(tmp_path: Path):
+    f = tmp_path / "bad.yaml"
+    f.write_text("command: sft\ntrain:\n  epochs: [1\n")
+    with pytest.raises(UserError, match="bad.yaml line"):
+        read_recipe(f)
+
+
+def test_every_shipped_recipe_validates():
+    files = sorted(recipes_dir().glob("*.yaml"))
+    assert files, "no recipes shipped"
+    commands = set()
+    for f in files:
+        cfg = validate_recipe(f)
+        commands.add(cfg.command)
+        assert f.read_text().startswith("# alignkit"), f"{f.name} must open with the command that runs it"
+    assert commands == set(TRAINERS), "every command needs at least one recipe"
+
+
+def test_quickstart_recipe_matches_the_quickstart_defaults():
+    shipped = validate_recipe(recipes_dir() / "quickstart.yaml")
+    assert shipped.model_dump() == QuickstartConfig().model_dump()
+
+
+def test_recipe_needs_header_comment(tmp_path: Path):
+    f = tmp_path / "noheader.yaml"
+    f.write_text("command: sft\n")
+    with pytest.raises(UserError, match="first line"):
+        validate_recipe(f)
