@@ -403,9 +403,9 @@ def quickstart(
 
 
 def main() -> None:
-    """Console entry point: the error contract lives here."""
+    """Console entry point: the error contract lives here (usage errors are click's: exit 2)."""
     try:
-        app(standalone_mode=False)
+        app()  # standalone: click prints usage errors and exits 2, typer.Exit(n) exits n
     except UserError as exc:
         if _state["debug"]:
             raise
@@ -414,20 +414,6 @@ def main() -> None:
         if rank_info()["is_main"]:  # in a multi-process launch, say it once
             err_console.print(f"[bold red]error:[/bold red] {exc}", highlight=False, soft_wrap=True)
         sys.exit(2)
-    except typer.Exit as exc:
-        sys.exit(exc.exit_code)
-    except typer.Abort:
-        err_console.print("aborted")
-        sys.exit(130)
-    except SystemExit:
-        raise
-    except Exception as exc:  # click usage errors are ClickException subclasses
-        import click
-
-        if isinstance(exc, click.ClickException):
-            exc.show()
-            sys.exit(exc.exit_code)
-        raise
 
 
 if __name__ == "__main__":

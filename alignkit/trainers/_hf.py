@@ -44,6 +44,7 @@ def training_args(cfg: JobConfig, run: RunDir, bf16: bool) -> dict[str, Any]:
         dataloader_num_workers=0,
         dataloader_pin_memory=cfg.model.device != "cpu" and _cuda(),
         logging_first_step=True,
+        ddp_find_unused_parameters=False,
         use_cpu=cfg.model.device == "cpu",
     )
 

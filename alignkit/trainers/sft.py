@@ -37,11 +37,10 @@ class SFTConfig(JobConfig):
 def run(cfg: SFTConfig, callbacks: list | None = None, progress: Any | None = None) -> dict[str, Any]:
     """Train; returns the summary (also written to summary.json). `callbacks` are extra TrainerCallbacks."""
     import torch
-    from accelerate import PartialState
     from trl import SFTConfig as TRLSFTConfig
     from trl import SFTTrainer
 
-    from alignkit import data, models
+    from alignkit import data, launch, models
     from alignkit.config import to_yaml
     from alignkit.runs import RunDir, default_dir
     from alignkit.trainers import _hf
@@ -67,8 +66,10 @@ def run(cfg: SFTConfig, callbacks: list | None = None, progress: Any | None = No
         == torch.bfloat16
     )
 
-    state = PartialState()
-    run_dir = RunDir.open(out, cfg.output.overwrite, cfg.output.resume, to_yaml(cfg), is_main=state.is_main_process)
+    # rank from the launcher's environment: no accelerate state may be created before the
+    # TrainingArguments below (they configure it, MULTI_CPU/gloo on CPU, and reset any earlier one)
+    is_main = launch.rank_info()["is_main"]
+    run_dir = RunDir.open(out, cfg.output.overwrite, cfg.output.resume, to_yaml(cfg), is_main=is_main)
     args = TRLSFTConfig(
         **_hf.training_args(cfg, run_dir, bf16=bf16),
         max_length=cfg.train.max_length,
@@ -92,9 +93,9 @@ def run(cfg: SFTConfig, callbacks: list | None = None, progress: Any | None = No
     # -- save ------------------------------------------------------------------------------------
     _hf.save_final(trainer, tokenizer, run_dir)  # safetensors; a peft adapter with LoRA
     metrics = run_dir.read_metrics()
-    if state.is_main_process:
+    if is_main:
         _hf.loss_plot(metrics, run_dir.path("plots", "loss.png"), title=f"SFT {cfg.model.name}")
-    state.wait_for_everyone()
+    trainer.accelerator.wait_for_everyone()
     summary = {
         "command": "sft",
         "model": cfg.model.name,
@@ -107,7 +108,7 @@ def run(cfg: SFTConfig, callbacks: list | None = None, progress: Any | None = No
         "trainable_params": trainable,
         "total_params": total,
         "lora": cfg.model.lora.enabled,
-        "world_size": state.num_processes,
+        "world_size": trainer.accelerator.num_processes,
     }
     if parallel:
         summary["data_parallel"] = parallel
