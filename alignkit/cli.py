@@ -16,6 +16,7 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from alignkit.errors import UserError, closest
@@ -387,7 +388,10 @@ def env() -> None:
         table.add_row("gpu", "none (training runs on CPU in fp32)")
     for extra, module in (("vllm", "vllm"), ("deepspeed", "deepspeed"), ("pairrm", "llm_blender")):
         found = importlib.util.find_spec(module) is not None
-        table.add_row(f"extra [{extra}]", "installed" if found else f"not installed (pip install 'alignkit[{extra}]')")
+        table.add_row(
+            escape(f"extra [{extra}]"),
+            "installed" if found else escape(f"not installed: pip install 'alignkit[{extra}]'"),
+        )
     console.print(table)
 
 
@@ -402,6 +406,78 @@ def quickstart(
     _train("quickstart", recipe, set_, {"output.dir": output_dir, "output.overwrite": overwrite or None})
 
 
+# ---------------------------------------------------------------------------------------- bench
+bench_app = typer.Typer(
+    help="Measure alignkit's overhead and throughput on this machine.", no_args_is_help=True
+)
+app.add_typer(bench_app, name="bench")
+JsonOpt = Annotated[Path | None, typer.Option("--json", help="also write the full result as JSON here")]
+
+
+def _bench_out(result: dict[str, Any], rows: list[tuple[str, str]], title: str, out: Path | None) -> None:
+    table = Table(title=title, show_header=False)
+    for k, v in rows:
+        table.add_row(k, v)
+    console.print(table)
+    if out is not None:
+        out.write_text(json.dumps(result, indent=2, default=str) + "\n")
+        console.print(f"wrote {out}")
+
+
+@bench_app.command("sft")
+def bench_sft(
+    rows: Annotated[int, typer.Option("--rows", min=1, help="built-in SFT rows")] = 2000,
+    steps: Annotated[int, typer.Option("--steps", min=1, help="optimiser steps per job")] = 60,
+    repeats: Annotated[int, typer.Option("--repeats", min=1, help="interleaved TRL/alignkit pairs")] = 3,
+    json_out: JsonOpt = None,
+) -> None:
+    """`alignkit sft` vs the same job written against TRL, interleaved in one process."""
+    from alignkit import bench
+
+    r = bench.sft_overhead(n_rows=rows, steps=steps, repeats=repeats)
+    m, t, a, lc = r["machine"], r["trl"], r["alignkit"], r["loss_curves"]
+    walls = lambda x: ", ".join(f"{w:.2f}" for w in x["wall_s"])  # noqa: E731
+    _bench_out(r, [
+        ("machine", f"{m['cpu']}, {m['cores']} cores; torch {m['torch']}, transformers {m['transformers']}, "
+                    f"trl {m['trl']}; load avg {m['load_avg_1m']:.2f} -> {r['load_avg_1m_end']:.2f}"),
+        ("job", f"tiny model, {rows} rows, {steps} steps x batch {bench.BATCH_SIZE}, "
+                f"{repeats} interleaved pairs"),
+        ("raw TRL wall s", f"{walls(t)} (median {t['median_wall_s']:.2f})"),
+        ("alignkit wall s", f"{walls(a)} (median {a['median_wall_s']:.2f})"),
+        ("ratio alignkit/TRL (wall, median)", f"{r['ratio_wall']:.3f} ({r['overhead_s']:+.2f} s)"),
+        ("ratio (train loop only | process CPU time)",
+         f"{r['ratio_train_runtime']:.3f} | {r['ratio_cpu']:.3f}"),
+        ("outside train loop s TRL | alignkit", f"{t['median_outside_train_s']:.2f} | "
+                                                f"{a['median_outside_train_s']:.2f}"),
+        ("tokens/s TRL | alignkit", f"{t['tokens_per_s']:.0f} | {a['tokens_per_s']:.0f}"),
+        ("samples/s TRL | alignkit", f"{t['samples_per_s']:.1f} | {a['samples_per_s']:.1f}"),
+        ("loss curves identical", f"{lc['identical']} (max |diff| {lc['max_abs_diff']:.1e} at same-window "
+                                  f"steps, {lc['max_abs_diff_running_mean']:.1e} in running mean over "
+                                  f"{len(lc['steps_compared'])} logged steps)"),
+        ("same rows | same tokenised inputs", f"{r['rows_identical']} | "
+                                              f"{r.get('warmup', {}).get('tokenised_inputs_identical')}"),
+    ], "alignkit bench sft", json_out)
+
+
+@bench_app.command("quickstart")
+def bench_quickstart(json_out: JsonOpt = None) -> None:
+    """Time `alignkit quickstart` (default settings, temporary output directory)."""
+    from alignkit import bench
+
+    r = bench.quickstart_time()
+    m = r["machine"]
+    rows = [
+        ("machine", f"{m['cpu']}, {m['cores']} cores; torch {m['torch']}, load avg {m['load_avg_1m']:.2f}"),
+        ("wall s", f"{r['wall_s']:.1f} (of which SFT {r['sft_seconds']:.1f})"),
+        ("SFT steps | last loss", f"{r['sft']['steps']} | {r['sft']['last_loss']:.4f}"),
+    ]
+    for name, p in r["policies"].items():
+        rows.append((f"{name}: gold | EOS | repetition | samples/s",
+                     f"{p['gold_mean']:+.3f} ± {p['gold_sd']:.3f} | {p['eos_rate']:.0%} | "
+                     f"{p['repetition_rate']:.0%} | {p['samples_per_s']:.0f}"))
+    _bench_out(r, rows, "alignkit bench quickstart", json_out)
+
+
 def main() -> None:
     """Console entry point: the error contract lives here (usage errors are click's: exit 2)."""
     try:
@@ -411,8 +487,9 @@ def main() -> None:
             raise
         from alignkit.launch import rank_info
 
-        if rank_info()["is_main"]:  # in a multi-process launch, say it once
-            err_console.print(f"[bold red]error:[/bold red] {exc}", highlight=False, soft_wrap=True)
+        rank = rank_info()
+        where = "" if rank["is_main"] else f" (rank {rank['rank']})"
+        err_console.print(f"[bold red]error{where}:[/bold red] {exc}", highlight=False, soft_wrap=True)
         sys.exit(2)
 
 

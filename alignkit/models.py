@@ -103,6 +103,21 @@ def resolve(name: str) -> str:
     return name
 
 
+def describe_source(name: str) -> str:
+    """Where `name` would be loaded from, without building, loading or downloading anything."""
+    if name == "tiny":
+        return "built-in tiny Llama (built into the cache on first use)"
+    if name == "minilm":
+        return f"built-in MiniLM-L6 encoder at {minilm_dir()}"
+    hub = ALIASES[name].hub_id if name in ALIASES else None
+    path = Path(name).expanduser()
+    if hub is None and path.is_dir():
+        return f"local directory {path}"
+    hub = hub or name
+    where = "in the local Hugging Face cache" if is_available_locally(name) else "NOT in the local cache: needs the hub"
+    return f"hub id {hub} ({where})"
+
+
 def _fetch_error(name: str) -> UserError:
     hint = "" if "/" in name else closest(name, ALIASES)
     return UserError(
@@ -151,9 +166,25 @@ def _from_pretrained(cls: Any, name: str, path: str, **kwargs: Any) -> Any:
 
 def _resolve_for_weights(name: str) -> str:
     path = resolve(name)
-    if Path(path).is_dir():
-        _check_local_weights(Path(path))
+    p = Path(path)
+    if p.is_dir() and (p / "summary.json").is_file() and (p / "model").is_dir():
+        path, p = str(p / "model"), p / "model"  # an alignkit run directory: its trained model
+    if p.is_dir() and not (p / "adapter_config.json").is_file():
+        _check_local_weights(p)
     return path
+
+
+def _adapter_base(path: str) -> str | None:
+    """The base model of a peft adapter directory (None when `path` is a full model)."""
+    cfg = Path(path) / "adapter_config.json"
+    if not cfg.is_file():
+        return None
+    if not (Path(path) / "adapter_model.safetensors").is_file():
+        raise UserError(f"adapter directory '{path}' has no adapter_model.safetensors")
+    base = json.loads(cfg.read_text()).get("base_model_name_or_path")
+    if not base:
+        raise UserError(f"adapter directory '{path}': adapter_config.json names no base_model_name_or_path")
+    return base
 
 
 def is_available_locally(name: str) -> bool:
@@ -395,15 +426,20 @@ def load_causal_lm(
 
     dev = choose_device(device)
     path = _resolve_for_weights(name)
+    base = _adapter_base(path)
     tokenizer = load_tokenizer(path, trust_remote_code=trust_remote_code)
     model = _from_pretrained(
         AutoModelForCausalLM,
         name,
-        path,
+        _resolve_for_weights(base) if base else path,
         dtype=choose_dtype(dtype, dev),
         use_safetensors=True,
         trust_remote_code=trust_remote_code,
     )
+    if base:  # a LoRA run's adapter: merged into its base, so the result is a plain model to use or tune
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, path).merge_and_unload()
     return _finish(model, tokenizer, dev, lora, "CAUSAL_LM"), tokenizer
 
 

@@ -69,7 +69,8 @@ class RunDir:
         cls, final: str | Path, overwrite: bool, resume: bool, config_yaml: str, is_main: bool = True
     ) -> RunDir:
         final = Path(final)
-        cls.check(final, overwrite, resume)
+        if is_main:  # the other ranks would see the main rank's fresh DIR.partial
+            cls.check(final, overwrite, resume)
         run = cls(final, is_main=is_main, resumed=resume)
         if is_main:
             if not resume and run.work.exists():

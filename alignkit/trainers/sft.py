@@ -47,7 +47,8 @@ def run(cfg: SFTConfig, callbacks: list | None = None, progress: Any | None = No
 
     _hf.quiet_libraries()
     out = cfg.output.dir or str(default_dir("sft"))
-    RunDir.check(Path(out), cfg.output.overwrite, cfg.output.resume)
+    if launch.rank_info()["is_main"]:  # fail fast, before loading anything
+        RunDir.check(Path(out), cfg.output.overwrite, cfg.output.resume)
 
     # -- setup: data and model are loaded (and validated) before anything is written -------------
     ds, kind = data.load_source(cfg.data, expected=("sft",))

@@ -1,0 +1,346 @@
+"""`alignkit bench`: honest, reproducible performance figures for docs/benchmarks.md.
+
+`sft_overhead` runs the same SFT job two ways in ONE process, interleaved (TRL, alignkit, TRL,
+alignkit, ...) so machine drift hits both alike:
+
+* **raw TRL** — `trl.SFTTrainer` on `AutoModelForCausalLM.from_pretrained(tiny_dir)` and
+  `datasets.Dataset.from_list(rows)`, then `save_model`: the job as a user would write it against TRL;
+* **alignkit** — `alignkit.trainers.sft.run(...)` with the same model directory, the same rows
+  (`builtin:sft` with the same `max_samples` and seed) and the same hyper-parameters; it also writes
+  the run directory (config, metrics.jsonl, summary, README, loss plot) and fingerprints the shards.
+
+Each job is timed wall-clock from model load to saved model. Both must do the same computation:
+before timing, an untimed warm-up checks that the two trainers saw byte-identical tokenised inputs
+(input ids and completion masks), and every timed pair is checked for identical logged losses.
+
+One deliberate difference from a copy-pasted TRL script: TRL's `SFTConfig` defaults to `bf16=True`
+(bf16 autocast even on CPU), while alignkit trains in the model's dtype (fp32 on CPU). The raw job
+passes `bf16=False` so that both compute the same thing; `raw_bf16_default=True` measures TRL's default.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+# The settings both jobs share (TRL's SFTConfig names). Warm-up 0, linear schedule and weight decay 0
+# are alignkit's TrainSection defaults and transformers' defaults alike.
+LEARNING_RATE = 3e-3
+BATCH_SIZE = 32
+MAX_LENGTH = 128
+
+
+def machine() -> dict[str, Any]:
+    """CPU model, cores, torch threads and library versions: what a figure was measured on."""
+    import importlib.metadata as md
+
+    import torch
+
+    cpu = platform.processor() or "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    info: dict[str, Any] = {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "python": platform.python_version(),
+        "load_avg_1m": os.getloadavg()[0],  # other work on the machine skews timings: say how busy it was
+    }
+    for pkg in ("torch", "transformers", "trl", "datasets", "accelerate", "alignkit"):
+        try:
+            info[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            info[pkg] = None
+    return info
+
+
+class _InputProbe:
+    """A TrainerCallback that fingerprints the tokenised training set the trainer actually uses."""
+
+    def __init__(self) -> None:
+        from transformers import TrainerCallback
+
+        probe = self
+
+        class _CB(TrainerCallback):
+            def on_train_begin(self, args, state, control, train_dataloader=None, **kwargs):
+                probe.digest = _digest(train_dataloader.dataset)
+
+        self.callback = _CB()
+        self.digest: str | None = None
+
+
+def _digest(ds: Any) -> str:
+    h = hashlib.sha256()
+    for col in ("input_ids", "completion_mask"):
+        h.update(col.encode())
+        if col in ds.column_names:
+            for ids in ds[col]:
+                h.update(str(list(ids)).encode())
+    return h.hexdigest()[:16]
+
+
+def _log_summary(logs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Losses by step and the total non-padding tokens (TRL's cumulative `num_tokens`)."""
+    losses = {int(r["step"]): float(r["loss"]) for r in logs if "loss" in r and "step" in r}
+    tokens = max((float(r["num_tokens"]) for r in logs if "num_tokens" in r), default=0.0)
+    return {"losses": losses, "num_tokens": tokens}
+
+
+def _raw_trl(
+    model_dir: Path, rows: list[dict], out: Path, steps: int, seed: int, logging_steps: int,
+    bf16: bool | None = False, callbacks: list | None = None,
+) -> dict[str, Any]:
+    """The job written directly against TRL; returns wall time, train runtime and its logs."""
+    import datasets
+    import trl
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    t0, c0 = time.perf_counter(), time.process_time()
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    args = trl.SFTConfig(
+        output_dir=str(out / "checkpoints"),
+        learning_rate=LEARNING_RATE,
+        per_device_train_batch_size=BATCH_SIZE,
+        max_length=MAX_LENGTH,
+        max_steps=steps,
+        gradient_checkpointing=False,
+        report_to="none",
+        save_strategy="no",
+        logging_steps=logging_steps,
+        seed=seed,
+        use_cpu=True,
+        dataloader_pin_memory=False,
+        bf16=bf16,  # None = TRL's default (True: bf16 autocast, even on CPU)
+    )
+    trainer = trl.SFTTrainer(
+        model=model, args=args, train_dataset=datasets.Dataset.from_list(rows), processing_class=tokenizer,
+        callbacks=callbacks,
+    )
+    result = trainer.train()
+    trainer.save_model(str(out / "model"))
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    return {
+        "wall_s": wall,
+        "cpu_s": cpu,
+        "train_runtime_s": float(result.metrics["train_runtime"]),
+        "steps": trainer.state.global_step,
+        "completion_only_loss": trainer.args.completion_only_loss,
+        "bf16": trainer.args.bf16,
+        "data_seed": trainer.args.data_seed,
+        **_log_summary(trainer.state.log_history),
+    }
+
+
+def alignkit_config(model_dir: Path, n_rows: int, out: Path, steps: int, seed: int, logging_steps: int):
+    """The alignkit SFTConfig of the same job (what `alignkit sft` builds from its flags)."""
+    from alignkit.trainers.sft import SFTConfig
+
+    return SFTConfig(
+        model={"name": str(model_dir), "device": "cpu"},
+        data={"source": "builtin:sft", "max_samples": n_rows, "seed": seed},
+        train={
+            "learning_rate": LEARNING_RATE, "batch_size": BATCH_SIZE, "max_length": MAX_LENGTH,
+            "max_steps": steps, "warmup_ratio": 0.0, "lr_scheduler": "linear", "weight_decay": 0.0,
+            "logging_steps": logging_steps, "seed": seed, "gradient_checkpointing": False,
+        },
+        output={"dir": str(out), "overwrite": True},
+    )
+
+
+def _alignkit(
+    model_dir: Path, n_rows: int, out: Path, steps: int, seed: int, logging_steps: int,
+    callbacks: list | None = None,
+) -> dict[str, Any]:
+    import json
+
+    from alignkit.trainers import sft
+
+    cfg = alignkit_config(model_dir, n_rows, out, steps, seed, logging_steps)
+    t0, c0 = time.perf_counter(), time.process_time()
+    summary = sft.run(cfg, callbacks=callbacks)
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    final = Path(summary["output_dir"])
+    logs = [json.loads(x) for x in (final / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    return {
+        "wall_s": wall,
+        "cpu_s": cpu,
+        "train_runtime_s": float(summary["train_runtime_s"]),
+        "steps": summary["steps"],
+        "completion_only_loss": cfg.train.completion_only_loss,
+        **_log_summary(logs),
+    }
+
+
+def _compare_losses(a: dict[int, float], b: dict[int, float]) -> dict[str, Any]:
+    """Compare two logged loss curves, allowing for different logging windows.
+
+    transformers logs the MEAN loss since the previous log. alignkit also logs step 1
+    (`logging_first_step`), so its step-10 entry averages steps 2-10 while plain TRL's averages 1-10.
+    Entries are compared directly where both windows coincide, and everywhere as the running mean
+    loss over steps 1..s (window mean x window length, summed), which must agree whatever the windows.
+    """
+    def running(x: dict[int, float]) -> tuple[dict[int, float], dict[int, int]]:
+        total, prev, mean, start = 0.0, 0, {}, {}
+        for s in sorted(x):
+            total += x[s] * (s - prev)
+            mean[s], start[s], prev = total / s, prev, s
+        return mean, start
+
+    (ma, sa), (mb, sb) = running(a), running(b)
+    common = sorted(set(a) & set(b))
+    same = [s for s in common if sa[s] == sb[s]]
+    window = max((abs(a[s] - b[s]) for s in same), default=0.0)
+    cumulative = max((abs(ma[s] - mb[s]) for s in common), default=float("nan"))
+    return {
+        "steps_compared": common,
+        "same_window_steps": same,
+        "max_abs_diff": window,
+        "max_abs_diff_running_mean": cumulative,
+        "identical": bool(common) and window <= 1e-6 and cumulative <= 1e-6,
+    }
+
+
+def _rates(run: dict[str, Any], steps: int) -> dict[str, Any]:
+    samples = steps * BATCH_SIZE
+    return {
+        "tokens_per_s": run["num_tokens"] / run["train_runtime_s"],
+        "samples_per_s": samples / run["train_runtime_s"],
+        "tokens_per_s_wall": run["num_tokens"] / run["wall_s"],
+    }
+
+
+def sft_overhead(
+    n_rows: int = 2000, steps: int = 60, repeats: int = 3, seed: int = 0, logging_steps: int = 10,
+    warmup_steps: int = 2, raw_bf16_default: bool = False,
+) -> dict[str, Any]:
+    """Wall time of `alignkit sft` vs the same job written against TRL, interleaved A B A B ...
+
+    Returns per-run wall times, medians, the median ratio alignkit/TRL, tokens/s and samples/s of
+    each (non-padding tokens from TRL's `num_tokens`; rates over TRL's `train_runtime`, plus tokens/s
+    over the whole job's wall time), and whether the two loss curves agree to 1e-6 in every pair.
+    `warmup_steps` > 0 first runs both untimed (imports, allocator, first-call costs) and checks the
+    tokenised inputs are identical; `raw_bf16_default` keeps TRL's `bf16=True` default in the raw job.
+    """
+    from alignkit import arena, data, models
+    from alignkit.trainers import _hf
+
+    _hf.quiet_libraries()  # the same log level for both jobs (alignkit sets it on its first run anyway)
+    t = time.perf_counter()
+    model_dir = models.build_tiny()
+    build_tiny_s = time.perf_counter() - t
+    rows = arena.build_sft(n_rows, seed)
+    loaded, _ = data.load(f"{data.BUILTIN_PREFIX}sft", max_samples=n_rows, seed=seed)
+    rows_identical = loaded.to_list() == rows
+    raw_bf16 = None if raw_bf16_default else False
+
+    result: dict[str, Any] = {
+        "machine": machine(),
+        "settings": {
+            "model": "tiny", "model_dir": str(model_dir), "n_rows": n_rows, "steps": steps,
+            "repeats": repeats, "seed": seed, "learning_rate": LEARNING_RATE, "batch_size": BATCH_SIZE,
+            "max_length": MAX_LENGTH, "logging_steps": logging_steps, "warmup_ratio": 0.0,
+            "lr_scheduler": "linear", "device": "cpu",
+            "raw_bf16": "TRL default" if raw_bf16_default else False,
+        },
+        "build_tiny_s": build_tiny_s,
+        "rows_identical": rows_identical,
+    }
+    with tempfile.TemporaryDirectory(prefix="alignkit-bench-") as tmp:
+        root = Path(tmp)
+        if warmup_steps > 0:
+            p_raw, p_ak = _InputProbe(), _InputProbe()
+            w_raw = _raw_trl(
+                model_dir, rows, root / "warm-trl", warmup_steps, seed, 1, raw_bf16, [p_raw.callback]
+            )
+            w_ak = _alignkit(model_dir, n_rows, root / "warm-ak", warmup_steps, seed, 1, [p_ak.callback])
+            result["warmup"] = {
+                "steps": warmup_steps,
+                "tokenised_inputs_identical": p_raw.digest == p_ak.digest and p_raw.digest is not None,
+                "loss": _compare_losses(w_raw["losses"], w_ak["losses"]),
+            }
+        raws, aks = [], []
+        for i in range(repeats):
+            raws.append(_raw_trl(model_dir, rows, root / f"trl-{i}", steps, seed, logging_steps, raw_bf16))
+            aks.append(_alignkit(model_dir, n_rows, root / f"ak-{i}", steps, seed, logging_steps))
+
+    pairs = [_compare_losses(r["losses"], a["losses"]) for r, a in zip(raws, aks, strict=True)]
+    both = (("trl", raws), ("alignkit", aks))
+    med = {name: statistics.median(r["wall_s"] for r in runs) for name, runs in both}
+    med_train = {name: statistics.median(r["train_runtime_s"] for r in runs) for name, runs in both}
+    for name, runs in both:
+        result[name] = {
+            "wall_s": [r["wall_s"] for r in runs],
+            "train_runtime_s": [r["train_runtime_s"] for r in runs],
+            "median_wall_s": med[name],
+            "median_train_runtime_s": med_train[name],
+            "cpu_s": [r["cpu_s"] for r in runs],
+            "median_cpu_s": statistics.median(r["cpu_s"] for r in runs),
+            # model load + dataset preparation + save (+ alignkit's run dir, plot): wall minus train loop
+            "outside_train_s": [r["wall_s"] - r["train_runtime_s"] for r in runs],
+            "median_outside_train_s": statistics.median(r["wall_s"] - r["train_runtime_s"] for r in runs),
+            "num_tokens": runs[0]["num_tokens"],
+            "steps": runs[0]["steps"],
+            "completion_only_loss": runs[0]["completion_only_loss"],
+            **{k: statistics.median(_rates(r, steps)[k] for r in runs) for k in _rates(runs[0], steps)},
+            "losses": runs[0]["losses"],
+        }
+    result["trl"]["bf16"] = raws[0]["bf16"]
+    result["trl"]["data_seed"] = raws[0]["data_seed"]
+    result["ratio_wall"] = med["alignkit"] / med["trl"]
+    result["ratio_train_runtime"] = med_train["alignkit"] / med_train["trl"]
+    result["overhead_s"] = med["alignkit"] - med["trl"]
+    result["ratio_cpu"] = result["alignkit"]["median_cpu_s"] / result["trl"]["median_cpu_s"]
+    result["loss_curves"] = {
+        "identical": all(p["identical"] for p in pairs),
+        "max_abs_diff": max(p["max_abs_diff"] for p in pairs),
+        "max_abs_diff_running_mean": max(p["max_abs_diff_running_mean"] for p in pairs),
+        "steps_compared": pairs[0]["steps_compared"],
+        "same_window_steps": pairs[0]["same_window_steps"],
+        "tokens_identical": all(r["num_tokens"] == a["num_tokens"] for r, a in zip(raws, aks, strict=True)),
+    }
+    result["load_avg_1m_end"] = os.getloadavg()[0]
+    return result
+
+
+def quickstart_time(output_dir: str | Path | None = None) -> dict[str, Any]:
+    """Run `alignkit quickstart` once (default config) and report its wall time and table values."""
+    from rich.console import Console
+
+    from alignkit import quickstart
+
+    with tempfile.TemporaryDirectory(prefix="alignkit-bench-qs-") as tmp:
+        out = Path(output_dir) if output_dir else Path(tmp) / "quickstart"
+        cfg = quickstart.QuickstartConfig(output={"dir": str(out), "overwrite": True})
+        t0 = time.perf_counter()
+        summary = quickstart.run(cfg, console=Console(quiet=True))
+        wall = time.perf_counter() - t0
+    policies = {
+        name: {k: p[k] for k in ("gold_mean", "gold_sd", "eos_rate", "repetition_rate", "samples_per_s")}
+        for name, p in summary["policies"].items()
+    }
+    return {
+        "machine": machine(),
+        "wall_s": wall,
+        "quickstart_wall_seconds": summary["wall_seconds"],
+        "sft_seconds": summary["sft_seconds"],
+        "sft": summary["sft"],
+        "policies": policies,
+        "settings": {
+            "rows": cfg.data.max_samples, "epochs": cfg.train.epochs, "batch_size": cfg.train.batch_size,
+            "eval_prompts": cfg.eval.n_prompts, "k": cfg.eval.k,
+        },
+    }

@@ -1,0 +1,32 @@
+"""alignkit bench: the SFT overhead benchmark runs, and alignkit's SFT does the same computation as TRL."""
+
+from __future__ import annotations
+
+import json
+
+from typer.testing import CliRunner
+
+
+def test_sft_overhead_small_is_the_same_computation_as_raw_trl(tiny_model_dir):
+    from alignkit import bench
+
+    r = bench.sft_overhead(n_rows=64, steps=4, repeats=1, logging_steps=1, warmup_steps=1)
+    for name in ("trl", "alignkit"):
+        assert len(r[name]["wall_s"]) == 1 and r[name]["wall_s"][0] > 0
+        assert r[name]["median_train_runtime_s"] > 0 and r[name]["tokens_per_s"] > 0
+        assert r[name]["steps"] == 4
+    assert r["ratio_wall"] > 0
+    # same rows, same tokenised inputs (ids + completion masks), same loss at every step
+    assert r["rows_identical"] and r["warmup"]["tokenised_inputs_identical"]
+    assert r["loss_curves"]["steps_compared"] == [1, 2, 3, 4]
+    assert r["loss_curves"]["identical"], r["loss_curves"]
+    assert r["loss_curves"]["tokens_identical"] and r["trl"]["num_tokens"] > 0
+    assert r["trl"]["bf16"] is False  # fp32 like alignkit on CPU, not TRL's bf16 default
+    json.dumps(r, default=str)  # the CLI writes it as JSON
+
+
+def test_bench_cli_is_registered():
+    from alignkit.cli import app
+
+    out = CliRunner().invoke(app, ["bench", "--help"])
+    assert out.exit_code == 0 and "sft" in out.output and "quickstart" in out.output
