@@ -3,7 +3,7 @@
 Every alignment algorithm in alignkit can be measured for real on a laptop with this task:
 
 * **Prompts** are openings of short film / product reviews built from templates with slots,
-  e.g. ``"review : i watched this film last weekend ."`` (2,556 distinct prompts).
+  e.g. ``"review : i watched this film last weekend . "`` (2,556 distinct prompts).
 * **Completions** are 1–3 short sentences from a small grammar (a few hundred words) whose
   vocabulary holds 40 clearly positive and 40 clearly negative VADER words (|valence| ≥ 1.5),
   positive/negative verbs, sentiment-free nouns and adjectives, intensifiers ("very", "really")

@@ -1,7 +1,7 @@
 """The `alignkit` command line: parse → build a config → trainer.run(config) → print the summary.
 
-Thin on purpose (docs/architecture.md): every command that trains takes flags or a recipe (flags
-override recipe values, `--set key=value` overrides anything), validates everything before writing,
+Thin on purpose (docs/architecture.md): every command that trains takes flags or a recipe
+(defaults < recipe < `--set key=value` < flags), validates everything before writing,
 and reports bad input as ONE line with exit code 2 (a traceback only with `--debug`).
 """
 
@@ -49,7 +49,7 @@ def _root(
 
 # ------------------------------------------------------------------------- shared training options
 RecipeOpt = Annotated[Path | None, typer.Option("--recipe", "-r", help="YAML recipe to start from")]
-SetOpt = Annotated[list[str] | None, typer.Option("--set", help="override any key: --set train.epochs=2")]
+SetOpt = Annotated[list[str] | None, typer.Option("--set", help="override any config key: --set train.epochs=2")]
 ModelOpt = Annotated[str | None, typer.Option("--model", "-m", help="alias, hub id, local dir, or tiny")]
 DataOpt = Annotated[str | None, typer.Option("--data", "-d", help="file, saved dataset dir, hub id or builtin:KIND")]
 KindOpt = Annotated[str | None, typer.Option("--kind", help="sft, pairwise, unpaired, prompts or scored")]
@@ -120,7 +120,7 @@ def _train(command: str, recipe: Path | None, sets: list[str] | None, flags: dic
         console=console, disable=not show, transient=False,
     ) as progress:
         summary = run_fn(cfg, progress=progress)
-    if show:
+    if show and not getattr(cfg_cls, "REPORTS_ITSELF", False):
         _print_summary(f"alignkit {command}", summary)
 
 
@@ -177,7 +177,7 @@ def generate(
     temperature: Annotated[float, typer.Option(help="0 = greedy")] = 1.0,
     top_p: Annotated[float, typer.Option(help="nucleus sampling")] = 1.0,
     max_new_tokens: Annotated[int, typer.Option(help="tokens per completion")] = 48,
-    batch_size: Annotated[int, typer.Option(help="prompts per generate call")] = 32,
+    batch_size: Annotated[int, typer.Option(help="sequences (prompts x k) per generate call")] = 32,
     max_samples: MaxSamplesOpt = None,
     columns: ColumnsOpt = None,
     seed: Annotated[int, typer.Option(help="sampling seed")] = 0,
@@ -188,6 +188,9 @@ def generate(
     """Sample K completions per prompt and write them as JSONL (prompt, completion, finished, ...)."""
     from alignkit import data as data_mod
     from alignkit import generation, models
+    from alignkit.trainers._hf import quiet_libraries
+
+    quiet_libraries()
 
     if k < 1:
         raise UserError(f"--k must be at least 1 (got {k})")
@@ -397,7 +400,7 @@ def env() -> None:
 
 @app.command()
 def quickstart(
-    output_dir: Annotated[str, typer.Option("--output-dir", "-o", help="run directory")] = "runs/quickstart",
+    output_dir: Annotated[str | None, typer.Option("--output-dir", "-o", help="run directory")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="replace an existing run directory")] = False,
     recipe: RecipeOpt = None,
     set_: SetOpt = None,

@@ -72,7 +72,9 @@ class TrainSection(Block):
     max_length: int = Field(512, ge=8, description="truncate tokenised sequences to this length")
     gradient_checkpointing: bool = False
     logging_steps: int = Field(10, ge=1)
-    save_steps: int = Field(0, ge=0, description="checkpoint every N steps (0: only at the end)")
+    save_steps: int = Field(
+        500, ge=0, description="checkpoint every N steps for --resume (0: none; a resumed run restarts)"
+    )
     seed: int = 42
 
 

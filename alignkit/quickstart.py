@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from alignkit.config import Block, DataSection, JobConfig, TrainSection
 
@@ -26,24 +26,31 @@ class QuickstartEval(Block):
 
 
 class QuickstartTrain(TrainSection):
-    learning_rate: float = 3e-3
-    epochs: float = 3.0
-    batch_size: int = 32
-    max_length: int = 128
-    warmup_ratio: float = 0.05
-    logging_steps: int = 10
+    # re-declared with their constraints: a bare default would drop the base class's checks
+    learning_rate: float = Field(3e-3, gt=0.0)
+    epochs: float = Field(3.0, gt=0.0)
+    batch_size: int = Field(32, ge=1)
+    max_length: int = Field(128, ge=8)
+    warmup_ratio: float = Field(0.05, ge=0.0, le=1.0)
 
 
 class QuickstartData(DataSection):
     source: str = "builtin:sft"
-    max_samples: int | None = 3000
+    max_samples: int | None = Field(3000, ge=1)
 
 
 class QuickstartConfig(JobConfig):
     command: str = "quickstart"
+    REPORTS_ITSELF: ClassVar[bool] = True  # prints its own comparison table
     data: QuickstartData = Field(default_factory=QuickstartData)
     train: QuickstartTrain = Field(default_factory=QuickstartTrain)
     eval: QuickstartEval = Field(default_factory=QuickstartEval)
+
+    @model_validator(mode="after")
+    def _single_process(self) -> QuickstartConfig:
+        if self.launch.num_processes != 1 or self.launch.accelerate_config is not None:
+            raise ValueError("the quickstart runs in one process: drop launch.num_processes/accelerate_config")
+        return self
 
 
 def evaluate_policy(model: Any, tokenizer: Any, prompts: list[str], ev: QuickstartEval) -> dict[str, Any]:
@@ -69,18 +76,30 @@ def evaluate_policy(model: Any, tokenizer: Any, prompts: list[str], ev: Quicksta
     }
 
 
+def heldout_prompts(sft_cfg: Any, n: int, seed: int) -> list[str]:
+    """n prompts of the built-in task that the SFT data never showed (sampled without replacement)."""
+    import random
+
+    from alignkit import arena, data
+
+    ds, _ = data.load_source(sft_cfg.data)
+    seen = set(ds["prompt"])
+    pool = [p for p, _ in arena.all_prompts() if p not in seen]
+    return random.Random(seed).sample(pool, min(n, len(pool)))
+
+
 def run(cfg: QuickstartConfig, progress: Any | None = None, console: Any | None = None) -> dict[str, Any]:
     from rich.console import Console
     from rich.table import Table
 
-    from alignkit import arena, models
+    from alignkit import models
     from alignkit.config import to_yaml
     from alignkit.runs import RunDir
     from alignkit.trainers import sft
 
     console = console or Console()
     t0 = time.perf_counter()
-    out = Path(cfg.output.dir or "runs/quickstart")
+    out = Path(cfg.output.dir or "runs/quickstart")  # a fixed default: `make quickstart` overwrites it
     RunDir.check(out, cfg.output.overwrite, resume=False)
     run_dir = RunDir.open(out, cfg.output.overwrite, False, to_yaml(cfg))
 
@@ -97,7 +116,7 @@ def run(cfg: QuickstartConfig, progress: Any | None = None, console: Any | None 
     sft_seconds = time.perf_counter() - t_sft
 
     console.print("[bold]3/4[/bold] sampling from the untrained and the SFT policy")
-    prompts = [r["prompt"] for r in arena.build_prompts(cfg.eval.n_prompts, seed=cfg.eval.seed)]
+    prompts = heldout_prompts(sft_cfg, cfg.eval.n_prompts, cfg.eval.seed)
     rows: dict[str, dict[str, Any]] = {}
     for name, path in (("untrained", base_dir), ("sft", str(run_dir.path("sft", "model")))):
         model, tok = models.load_causal_lm(path, dtype=cfg.model.dtype, device=cfg.model.device)

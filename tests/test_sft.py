@@ -74,6 +74,9 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path: Path, tiny_model_dir)
     wb = load_file(str(tmp_path / "b" / "model" / "model.safetensors"))
     for k in wa:
         torch.testing.assert_close(wa[k], wb[k], atol=1e-6, rtol=1e-5)
+    logged = [json.loads(x) for x in (tmp_path / "b/metrics.jsonl").read_text().splitlines()]
+    steps_b = [m["step"] for m in logged if "loss" in m]
+    assert len(steps_b) == len(set(steps_b)), "a resumed run must not log a step twice"
     la, lb = _losses(tmp_path / "a"), _losses(tmp_path / "b")
     assert set(la) == set(range(1, 13)) and all(abs(la[s] - lb[s]) < 1e-5 for s in la), (la, lb)
 
@@ -113,6 +116,6 @@ def test_two_process_cpu_launch_splits_the_data(tmp_path: Path, tiny_model_dir, 
     assert par["examples_per_rank"] == [32, 32] and par["examples_seen_by_every_rank"] == 0
     # rank 0 alone wrote: one finished directory, nothing left behind, each step logged once
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ddp"]
-    steps = [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [m["step"] for m in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss" in m]
     assert len(steps) == len(set(steps))
     assert summary["steps"] == 4  # 64 rows / (2 ranks x 8)

@@ -57,10 +57,10 @@ def _cuda() -> bool:
 
 def quiet_libraries() -> None:
     """alignkit shows its own rich progress: silence datasets'/transformers' bars and info logs."""
+    import warnings
+
     import datasets
     import transformers
-
-    import warnings
 
     warnings.filterwarnings("ignore", message=".*gradient_checkpointing.*deprecated", category=FutureWarning)
     datasets.disable_progress_bars()
@@ -161,7 +161,18 @@ def loss_summary(metrics: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def resume_checkpoint(run: RunDir) -> str | None:
-    return last_checkpoint(run.work) if run.resumed else None
+    """The checkpoint to resume from; metrics.jsonl is cut back to that step so that no step is
+    logged twice (with no checkpoint the run restarts from step 0 and the log starts empty)."""
+    if not run.resumed:
+        return None
+    ckpt = last_checkpoint(run.work)
+    step = int(Path(ckpt).name.split("-")[1]) if ckpt else 0
+    if run.is_main:
+        import json
+
+        kept = [m for m in run.read_metrics() if m.get("step", 0) <= step]
+        (run.work / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in kept))
+    return ckpt
 
 
 def loss_plot(metrics: list[dict[str, Any]], path: Path, keys: tuple[str, ...] = ("loss",), title: str = "") -> None:

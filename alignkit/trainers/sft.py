@@ -15,7 +15,6 @@ from typing import Any
 from pydantic import Field
 
 from alignkit.config import DataSection, JobConfig, TrainSection
-from alignkit.errors import UserError
 
 
 class SFTDataSection(DataSection):
@@ -51,21 +50,18 @@ def run(cfg: SFTConfig, callbacks: list | None = None, progress: Any | None = No
         RunDir.check(Path(out), cfg.output.overwrite, cfg.output.resume)
 
     # -- setup: data and model are loaded (and validated) before anything is written -------------
-    ds, kind = data.load_source(cfg.data, expected=("sft",))
-    if kind != "sft":
-        raise UserError(f"{cfg.data.source}: `alignkit sft` needs sft data (prompt+completion, messages or text), got {kind}")
-    splits = data.split(ds, (1 - cfg.data.eval_fraction, cfg.data.eval_fraction), cfg.data.seed, ("train", "eval")) \
-        if cfg.data.eval_fraction > 0 else {"train": ds, "eval": None}
+    ds, _ = data.load_source(cfg.data, expected=("sft",))
+    splits = {"train": ds, "eval": None}
+    if cfg.data.eval_fraction > 0:
+        f = cfg.data.eval_fraction
+        splits = data.split(ds, (1 - f, f), cfg.data.seed, ("train", "eval"))
     model, tokenizer = models.load_causal_lm(
         cfg.model.name, dtype=cfg.model.dtype, device=cfg.model.device,
         trust_remote_code=cfg.model.trust_remote_code,
         lora=models.LoraSpec(**cfg.model.lora.model_dump(exclude={"enabled"})) if cfg.model.lora.enabled else None,
     )
     trainable, total = models.trainable_parameters(model)
-    bf16 = next(model.parameters()).dtype == torch.bfloat16 or (
-        cfg.model.lora.enabled and models.choose_dtype(cfg.model.dtype, models.choose_device(cfg.model.device))
-        == torch.bfloat16
-    )
+    bf16 = next(model.parameters()).dtype == torch.bfloat16  # as TRL: bf16 weights train under bf16 autocast
 
     # rank from the launcher's environment: no accelerate state may be created before the
     # TrainingArguments below (they configure it, MULTI_CPU/gloo on CPU, and reset any earlier one)
