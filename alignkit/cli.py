@@ -430,8 +430,8 @@ def _bench_out(result: dict[str, Any], rows: list[tuple[str, str]], title: str, 
 @bench_app.command("sft")
 def bench_sft(
     rows: Annotated[int, typer.Option("--rows", min=1, help="built-in SFT rows")] = 2000,
-    steps: Annotated[int, typer.Option("--steps", min=1, help="optimiser steps per job")] = 60,
-    repeats: Annotated[int, typer.Option("--repeats", min=1, help="interleaved TRL/alignkit pairs")] = 3,
+    steps: Annotated[int, typer.Option("--steps", min=1, help="optimiser steps per job")] = 120,
+    repeats: Annotated[int, typer.Option("--repeats", min=1, help="interleaved TRL/alignkit pairs")] = 7,
     json_out: JsonOpt = None,
 ) -> None:
     """`alignkit sft` vs the same job written against TRL, interleaved in one process."""
@@ -448,6 +448,7 @@ def bench_sft(
         ("raw TRL wall s", f"{walls(t)} (median {t['median_wall_s']:.2f})"),
         ("alignkit wall s", f"{walls(a)} (median {a['median_wall_s']:.2f})"),
         ("ratio alignkit/TRL (wall, median)", f"{r['ratio_wall']:.3f} ({r['overhead_s']:+.2f} s)"),
+        ("ratio per pair (median | of minima)", f"{r['median_pair_ratio_wall']:.3f} | {r['ratio_min_wall']:.3f}"),
         ("ratio (train loop only | process CPU time)",
          f"{r['ratio_train_runtime']:.3f} | {r['ratio_cpu']:.3f}"),
         ("outside train loop s TRL | alignkit", f"{t['median_outside_train_s']:.2f} | "

@@ -1,0 +1,420 @@
+"""Reward models (ALGORITHMS.md §0 step 2, §1a, §1b): `alignkit rm` and `alignkit rm-ensemble`.
+
+* `rm`: one Bradley–Terry reward model — a sequence classifier with a scalar head (`num_labels=1`),
+  full fine-tuning or LoRA — through TRL's `RewardTrainer` (loss −log σ(r_w − r_l)).
+* `rm-ensemble`: UP-RLHF's diverse reward-LoRA ensemble: N LoRA members on ONE frozen base, each
+  with its own scalar head, trained jointly with eq. 12:
+  `L = −log σ(mean_n r_n(y_w) − mean_n r_n(y_l)) − λ · (1/M) Σ_m ‖A^(m)‖_* / ‖A^(m)‖_F`
+  (`member_loss: each` swaps the first term for the members' independent BT losses). It runs on
+  TRL's RewardTrainer too (same tokenisation, logging, checkpoints, DDP); only `compute_loss` is ours.
+* Both finish with the §1b evaluation on held-out pairs and an out-of-distribution set
+  (`evaluate`): accuracy, ECE (eqs. 17–19), a reliability diagram, mean uncertainty in- vs
+  out-of-distribution (eq. 13) and the AUROC of uncertainty at telling them apart.
+
+Deviations from the paper: the paper gives no LoRA rank, α or λ. Its trainable-parameter shares
+(4.53 % of OPT-350M, 1.25 % of Llama2-7B with N = 5) match rank 32 on the attention query/value
+projections, peft's default targets for those architectures, so that is the default here; λ = 0.1
+is our choice (documented in docs/algorithms/rm-ensemble.md with a sweep). Dropout is disabled while
+training, as TRL's RewardTrainer does by default (`disable_dropout=True`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, model_validator
+
+from alignkit.config import Block, DataSection, JobConfig, LoraSection, ModelSection, TrainSection
+
+# ----------------------------------------------------------------------------------- configs
+
+
+class RMDataSection(DataSection):
+    source: str = "builtin:pairwise"
+    eval_fraction: float = Field(0.2, ge=0.0, lt=1.0, description="held-out pairs for accuracy/ECE")
+
+
+class RMTrainSection(TrainSection):
+    learning_rate: float = Field(1e-4, gt=0.0, description="TRL RewardConfig default")
+    max_length: int = Field(512, ge=8, description="pairs longer than this are dropped (as TRL)")
+
+
+class RMEvalSection(Block):
+    ood_source: str | None = Field(
+        "builtin:ood", description="completions unlike the training data (prompt, completion) for OOD uncertainty"
+    )
+    ood_max_samples: int | None = Field(400, ge=1)
+    n_bins: int = Field(15, ge=2, description="ECE bins (UP-RLHF: 15)")
+    batch_size: int = Field(64, ge=1)
+
+
+class RMConfig(JobConfig):
+    command: str = "rm"
+    data: RMDataSection = Field(default_factory=RMDataSection)
+    train: RMTrainSection = Field(default_factory=RMTrainSection)
+    eval: RMEvalSection = Field(default_factory=RMEvalSection)
+
+
+class EnsembleLora(LoraSection):
+    enabled: bool = Field(True, description="always true: the members are LoRA adapters")
+    r: int = Field(32, ge=1, description="UP-RLHF's parameter shares imply rank 32")
+    alpha: int = Field(64, ge=1)
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    target_modules: str | list[str] | None = Field(
+        None, description="None: peft's default for the architecture (query/value projections)"
+    )
+
+
+class EnsembleModel(ModelSection):
+    lora: EnsembleLora = Field(default_factory=EnsembleLora)
+
+
+class EnsembleSection(Block):
+    n_members: int = Field(5, description="N, the ensemble size (UP-RLHF: 5)")
+    lam: float = Field(0.1, description="λ, the weight of the nuclear-norm diversity term (eq. 12)")
+    member_loss: Literal["mean", "each"] = Field(
+        "mean", description="mean: BT on the members' mean reward (the paper); each: independent BT per member"
+    )
+    seeds: list[int] | None = Field(None, description="one seed per member (default: train.seed + n)")
+    forward: Literal["auto", "mixed", "loop"] = Field(
+        "mixed", description="mixed: all members in one peft mixed-adapter batch; loop: one pass per member"
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> EnsembleSection:
+        if self.n_members < 2:
+            raise ValueError(f"ensemble.n_members must be at least 2 for an ensemble (got {self.n_members})")
+        if self.lam < 0:
+            raise ValueError(f"ensemble.lam (λ) must be >= 0 (got {self.lam}); it weights a term that is maximised")
+        if self.seeds is not None and len(self.seeds) != self.n_members:
+            raise ValueError(f"ensemble.seeds has {len(self.seeds)} seeds for {self.n_members} members")
+        return self
+
+
+class RMEnsembleConfig(RMConfig):
+    command: str = "rm-ensemble"
+    model: EnsembleModel = Field(default_factory=EnsembleModel)
+    ensemble: EnsembleSection = Field(default_factory=EnsembleSection)
+
+
+# ------------------------------------------------------------------------------------ setup
+
+
+def _pairs(cfg: RMConfig):
+    from alignkit import data
+
+    ds, _ = data.load_source(cfg.data, expected=("pairwise",))
+    if cfg.data.eval_fraction > 0:
+        f = cfg.data.eval_fraction
+        parts = data.split(ds, (1 - f, f), cfg.data.seed, ("train", "eval"))
+        return parts["train"], parts["eval"]
+    return ds, None
+
+
+def _ood(cfg: RMConfig):
+    from alignkit import data
+
+    if not cfg.eval.ood_source:
+        return None
+    ds, _ = data.load(cfg.eval.ood_source, kind="sft", max_samples=cfg.eval.ood_max_samples, seed=cfg.data.seed + 1)
+    if "prompt" not in ds.column_names:
+        return None
+    return ds
+
+
+def _tokenized(ds, tokenizer, max_length: int):
+    """chosen_ids / rejected_ids exactly as the scorers encode texts at inference (rewards.encode)."""
+    from alignkit import rewards
+
+    chosen = rewards.encode(tokenizer, list(ds["prompt"]), list(ds["chosen"]), max_length=None)
+    rejected = rewards.encode(tokenizer, list(ds["prompt"]), list(ds["rejected"]), max_length=None)
+    import datasets
+
+    out = datasets.Dataset.from_dict({"chosen_ids": chosen, "rejected_ids": rejected})
+    keep = [i for i, (c, r) in enumerate(zip(chosen, rejected)) if len(c) <= max_length and len(r) <= max_length]
+    return out.select(keep) if len(keep) < len(out) else out
+
+
+def _reward_args(cfg: RMConfig, run, bf16: bool):
+    from trl import RewardConfig
+
+    from alignkit.trainers import _hf
+
+    return RewardConfig(
+        **_hf.training_args(cfg, run, bf16=bf16),
+        max_length=cfg.train.max_length,
+        disable_dropout=True,
+        eval_strategy="no",
+        remove_unused_columns=False,
+    )
+
+
+# ------------------------------------------------------------------------------------- run
+
+
+def run(cfg: RMConfig, callbacks: list | None = None, progress: Any | None = None) -> dict[str, Any]:
+    """`alignkit rm`: one Bradley–Terry reward model through TRL's RewardTrainer."""
+    import torch
+    from trl import RewardTrainer
+
+    from alignkit import launch, models, rewards
+    from alignkit.config import to_yaml
+    from alignkit.runs import RunDir, default_dir
+    from alignkit.trainers import _hf
+
+    _hf.quiet_libraries()
+    out = cfg.output.dir or str(default_dir(cfg.command))
+    is_main = launch.rank_info()["is_main"]
+    if is_main:
+        RunDir.check(Path(out), cfg.output.overwrite, cfg.output.resume)
+
+    # -- setup ---------------------------------------------------------------------------------------
+    train_ds, eval_ds = _pairs(cfg)
+    ood_ds = _ood(cfg)
+    lora = models.LoraSpec(**cfg.model.lora.model_dump(exclude={"enabled"})) if cfg.model.lora.enabled else None
+    model, tokenizer = models.load_sequence_classifier(
+        cfg.model.name, num_labels=1, dtype=cfg.model.dtype, device=cfg.model.device,
+        trust_remote_code=cfg.model.trust_remote_code, lora=lora,
+    )
+    trainable, total = models.trainable_parameters(model)
+    bf16 = next(model.parameters()).dtype == torch.bfloat16
+    run_dir = RunDir.open(out, cfg.output.overwrite, cfg.output.resume, to_yaml(cfg), is_main=is_main)
+    args = _reward_args(cfg, run_dir, bf16)
+    trainer = RewardTrainer(
+        model=model, args=args, train_dataset=_tokenized(train_ds, tokenizer, cfg.train.max_length),
+        processing_class=tokenizer, callbacks=[_hf.RunDirMetrics(run_dir, progress), *(callbacks or [])],
+    )
+    _hf.drop_printer(trainer)
+
+    # -- train ---------------------------------------------------------------------------------------
+    result = trainer.train(resume_from_checkpoint=_hf.resume_checkpoint(run_dir))
+
+    # -- save + evaluate ---------------------------------------------------------------------------------
+    _hf.save_final(trainer, tokenizer, run_dir)
+    summary: dict[str, Any] = {
+        "command": cfg.command, "model": cfg.model.name, "train_pairs": len(train_ds),
+        "steps": trainer.state.global_step, "train_loss": result.training_loss,
+        "train_runtime_s": result.metrics.get("train_runtime"),
+        "trainable_params": trainable, "total_params": total, "trainable_pct": 100.0 * trainable / total,
+        "lora": cfg.model.lora.enabled, "world_size": trainer.accelerator.num_processes,
+        **_hf.loss_summary(run_dir.read_metrics()),
+    }
+    if is_main:
+        scorer = rewards.RewardModelScorer(trainer.model, tokenizer, batch_size=cfg.eval.batch_size)
+        summary["eval"] = evaluate(scorer, eval_ds, ood_ds, run_dir.path("plots"), cfg.eval.n_bins) if eval_ds else {}
+        _hf.loss_plot(run_dir.read_metrics(), run_dir.path("plots", "loss.png"), title=f"reward model {cfg.model.name}")
+    trainer.accelerator.wait_for_everyone()
+    final = run_dir.finish(summary, readme=_readme(cfg, summary))
+    summary["output_dir"] = str(final)
+    return summary
+
+
+def _readme(cfg: RMConfig, summary: dict[str, Any]) -> str:
+    ev = summary.get("eval") or {}
+    lines = [f"# {cfg.command} run", "", f"Backbone `{cfg.model.name}`, data `{cfg.data.source}`."]
+    if ev:
+        lines += ["", f"Held-out accuracy {ev['accuracy']:.3f}, ECE (UP-RLHF eq. 18) {ev['ece']:.3f}."]
+    lines += ["", "Score with it: `alignkit.rewards.load_scorer('<this dir>')`."]
+    return "\n".join(lines) + "\n"
+
+
+# ------------------------------------------------------------------------------------ evaluation
+
+
+def evaluate(scorer, pairs, ood, plots_dir: Path | None = None, n_bins: int = 15) -> dict[str, Any]:
+    """§1b evaluation of any Scorer on held-out pairs (+ an OOD set of completions).
+
+    accuracy and ECE from d = r̄(y_w) − r̄(y_l) (eqs. 17–19); the standard ECE of the predicted
+    P(y_w ≻ y_l) for comparison; mean uncertainty (eq. 13) on the in-distribution completions
+    (chosen and rejected) vs the OOD completions, and the AUROC of uncertainty at telling OOD
+    (positive) from in-distribution (negative).
+    """
+    import torch
+
+    from alignkit import losses
+
+    prompts = list(pairs["prompt"])
+    sw = scorer.score(prompts, list(pairs["chosen"]))
+    sl = scorer.score(prompts, list(pairs["rejected"]))
+    d = sw.mean - sl.mean
+    cal = losses.calibration(d, n_bins=n_bins)
+    result: dict[str, Any] = {
+        "pairs": len(prompts),
+        "accuracy": float(cal["accuracy"]),
+        "ece": float(cal["ece"]),
+        "ece_standard": float(losses.ece_standard(torch.sigmoid(cal["scale"] * d), n_bins=n_bins)),
+        "reward_margin_mean": float(d.mean()),
+    }
+    u_in = torch.cat([sw.uncertainty, sl.uncertainty])
+    result["uncertainty_in_dist"] = float(u_in.mean())
+    if ood is not None and len(ood):
+        so = scorer.score(list(ood["prompt"]), list(ood["completion"]))
+        result["uncertainty_ood"] = float(so.uncertainty.mean())
+        result["ood_uncertainty_ratio"] = result["uncertainty_ood"] / max(result["uncertainty_in_dist"], 1e-12)
+        single = bool(u_in.abs().max() == 0 and so.uncertainty.abs().max() == 0)
+        result["ood_auroc"] = None if single else float(losses.auroc(u_in, so.uncertainty))
+        result["ood_reward_mean"] = float(so.mean.mean())
+        result["in_dist_reward_mean"] = float(torch.cat([sw.mean, sl.mean]).mean())
+    if plots_dir is not None:
+        reliability_diagram(cal["bins"], Path(plots_dir) / "reliability.png", result)
+    return result
+
+
+def reliability_diagram(bins: list[dict[str, Any]], path: Path, result: dict[str, Any]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(4.2, 4.2))
+    used = [b for b in bins if b["count"]]
+    width = bins[0]["hi"] - bins[0]["lo"]
+    ax.bar([b["lo"] for b in used], [b["acc"] for b in used], width=width, align="edge",
+           edgecolor="black", alpha=0.7, label="ACC(B)")
+    ax.plot([0, 1], [0, 1], "--", color="gray", label="perfect calibration")
+    ax.scatter([b["conf"] for b in used], [b["acc"] for b in used], s=12, color="black", zorder=3, label="CONF(B)")
+    ax.set_xlabel("predicted P(y_w ≻ y_l)")
+    ax.set_ylabel("accuracy in bin")
+    ax.set_title(f"acc {result['accuracy']:.3f}, ECE {result['ece']:.3f}")
+    ax.legend(loc="upper left", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# ------------------------------------------------------------------------------- rm-ensemble
+
+
+def _ensemble_trainer_cls():
+    """RewardTrainer with eq. 12 as its loss (built lazily: importing trl is slow)."""
+    import torch
+    from trl import RewardTrainer
+
+    from alignkit import losses
+
+    class EnsembleRewardTrainer(RewardTrainer):
+        def __init__(self, *args, ensemble, ens: EnsembleSection, **kwargs):
+            self.ensemble, self.ens = ensemble, ens
+            super().__init__(*args, **kwargs)
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            mode = "train" if self.model.training else "eval"
+            # all N members for chosen and rejected in one go: (N, 2B)
+            r = self.ensemble.forward(inputs["input_ids"], inputs["attention_mask"], mode=self.ens.forward, model=model)
+            r_w, r_l = r.chunk(2, dim=1)
+            out = losses.ensemble_reward_loss(
+                r_w, r_l, self.ensemble.lora_A_by_module(), self.ens.lam, self.ens.member_loss
+            )
+            with torch.no_grad():
+                m = self._metrics[mode]
+                gather = self.accelerator.gather_for_metrics
+                m["bt"].append(gather(out["bt"].detach()).mean().item())
+                m["nnm"].append(gather(out["nnm"].detach()).mean().item())
+                m["accuracy"].append(gather((r_w.mean(0) > r_l.mean(0)).float().mean()).mean().item())
+                m["uncertainty"].append(gather(losses.uncertainty(r).mean()).mean().item())
+            return (out["loss"], r) if return_outputs else out["loss"]
+
+    return EnsembleRewardTrainer
+
+
+def run_ensemble(cfg: RMEnsembleConfig, callbacks: list | None = None, progress: Any | None = None) -> dict[str, Any]:
+    """`alignkit rm-ensemble`: the diverse reward-LoRA ensemble of UP-RLHF (eq. 12)."""
+    import torch
+
+    from alignkit import launch, models, rewards
+    from alignkit.config import to_yaml
+    from alignkit.runs import RunDir, default_dir
+    from alignkit.trainers import _hf
+
+    _hf.quiet_libraries()
+    out = cfg.output.dir or str(default_dir(cfg.command))
+    is_main = launch.rank_info()["is_main"]
+    if is_main:
+        RunDir.check(Path(out), cfg.output.overwrite, cfg.output.resume)
+
+    # -- setup ---------------------------------------------------------------------------------------
+    train_ds, eval_ds = _pairs(cfg)
+    ood_ds = _ood(cfg)
+    ens = cfg.ensemble
+    seeds = ens.seeds or [cfg.train.seed + n for n in range(ens.n_members)]
+    lora = models.LoraSpec(**cfg.model.lora.model_dump(exclude={"enabled"}))
+    ensemble = rewards.RewardEnsemble.build(
+        cfg.model.name, n_members=ens.n_members, lora=lora, seeds=seeds, dtype=cfg.model.dtype,
+        device=cfg.model.device, trust_remote_code=cfg.model.trust_remote_code,
+    )
+    tokenizer = ensemble.tokenizer
+    trainable, total = ensemble.trainable_parameters()
+    bf16 = next(ensemble.peft_model.parameters()).dtype == torch.bfloat16
+    run_dir = RunDir.open(out, cfg.output.overwrite, cfg.output.resume, to_yaml(cfg), is_main=is_main)
+    trainer = _ensemble_trainer_cls()(
+        model=ensemble.peft_model, args=_reward_args(cfg, run_dir, bf16),
+        train_dataset=_tokenized(train_ds, tokenizer, cfg.train.max_length), processing_class=tokenizer,
+        callbacks=[_hf.RunDirMetrics(run_dir, progress), *(callbacks or [])], ensemble=ensemble, ens=ens,
+    )
+    _hf.drop_printer(trainer)
+
+    # -- train ---------------------------------------------------------------------------------------
+    result = trainer.train(resume_from_checkpoint=_hf.resume_checkpoint(run_dir))
+
+    # -- save + evaluate ---------------------------------------------------------------------------------
+    summary: dict[str, Any] = {
+        "command": cfg.command, "model": cfg.model.name, "train_pairs": len(train_ds),
+        "n_members": ens.n_members, "lam": ens.lam, "member_loss": ens.member_loss, "seeds": seeds,
+        "steps": trainer.state.global_step, "train_loss": result.training_loss,
+        "train_runtime_s": result.metrics.get("train_runtime"),
+        "trainable_params": trainable, "total_params": total, "trainable_pct": 100.0 * trainable / total,
+        "world_size": trainer.accelerator.num_processes, **_hf.loss_summary(run_dir.read_metrics()),
+    }
+    if is_main:
+        import shutil
+
+        ensemble.save(run_dir.work, metadata={"config": cfg.model_dump(mode="json"), "steps": summary["steps"]})
+        shutil.rmtree(run_dir.path("checkpoints"), ignore_errors=True)
+        scorer = rewards.EnsembleScorer(ensemble, mode="auto", batch_size=cfg.eval.batch_size)
+        summary["eval"] = evaluate(scorer, eval_ds, ood_ds, run_dir.path("plots"), cfg.eval.n_bins) if eval_ds else {}
+        summary["eval"]["scoring_timings"] = getattr(scorer, "timings", {})
+        _hf.loss_plot(run_dir.read_metrics(), run_dir.path("plots", "loss.png"), keys=("loss", "bt", "nnm"),
+                      title=f"reward ensemble N={ens.n_members}, λ={ens.lam}")
+    trainer.accelerator.wait_for_everyone()
+    final = run_dir.finish(summary, readme=_readme(cfg, summary))
+    summary["output_dir"] = str(final)
+    return summary
+
+
+def run_eval(run: str, data_source: str | None, ood_source: str | None, max_samples: int | None,
+             n_bins: int = 15, seed: int = 0, batch_size: int = 64) -> dict[str, Any]:
+    """`alignkit rm eval` / `alignkit rm-ensemble eval`: evaluate a saved reward model or ensemble.
+
+    Default data: the run's own held-out split (same source, seed and eval_fraction as in training).
+    """
+    import json
+
+    import yaml
+
+    from alignkit import data, rewards
+    from alignkit.errors import UserError
+
+    run_path = Path(run)
+    cfg_file = run_path / "config.yaml"
+    if not cfg_file.is_file():
+        raise UserError(f"{run}: not a finished alignkit rm / rm-ensemble run directory (no config.yaml)")
+    tree = yaml.safe_load(cfg_file.read_text())
+    cfg_cls = RMEnsembleConfig if tree.get("command") == "rm-ensemble" else RMConfig
+    cfg = cfg_cls.model_validate(tree)
+    scorer = rewards.load_scorer(str(run_path))
+    if data_source:
+        pairs, _ = data.load(data_source, kind="pairwise", max_samples=max_samples, seed=seed)
+    else:
+        _, pairs = _pairs(cfg)
+        if pairs is None:
+            raise UserError(f"{run}: trained without a held-out split; pass --data PAIRS to evaluate on")
+    if ood_source is not None:
+        cfg.eval.ood_source = ood_source or None
+    ood = _ood(cfg)
+    plots = run_path / "plots"
+    plots.mkdir(exist_ok=True)
+    result = evaluate(scorer, pairs, ood, plots, n_bins)
+    result["scoring_timings"] = getattr(scorer, "timings", {})
+    (run_path / "eval.json").write_text(json.dumps(result, indent=2))
+    return result
