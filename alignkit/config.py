@@ -134,9 +134,10 @@ def format_validation_error(err: ValidationError, model_cls: type[BaseModel], or
         hint = closest(str(loc[-1]), _field_names(model_cls, loc[:-1]))
         return f"{origin}: unknown key '{dotted}'{hint}"
     msg = first["msg"].removeprefix("Value error, ")
-    if loc:
-        return f"{origin}: {dotted}: {msg} (got {first.get('input')!r})"
-    return f"{origin}: {msg}"
+    if first["type"] == "value_error":  # our validators name their fields themselves
+        return f"{origin}: {msg}"
+    got = first.get("input")
+    return f"{origin}: {dotted}: {msg}" + ("" if isinstance(got, dict) else f" (got {got!r})")
 
 
 def parse_override(item: str) -> tuple[str, Any]:

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from alignkit import quickstart
-from alignkit.trainers import sft
+from alignkit.trainers import reward, sft
 
 TRAINERS = {
     "quickstart": (quickstart.QuickstartConfig, quickstart.run),
     "sft": (sft.SFTConfig, sft.run),
+    "rm": (reward.RMConfig, reward.run),
+    "rm-ensemble": (reward.RMEnsembleConfig, reward.run_ensemble),
 }

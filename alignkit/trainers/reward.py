@@ -243,7 +243,7 @@ def evaluate(scorer, pairs, ood, plots_dir: Path | None = None, n_bins: int = 15
         "pairs": len(prompts),
         "accuracy": float(cal["accuracy"]),
         "ece": float(cal["ece"]),
-        "ece_standard": float(losses.ece_standard(torch.sigmoid(cal["scale"] * d), n_bins=n_bins)),
+        "ece_standard": float(losses.ece_standard(torch.sigmoid(cal["scale"] * d), n_bins=n_bins)["ece"]),
         "reward_margin_mean": float(d.mean()),
     }
     u_in = torch.cat([sw.uncertainty, sl.uncertainty])
@@ -382,26 +382,28 @@ def run_ensemble(cfg: RMEnsembleConfig, callbacks: list | None = None, progress:
     return summary
 
 
-def run_eval(run: str, data_source: str | None, ood_source: str | None, max_samples: int | None,
-             n_bins: int = 15, seed: int = 0, batch_size: int = 64) -> dict[str, Any]:
+def run_eval(run: str, output_dir: str | None = None, overwrite: bool = False, data_source: str | None = None,
+             ood_source: str | None = None, max_samples: int | None = None, n_bins: int = 15,
+             seed: int = 0) -> dict[str, Any]:
     """`alignkit rm eval` / `alignkit rm-ensemble eval`: evaluate a saved reward model or ensemble.
 
-    Default data: the run's own held-out split (same source, seed and eval_fraction as in training).
+    Default data: the run's own held-out split (same source, seed and eval_fraction as in training)
+    and its OOD set. Writes a run directory of its own (summary.json, plots/reliability.png).
     """
-    import json
-
     import yaml
 
     from alignkit import data, rewards
     from alignkit.errors import UserError
+    from alignkit.runs import RunDir, default_dir
 
     run_path = Path(run)
     cfg_file = run_path / "config.yaml"
     if not cfg_file.is_file():
         raise UserError(f"{run}: not a finished alignkit rm / rm-ensemble run directory (no config.yaml)")
     tree = yaml.safe_load(cfg_file.read_text())
-    cfg_cls = RMEnsembleConfig if tree.get("command") == "rm-ensemble" else RMConfig
-    cfg = cfg_cls.model_validate(tree)
+    cfg = (RMEnsembleConfig if tree.get("command") == "rm-ensemble" else RMConfig).model_validate(tree)
+    out = Path(output_dir or default_dir(f"{cfg.command}-eval"))
+    RunDir.check(out, overwrite, resume=False)
     scorer = rewards.load_scorer(str(run_path))
     if data_source:
         pairs, _ = data.load(data_source, kind="pairwise", max_samples=max_samples, seed=seed)
@@ -412,9 +414,10 @@ def run_eval(run: str, data_source: str | None, ood_source: str | None, max_samp
     if ood_source is not None:
         cfg.eval.ood_source = ood_source or None
     ood = _ood(cfg)
-    plots = run_path / "plots"
-    plots.mkdir(exist_ok=True)
-    result = evaluate(scorer, pairs, ood, plots, n_bins)
+    settings = {"command": f"{cfg.command} eval", "run": str(run_path), "data": data_source or "held-out split",
+                "ood": cfg.eval.ood_source, "n_bins": n_bins}
+    run_dir = RunDir.open(out, overwrite, False, yaml.safe_dump(settings, sort_keys=False))
+    result = evaluate(scorer, pairs, ood, run_dir.path("plots"), n_bins)
     result["scoring_timings"] = getattr(scorer, "timings", {})
-    (run_path / "eval.json").write_text(json.dumps(result, indent=2))
-    return result
+    final = run_dir.finish({**settings, **result})
+    return {**settings, **result, "output_dir": str(final)}
