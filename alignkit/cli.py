@@ -493,7 +493,7 @@ def quickstart(
     recipe: RecipeOpt = None,
     set_: SetOpt = None,
 ) -> None:
-    """Build the tiny model, SFT it on the built-in task, compare samples before/after (~2 min on CPU)."""
+    """Build the tiny model, SFT it on the built-in task, compare samples before/after (~30 s on a laptop CPU)."""
     _train("quickstart", recipe, set_, {"output.dir": output_dir, "output.overwrite": overwrite or None})
 
 

@@ -37,10 +37,9 @@ from __future__ import annotations
 import importlib
 import inspect
 import json
-import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
@@ -164,9 +163,7 @@ class RewardEnsemble(torch.nn.Module):
       the members' requires_grad flags are saved before and restored after).
     """
 
-    def __init__(
-        self, model: Any, tokenizer: Any, info: dict[str, Any], max_length: int = 512
-    ) -> None:
+    def __init__(self, model: Any, tokenizer: Any, info: dict[str, Any], max_length: int = 512) -> None:
         super().__init__()
         self.model = model  # a peft PeftModel holding adapters m0..m{N-1}
         self.tokenizer = tokenizer
@@ -191,7 +188,9 @@ class RewardEnsemble(torch.nn.Module):
         from peft import get_peft_model
 
         if n_members < 2:
-            raise UserError(f"a reward ensemble needs n_members >= 2, got {n_members} (use `alignkit rm` for one model)")
+            raise UserError(
+                f"a reward ensemble needs n_members >= 2, got {n_members} (use `alignkit rm` for one model)"
+            )
         seeds = list(range(n_members)) if seeds is None else [int(s) for s in seeds]
         if len(seeds) != n_members:
             raise UserError(f"ensemble seeds: got {len(seeds)} seeds for {n_members} members")
@@ -340,7 +339,9 @@ class RewardEnsemble(torch.nn.Module):
             member = directory / "members" / name
             cfg = member / "adapter_config.json"
             if not cfg.is_file() or not (member / "adapter_model.safetensors").is_file():
-                raise UserError(f"ensemble member '{member}' is missing adapter_config.json / adapter_model.safetensors")
+                raise UserError(
+                    f"ensemble member '{member}' is missing adapter_config.json / adapter_model.safetensors"
+                )
             trained_on = json.loads(cfg.read_text()).get("base_model_name_or_path")
             if trained_on and trained_on not in accepted and str(Path(trained_on).resolve()) not in accepted:
                 raise UserError(f"ensemble member '{member}' was trained on base '{trained_on}', not on '{base}'")
@@ -402,14 +403,17 @@ class RewardModelScorer:
         if task != "SEQ_CLS":
             raise UserError(f"adapter '{path}' has task_type {task!r}: a reward model adapter must be SEQ_CLS")
         base = models._adapter_base(str(path))
-        model, _ = models.load_sequence_classifier(
+        model, tok = models.load_sequence_classifier(
             base, num_labels=1, dtype=dtype, device=device, trust_remote_code=trust_remote_code
         )
-        tok = models.load_tokenizer(str(path)) if (path / "tokenizer_config.json").is_file() else _
+        if (path / "tokenizer_config.json").is_file():  # the tokenizer saved with the adapter wins
+            tok = models.load_tokenizer(str(path), trust_remote_code=trust_remote_code)
         try:
             model = PeftModel.from_pretrained(model, path).merge_and_unload()
         except (RuntimeError, ValueError, KeyError) as err:
-            raise UserError(f"adapter '{path}' does not fit base '{base}': {str(err).strip().splitlines()[0][:200]}")
+            raise UserError(
+                f"adapter '{path}' does not fit base '{base}': {str(err).strip().splitlines()[0][:200]}"
+            ) from err
         return cls(model, tok, **kw)
 
     @torch.no_grad()
@@ -630,12 +634,10 @@ def load_preference(spec: str, device: str = "auto") -> Preference:
             raise UserError(f"preference '{spec}': oracle:TAU needs a number, e.g. oracle:{arena.TAU}") from err
     if spec == "pairrm":
         return PairRMPreference(device=device)
-    try:
-        return BTPreference(load_scorer(spec, device=device))
-    except UserError as err:
-        raise UserError(f"preference '{spec}' is not understood: expected 'oracle', 'pairrm' or {SCORER_FORMS}") from (
-            err
-        )
+    module_name, sep, fn_name = spec.partition(":")
+    if spec != "gold" and not Path(spec).expanduser().is_dir() and not (sep and _is_identifier_path(module_name)):
+        raise UserError(f"preference '{spec}' is not understood: expected 'oracle', 'pairrm' or {SCORER_FORMS}")
+    return BTPreference(load_scorer(spec, device=device))
 
 
 __all__ = [
@@ -654,5 +656,3 @@ __all__ = [
     "load_scorer",
     "reward_texts",
 ]
-
-_ = (math, field)  # noqa: imported for type clarity

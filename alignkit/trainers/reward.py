@@ -186,9 +186,11 @@ def run(cfg: RMConfig, callbacks: list | None = None, progress: Any | None = Non
         processing_class=tokenizer, callbacks=[_hf.RunDirMetrics(run_dir, progress), *(callbacks or [])],
     )
     _hf.drop_printer(trainer)
+    recorder = _hf.record_shards(trainer)
 
     # -- train ---------------------------------------------------------------------------------------
     result = trainer.train(resume_from_checkpoint=_hf.resume_checkpoint(run_dir))
+    parallel = _hf.gather_shards(recorder) if recorder else None
 
     # -- save + evaluate ---------------------------------------------------------------------------------
     _hf.save_final(trainer, tokenizer, run_dir)
@@ -200,6 +202,8 @@ def run(cfg: RMConfig, callbacks: list | None = None, progress: Any | None = Non
         "lora": cfg.model.lora.enabled, "world_size": trainer.accelerator.num_processes,
         **_hf.loss_summary(run_dir.read_metrics()),
     }
+    if parallel:
+        summary["data_parallel"] = parallel
     if is_main:
         scorer = rewards.RewardModelScorer(trainer.model, tokenizer, batch_size=cfg.eval.batch_size)
         summary["eval"] = evaluate(scorer, eval_ds, ood_ds, run_dir.path("plots"), cfg.eval.n_bins) if eval_ds else {}
@@ -353,9 +357,11 @@ def run_ensemble(cfg: RMEnsembleConfig, callbacks: list | None = None, progress:
         callbacks=[_hf.RunDirMetrics(run_dir, progress), *(callbacks or [])], ensemble=ensemble, ens=ens,
     )
     _hf.drop_printer(trainer)
+    recorder = _hf.record_shards(trainer)
 
     # -- train ---------------------------------------------------------------------------------------
     result = trainer.train(resume_from_checkpoint=_hf.resume_checkpoint(run_dir))
+    parallel = _hf.gather_shards(recorder) if recorder else None
 
     # -- save + evaluate ---------------------------------------------------------------------------------
     summary: dict[str, Any] = {
@@ -366,6 +372,8 @@ def run_ensemble(cfg: RMEnsembleConfig, callbacks: list | None = None, progress:
         "trainable_params": trainable, "total_params": total, "trainable_pct": 100.0 * trainable / total,
         "world_size": trainer.accelerator.num_processes, **_hf.loss_summary(run_dir.read_metrics()),
     }
+    if parallel:
+        summary["data_parallel"] = parallel
     if is_main:
         import shutil
 

@@ -80,12 +80,11 @@ def run(cfg: SFTConfig, callbacks: list | None = None, progress: Any | None = No
         callbacks=[_hf.RunDirMetrics(run_dir, progress), *(callbacks or [])],
     )
     _hf.drop_printer(trainer)
-    recorder = _hf.ShardRecorder(trainer.data_collator)
-    trainer.data_collator = recorder
+    recorder = _hf.record_shards(trainer)
 
     # -- train -------------------------------------------------------------------------------------
     result = trainer.train(resume_from_checkpoint=_hf.resume_checkpoint(run_dir))
-    parallel = _hf.gather_shards(recorder)
+    parallel = _hf.gather_shards(recorder) if recorder else None
 
     # -- save ------------------------------------------------------------------------------------
     _hf.save_final(trainer, tokenizer, run_dir)  # safetensors; a peft adapter with LoRA
