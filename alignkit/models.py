@@ -542,7 +542,7 @@ class LoraSpec:
     r: int = 8
     alpha: int = 16
     dropout: float = 0.05
-    target_modules: str | list[str] = "all-linear"
+    target_modules: str | list[str] | None = "all-linear"  # None: peft's default for the architecture
     bias: Literal["none", "all", "lora_only"] = "none"
 
     def __post_init__(self) -> None:
@@ -558,7 +558,9 @@ class LoraSpec:
     def to_peft(self, task_type: str = "CAUSAL_LM") -> Any:
         from peft import LoraConfig
 
-        targets = self.target_modules if isinstance(self.target_modules, str) else list(self.target_modules)
+        targets = self.target_modules
+        if targets is not None and not isinstance(targets, str):
+            targets = list(targets)
         return LoraConfig(
             r=self.r,
             lora_alpha=self.alpha,

@@ -446,10 +446,13 @@ class EnsembleScorer:
     @torch.no_grad()
     def _choose(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         rewards = self.ensemble(**batch, mode="mixed")  # warm-up (first-call allocations), result kept
+        cuda = batch["input_ids"].is_cuda
         for mode in ("loop", "mixed"):
+            if cuda:
+                torch.cuda.synchronize()
             start = time.perf_counter()
             self.ensemble(**batch, mode=mode)
-            if batch["input_ids"].is_cuda:
+            if cuda:
                 torch.cuda.synchronize()
             self.timings[mode] = time.perf_counter() - start
         self.mode = min(self.timings, key=self.timings.get)
@@ -465,7 +468,20 @@ class EnsembleScorer:
             rewards = self._choose(batch) if self.mode == "auto" else self.ensemble(**batch, mode=self.mode)
             out.append(rewards.float().cpu())
         members = torch.cat(out, dim=1) if out else torch.empty(len(self.ensemble.names), 0)
-        return Scores.from_members(members)
+        return Scores.from_members(members - self.offsets()[:, None])
+
+    def offsets(self) -> torch.Tensor:
+        """(N,) per-member reward offsets removed before mean and std (zeros if none were saved).
+
+        Bradley–Terry is shift-invariant, so each member's reward carries an arbitrary constant;
+        left in, the spread of those constants dominates the std over members (eq. 13) and hides
+        the disagreement the uncertainty is meant to measure. `alignkit rm-ensemble` records each
+        member's mean reward on its training completions as `member_offsets` in ensemble.json.
+        """
+        saved = self.ensemble.info.get("member_offsets")
+        if saved is None:
+            return torch.zeros(len(self.ensemble.names))
+        return torch.tensor(saved, dtype=torch.float32)
 
 
 class FunctionScorer:

@@ -31,3 +31,18 @@ def tiny_model_dir(alignkit_cache):
     from alignkit.models import build_tiny
 
     return build_tiny(alignkit_cache)
+
+
+@pytest.fixture(scope="session")
+def sft_tiny_dir(tiny_model_dir, tmp_path_factory):
+    """The tiny model after a short SFT on the built-in task: the backbone reward models start from
+    (ALGORITHMS.md §0: the RM is the SFT model with a scalar head)."""
+    from alignkit.trainers import sft
+
+    out = tmp_path_factory.mktemp("sft-base") / "run"
+    sft.run(sft.SFTConfig(
+        model={"name": "tiny", "device": "cpu"}, data={"source": "builtin:sft", "max_samples": 1024},
+        train={"learning_rate": 3e-3, "epochs": 2, "batch_size": 32, "max_length": 96, "logging_steps": 10},
+        output={"dir": str(out)},
+    ))
+    return out / "model"

@@ -260,3 +260,13 @@ def test_ensemble_scorer_auto_times_both_modes(tiny_model_dir, pairs):
     assert s.members.shape == (2, 16) and s.mean.shape == (16,)
     torch.testing.assert_close(s.uncertainty, s.members.std(0, correction=0))
     torch.testing.assert_close(s.members, ens.score(pairs[0], pairs[1], mode="loop"), atol=1e-5, rtol=0)
+
+
+def test_encode_truncates_the_prompt_start_and_pads_right(tiny_model_dir):
+    from alignkit.rewards import encode
+
+    tok = models.load_tokenizer(str(tiny_model_dir))
+    batch = encode(tok, ["review : i watched this film last weekend . the acting was very good .", "hi"], 8, "cpu")
+    texts = [tok.decode(ids) for ids in batch["input_ids"]]
+    assert texts[0] == "<bos>. the acting was very good ."  # BOS kept, the completion's end kept
+    assert texts[1].startswith("<bos>hi<pad>") and batch["attention_mask"][1].sum() == 3

@@ -115,7 +115,7 @@ class ShardRecorder:
 
     def __call__(self, features):
         for f in features:
-            ids = f.get("input_ids", f.get("chosen_input_ids", f.get("prompt_input_ids")))
+            ids = next((f[k] for k in ("input_ids", "chosen_ids", "prompt_ids", "prompt_input_ids") if k in f), None)
             if ids is not None:
                 self.fingerprints.append(hashlib.sha1(str(list(ids)).encode()).hexdigest()[:16])
         return self.collator(features)

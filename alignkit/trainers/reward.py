@@ -78,7 +78,9 @@ class EnsembleSection(Block):
     )
     seeds: list[int] | None = Field(None, description="one seed per member (default: train.seed + n)")
     forward: Literal["auto", "mixed", "loop"] = Field(
-        "mixed", description="mixed: all members in one peft mixed-adapter batch; loop: one pass per member"
+        "auto",
+        description="mixed: all members in one peft mixed-adapter batch; loop: one pass per member; "
+        "auto: loop in one process (faster on CPU), mixed under DDP",
     )
 
     @model_validator(mode="after")
@@ -123,17 +125,34 @@ def _ood(cfg: RMConfig):
     return ds
 
 
-def _tokenized(ds, tokenizer, max_length: int):
-    """chosen_ids / rejected_ids exactly as the scorers encode texts at inference (rewards.encode)."""
+def _token_ids(tokenizer, prompts: list, completions: list) -> list[list[int]]:
+    """Token ids of each (prompt, completion) exactly as the scorers encode them at inference
+    (`rewards.reward_texts` + `rewards.encode`), so a reward model is trained on what it will score."""
     from alignkit import rewards
 
-    chosen = rewards.encode(tokenizer, list(ds["prompt"]), list(ds["chosen"]), max_length=None)
-    rejected = rewards.encode(tokenizer, list(ds["prompt"]), list(ds["rejected"]), max_length=None)
+    texts = rewards.reward_texts(tokenizer, prompts, completions)
+    out: list[list[int]] = []
+    for i in range(0, len(texts), 1024):  # batched tokenizer calls; no padding kept
+        enc = rewards.encode(tokenizer, texts[i : i + 1024], max_length=1_000_000, device="cpu")
+        lengths = enc["attention_mask"].sum(1).tolist()
+        out += [row[:n] for row, n in zip(enc["input_ids"].tolist(), lengths)]
+    return out
+
+
+def _tokenized(ds, tokenizer, max_length: int):
+    """The pre-tokenised pairs TRL's RewardTrainer takes (chosen_ids, rejected_ids); pairs longer
+    than max_length are dropped, as TRL does."""
     import datasets
 
-    out = datasets.Dataset.from_dict({"chosen_ids": chosen, "rejected_ids": rejected})
+    prompts = list(ds["prompt"])
+    chosen = _token_ids(tokenizer, prompts, list(ds["chosen"]))
+    rejected = _token_ids(tokenizer, prompts, list(ds["rejected"]))
     keep = [i for i, (c, r) in enumerate(zip(chosen, rejected)) if len(c) <= max_length and len(r) <= max_length]
-    return out.select(keep) if len(keep) < len(out) else out
+    if not keep:
+        from alignkit.errors import UserError
+
+        raise UserError(f"every pair is longer than train.max_length={max_length} tokens: raise --max-length")
+    return datasets.Dataset.from_dict({"chosen_ids": [chosen[i] for i in keep], "rejected_ids": [rejected[i] for i in keep]})
 
 
 def _reward_args(cfg: RMConfig, run, bf16: bool):
@@ -156,6 +175,7 @@ def _reward_args(cfg: RMConfig, run, bf16: bool):
 def run(cfg: RMConfig, callbacks: list | None = None, progress: Any | None = None) -> dict[str, Any]:
     """`alignkit rm`: one Bradley–Terry reward model through TRL's RewardTrainer."""
     import torch
+    from transformers import set_seed
     from trl import RewardTrainer
 
     from alignkit import launch, models, rewards
@@ -172,6 +192,7 @@ def run(cfg: RMConfig, callbacks: list | None = None, progress: Any | None = Non
     # -- setup ---------------------------------------------------------------------------------------
     train_ds, eval_ds = _pairs(cfg)
     ood_ds = _ood(cfg)
+    set_seed(cfg.train.seed)  # the new scalar head is initialised from the global RNG
     lora = models.LoraSpec(**cfg.model.lora.model_dump(exclude={"enabled"})) if cfg.model.lora.enabled else None
     model, tokenizer = models.load_sequence_classifier(
         cfg.model.name, num_labels=1, dtype=cfg.model.dtype, device=cfg.model.device,
@@ -290,6 +311,9 @@ def reliability_diagram(bins: list[dict[str, Any]], path: Path, result: dict[str
 # ------------------------------------------------------------------------------- rm-ensemble
 
 
+MEMBERS_CHECKPOINT = "ensemble_members.safetensors"
+
+
 def _ensemble_trainer_cls():
     """RewardTrainer with eq. 12 as its loss (built lazily: importing trl is slow)."""
     import torch
@@ -305,7 +329,7 @@ def _ensemble_trainer_cls():
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             mode = "train" if self.model.training else "eval"
             # all N members for chosen and rejected in one go: (N, 2B)
-            r = self.ensemble.forward(inputs["input_ids"], inputs["attention_mask"], mode=self.ens.forward, model=model)
+            r = self._members(model, inputs["input_ids"], inputs["attention_mask"])
             r_w, r_l = r.chunk(2, dim=1)
             out = losses.ensemble_reward_loss(
                 r_w, r_l, self.ensemble.lora_A_by_module(), self.ens.lam, self.ens.member_loss
@@ -319,12 +343,52 @@ def _ensemble_trainer_cls():
                 m["uncertainty"].append(gather(losses.uncertainty(r).mean()).mean().item())
             return (out["loss"], r) if return_outputs else out["loss"]
 
+        # Checkpoints: peft's own save/load handles one active adapter; the ensemble's trainable
+        # state is every member's LoRA weights and head, saved and restored as one safetensors file.
+        def _save(self, output_dir=None, state_dict=None):
+            from safetensors.torch import save_file
+
+            target = Path(output_dir or self.args.output_dir)
+            target.mkdir(parents=True, exist_ok=True)
+            params = {n: p.detach().cpu().contiguous() for n, p in self.ensemble.model.named_parameters()
+                      if p.requires_grad}
+            save_file(params, str(target / MEMBERS_CHECKPOINT))
+
+        def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+            from safetensors.torch import load_file
+
+            saved = load_file(str(Path(resume_from_checkpoint) / MEMBERS_CHECKPOINT))
+            params = dict(self.ensemble.model.named_parameters())
+            with torch.no_grad():
+                for name, tensor in saved.items():
+                    params[name].copy_(tensor)
+
+        def _members(self, model, input_ids, attention_mask):
+            """(N, 2B) member rewards. With several processes the forward must go through the DDP
+            wrapper once per step, so it is peft's mixed-adapter batch; in one process `auto` takes
+            the loop over members (measured 2x faster per training step on CPU, docs/rewards.md)."""
+            n, b = len(self.ensemble.names), input_ids.shape[0]
+            mode = self.ens.forward
+            if mode == "auto":
+                mode = "mixed" if self.accelerator.num_processes > 1 else "loop"
+            if mode == "loop" or model is self.ensemble.model:
+                return self.ensemble.forward(input_ids, attention_mask, mode=mode)
+            model.eval()  # peft allows adapter_names only in eval mode; dropout is off anyway
+            try:
+                names = [name for name in self.ensemble.names for _ in range(b)]
+                out = model(input_ids=input_ids.repeat(n, 1), attention_mask=attention_mask.repeat(n, 1),
+                            adapter_names=names)
+            finally:
+                model.train()
+            return out.logits.view(n, b)
+
     return EnsembleRewardTrainer
 
 
 def run_ensemble(cfg: RMEnsembleConfig, callbacks: list | None = None, progress: Any | None = None) -> dict[str, Any]:
     """`alignkit rm-ensemble`: the diverse reward-LoRA ensemble of UP-RLHF (eq. 12)."""
     import torch
+    from transformers import set_seed
 
     from alignkit import launch, models, rewards
     from alignkit.config import to_yaml
@@ -343,16 +407,17 @@ def run_ensemble(cfg: RMEnsembleConfig, callbacks: list | None = None, progress:
     ens = cfg.ensemble
     seeds = ens.seeds or [cfg.train.seed + n for n in range(ens.n_members)]
     lora = models.LoraSpec(**cfg.model.lora.model_dump(exclude={"enabled"}))
+    set_seed(cfg.train.seed)  # the base's new scalar head (copied into every member) uses the global RNG
     ensemble = rewards.RewardEnsemble.build(
         cfg.model.name, n_members=ens.n_members, lora=lora, seeds=seeds, dtype=cfg.model.dtype,
         device=cfg.model.device, trust_remote_code=cfg.model.trust_remote_code,
     )
     tokenizer = ensemble.tokenizer
     trainable, total = ensemble.trainable_parameters()
-    bf16 = next(ensemble.peft_model.parameters()).dtype == torch.bfloat16
+    bf16 = next(ensemble.model.parameters()).dtype == torch.bfloat16
     run_dir = RunDir.open(out, cfg.output.overwrite, cfg.output.resume, to_yaml(cfg), is_main=is_main)
     trainer = _ensemble_trainer_cls()(
-        model=ensemble.peft_model, args=_reward_args(cfg, run_dir, bf16),
+        model=ensemble.model, args=_reward_args(cfg, run_dir, bf16),
         train_dataset=_tokenized(train_ds, tokenizer, cfg.train.max_length), processing_class=tokenizer,
         callbacks=[_hf.RunDirMetrics(run_dir, progress), *(callbacks or [])], ensemble=ensemble, ens=ens,
     )
@@ -377,6 +442,12 @@ def run_ensemble(cfg: RMEnsembleConfig, callbacks: list | None = None, progress:
     if is_main:
         import shutil
 
+        # per-member offsets on (up to 512) training pairs' completions: see EnsembleScorer.offsets
+        sub = train_ds.select(range(min(512, len(train_ds))))
+        prompts = list(sub["prompt"]) * 2
+        members = ensemble.score(prompts, list(sub["chosen"]) + list(sub["rejected"]), mode="loop")
+        ensemble.info["member_offsets"] = members.mean(dim=1).tolist()
+        summary["member_offsets"] = ensemble.info["member_offsets"]
         ensemble.save(run_dir.work, metadata={"config": cfg.model_dump(mode="json"), "steps": summary["steps"]})
         shutil.rmtree(run_dir.path("checkpoints"), ignore_errors=True)
         scorer = rewards.EnsembleScorer(ensemble, mode="auto", batch_size=cfg.eval.batch_size)

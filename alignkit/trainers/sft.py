@@ -36,6 +36,7 @@ class SFTConfig(JobConfig):
 def run(cfg: SFTConfig, callbacks: list | None = None, progress: Any | None = None) -> dict[str, Any]:
     """Train; returns the summary (also written to summary.json). `callbacks` are extra TrainerCallbacks."""
     import torch
+    from transformers import set_seed
     from trl import SFTConfig as TRLSFTConfig
     from trl import SFTTrainer
 
@@ -55,6 +56,7 @@ def run(cfg: SFTConfig, callbacks: list | None = None, progress: Any | None = No
     if cfg.data.eval_fraction > 0:
         f = cfg.data.eval_fraction
         splits = data.split(ds, (1 - f, f), cfg.data.seed, ("train", "eval"))
+    set_seed(cfg.train.seed)  # LoRA A matrices are initialised from the global RNG
     model, tokenizer = models.load_causal_lm(
         cfg.model.name, dtype=cfg.model.dtype, device=cfg.model.device,
         trust_remote_code=cfg.model.trust_remote_code,
