@@ -145,7 +145,7 @@ def test_rm_refuses_non_pairwise_data(tmp_path: Path, tiny_model_dir):
 
 def test_rm_two_processes_on_cpu(tmp_path: Path, tiny_model_dir, alignkit_cache):
     out = tmp_path / "rm2"
-    cmd = [sys.executable, "-m", "alignkit.cli", "rm", "--model", "tiny", "--max-samples", "128",
+    cmd = [sys.executable, "-m", "alignkit.cli", "rm", "--model", "tiny", "--max-samples", "160",  # 128 train pairs
            "--batch-size", "8", "--max-length", "96", "--epochs", "1", "--device", "cpu", "-o", str(out),
            "--num-processes", "2"]
     env = {**os.environ, "ALIGNKIT_CACHE": str(alignkit_cache), "OMP_NUM_THREADS": "1"}

@@ -114,10 +114,9 @@ class ShardRecorder:
         self.fingerprints: list[str] = []
 
     def __call__(self, features):
-        for f in features:
-            ids = next((f[k] for k in ("input_ids", "chosen_ids", "prompt_ids", "prompt_input_ids") if k in f), None)
-            if ids is not None:
-                self.fingerprints.append(hashlib.sha1(str(list(ids)).encode()).hexdigest()[:16])
+        for f in features:  # every field (e.g. chosen_ids AND rejected_ids): duplicates are rare
+            key = repr([(k, list(v) if hasattr(v, "__len__") else v) for k, v in sorted(f.items())])
+            self.fingerprints.append(hashlib.sha1(key.encode()).hexdigest()[:16])
         return self.collator(features)
 
 

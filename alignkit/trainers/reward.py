@@ -152,7 +152,9 @@ def _tokenized(ds, tokenizer, max_length: int):
         from alignkit.errors import UserError
 
         raise UserError(f"every pair is longer than train.max_length={max_length} tokens: raise --max-length")
-    return datasets.Dataset.from_dict({"chosen_ids": [chosen[i] for i in keep], "rejected_ids": [rejected[i] for i in keep]})
+    return datasets.Dataset.from_dict(
+        {"chosen_ids": [chosen[i] for i in keep], "rejected_ids": [rejected[i] for i in keep]}
+    )
 
 
 def _reward_args(cfg: RMConfig, run, bf16: bool):
