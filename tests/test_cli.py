@@ -11,7 +11,7 @@ import pytest
 
 from alignkit import cli
 
-COMMANDS = ["quickstart", "sft", "generate", "models", "run", "env", "data", "recipes"]
+COMMANDS = ["quickstart", "sft", "rm", "rm-ensemble", "generate", "models", "run", "env", "data", "recipes", "bench"]
 
 
 def _run(argv: list[str], monkeypatch, capsys) -> tuple[int, str, str]:
@@ -37,7 +37,8 @@ def test_root_help_lists_every_command(monkeypatch, capsys):
     "argv",
     [[c, "--help"] for c in COMMANDS]
     + [["data", "inspect", "--help"], ["data", "convert", "--help"], ["recipes", "ls", "--help"],
-       ["recipes", "show", "--help"], ["recipes", "validate", "--help"], ["recipes", "cp", "--help"]],
+       ["recipes", "show", "--help"], ["recipes", "validate", "--help"], ["recipes", "cp", "--help"],
+       ["rm", "eval", "--help"], ["rm-ensemble", "eval", "--help"]],
 )
 def test_every_command_has_help(argv, monkeypatch, capsys):
     code, out, _ = _run(argv, monkeypatch, capsys)
@@ -82,6 +83,11 @@ BAD_INPUTS = [
     (["run", "no-such-recipe"], ["no-such-recipe", "not found"]),
     (["data", "inspect", "builtin:sftt"], ["builtin:sftt", "sft"]),
     (["data", "inspect", "{nocol}", "--kind", "pairwise"], ["pairwise", "chosen"]),
+    (["rm", "--data", "builtin:sft", "-o", "{out}"], ["needs pairwise data but got sft"]),
+    (["rm-ensemble", "--n-members", "1", "-o", "{out}"], ["n_members must be at least 2"]),
+    (["rm-ensemble", "--lam", "-0.1", "-o", "{out}"], ["lam", ">= 0"]),
+    (["rm-ensemble", "--member-loss", "median", "-o", "{out}"], ["ensemble.member_loss"]),
+    (["rm", "eval", "{existing}", "-o", "{out}"], ["not a finished alignkit rm"]),
 ]
 
 
@@ -156,3 +162,17 @@ def test_generate_writes_jsonl(monkeypatch, capsys, tmp_path, tiny_model_dir):
     rows = [json.loads(x) for x in target.read_text().splitlines()]
     assert len(rows) == 6 and {"prompt", "completion", "finished", "n_tokens", "index"} <= set(rows[0])
     assert [r["index"] for r in rows] == [0, 1, 0, 1, 0, 1]
+
+
+def test_rm_then_rm_eval_writes_its_own_run(monkeypatch, capsys, tmp_path, tiny_model_dir):
+    run = tmp_path / "rm"
+    argv = ["rm", "--model", "tiny", "--max-samples", "96", "--batch-size", "16", "--max-length", "96",
+            "--device", "cpu", "-o", str(run), "--set", "eval.ood_max_samples=16"]
+    code, out, err = _run(argv, monkeypatch, capsys)
+    assert code == 0, err
+    assert json.loads((run / "summary.json").read_text())["eval"]["pairs"] > 0
+    code, out, err = _run(["rm", "eval", str(run), "-o", str(tmp_path / "ev")], monkeypatch, capsys)
+    assert code == 0, err
+    summary = json.loads((tmp_path / "ev" / "summary.json").read_text())
+    assert {"accuracy", "ece", "ece_standard", "uncertainty_in_dist", "uncertainty_ood"} <= set(summary)
+    assert (tmp_path / "ev" / "plots" / "reliability.png").is_file()
