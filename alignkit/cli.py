@@ -234,7 +234,9 @@ def _rm_eval(run: str, output_dir, overwrite, data, ood, max_samples, bins, seed
 
 
 EvalRunArg = Annotated[str, typer.Argument(help="run directory of `alignkit rm` / `alignkit rm-ensemble`")]
-EvalDataOpt = Annotated[str | None, typer.Option("--data", "-d", help="pairs to evaluate (default: the run's held-out split)")]
+EvalDataOpt = Annotated[
+    str | None, typer.Option("--data", "-d", help="pairs to evaluate (default: the run's held-out split)")
+]
 BinsOpt = Annotated[int, typer.Option("--bins", help="ECE bins (UP-RLHF: 15)")]
 
 

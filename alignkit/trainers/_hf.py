@@ -49,6 +49,22 @@ def training_args(cfg: JobConfig, run: RunDir, bf16: bool) -> dict[str, Any]:
     )
 
 
+def begin(cfg: JobConfig) -> tuple[str, bool]:
+    """Every trainer's first step: quiet the libraries, pick the run directory, and (on the main
+    rank, before anything is loaded) refuse what the run-directory contract refuses.
+    Returns (output dir, is_main). The rank comes from the launcher's environment: no accelerate
+    state may exist before the TrainingArguments, which configure it (gloo on CPU)."""
+    from alignkit.launch import rank_info
+    from alignkit.runs import default_dir
+
+    quiet_libraries()
+    out = cfg.output.dir or str(default_dir(cfg.command))
+    is_main = rank_info()["is_main"]
+    if is_main:
+        RunDir.check(Path(out), cfg.output.overwrite, cfg.output.resume)
+    return out, is_main
+
+
 def _cuda() -> bool:
     import torch
 

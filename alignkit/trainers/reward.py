@@ -180,16 +180,12 @@ def run(cfg: RMConfig, callbacks: list | None = None, progress: Any | None = Non
     from transformers import set_seed
     from trl import RewardTrainer
 
-    from alignkit import launch, models, rewards
+    from alignkit import models, rewards
     from alignkit.config import to_yaml
-    from alignkit.runs import RunDir, default_dir
+    from alignkit.runs import RunDir
     from alignkit.trainers import _hf
 
-    _hf.quiet_libraries()
-    out = cfg.output.dir or str(default_dir(cfg.command))
-    is_main = launch.rank_info()["is_main"]
-    if is_main:
-        RunDir.check(Path(out), cfg.output.overwrite, cfg.output.resume)
+    out, is_main = _hf.begin(cfg)
 
     # -- setup ---------------------------------------------------------------------------------------
     train_ds, eval_ds = _pairs(cfg)
@@ -392,16 +388,12 @@ def run_ensemble(cfg: RMEnsembleConfig, callbacks: list | None = None, progress:
     import torch
     from transformers import set_seed
 
-    from alignkit import launch, models, rewards
+    from alignkit import models, rewards
     from alignkit.config import to_yaml
-    from alignkit.runs import RunDir, default_dir
+    from alignkit.runs import RunDir
     from alignkit.trainers import _hf
 
-    _hf.quiet_libraries()
-    out = cfg.output.dir or str(default_dir(cfg.command))
-    is_main = launch.rank_info()["is_main"]
-    if is_main:
-        RunDir.check(Path(out), cfg.output.overwrite, cfg.output.resume)
+    out, is_main = _hf.begin(cfg)
 
     # -- setup ---------------------------------------------------------------------------------------
     train_ds, eval_ds = _pairs(cfg)

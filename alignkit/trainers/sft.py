@@ -9,7 +9,6 @@ the launcher and a data-parallel report.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 from pydantic import Field
@@ -40,15 +39,12 @@ def run(cfg: SFTConfig, callbacks: list | None = None, progress: Any | None = No
     from trl import SFTConfig as TRLSFTConfig
     from trl import SFTTrainer
 
-    from alignkit import data, launch, models
+    from alignkit import data, models
     from alignkit.config import to_yaml
-    from alignkit.runs import RunDir, default_dir
+    from alignkit.runs import RunDir
     from alignkit.trainers import _hf
 
-    _hf.quiet_libraries()
-    out = cfg.output.dir or str(default_dir("sft"))
-    if launch.rank_info()["is_main"]:  # fail fast, before loading anything
-        RunDir.check(Path(out), cfg.output.overwrite, cfg.output.resume)
+    out, is_main = _hf.begin(cfg)
 
     # -- setup: data and model are loaded (and validated) before anything is written -------------
     ds, _ = data.load_source(cfg.data, expected=("sft",))
@@ -65,9 +61,6 @@ def run(cfg: SFTConfig, callbacks: list | None = None, progress: Any | None = No
     trainable, total = models.trainable_parameters(model)
     bf16 = next(model.parameters()).dtype == torch.bfloat16  # as TRL: bf16 weights train under bf16 autocast
 
-    # rank from the launcher's environment: no accelerate state may be created before the
-    # TrainingArguments below (they configure it, MULTI_CPU/gloo on CPU, and reset any earlier one)
-    is_main = launch.rank_info()["is_main"]
     run_dir = RunDir.open(out, cfg.output.overwrite, cfg.output.resume, to_yaml(cfg), is_main=is_main)
     args = TRLSFTConfig(
         **_hf.training_args(cfg, run_dir, bf16=bf16),
