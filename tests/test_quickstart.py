@@ -27,11 +27,13 @@ def test_quickstart_small_writes_a_complete_run(tmp_path: Path, tiny_model_dir):
     assert (out / "sft" / "model" / "model.safetensors").is_file()
 
 
-@pytest.mark.parametrize("name", ["sft-tiny", "sft-tiny-lora"])
+@pytest.mark.parametrize("name", ["sft-tiny", "sft-tiny-lora", "rm-tiny", "rm-ensemble-tiny"])
 def test_tiny_recipes_run(name: str, tmp_path: Path, tiny_model_dir):
     cfg = validate_recipe(recipes_dir() / f"{name}.yaml")
     cfg.output.dir = str(tmp_path / name)
     cfg.data.max_samples = 128  # the recipe itself, made shorter
+    if hasattr(cfg, "eval"):
+        cfg.eval.ood_max_samples = 16
     summary = TRAINERS[cfg.command][1](cfg)
     assert summary["steps"] > 0 and Path(summary["output_dir"]).is_dir()
 
