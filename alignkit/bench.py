@@ -362,13 +362,13 @@ RM_SETTINGS: dict[str, dict[str, Any]] = {
     # tiny: the tiny Llama after a short SFT on builtin:sft (the paper's RM starts from the SFT model)
     "tiny": {
         "pairs": 1280, "eval_fraction": 0.25, "epochs": 3, "batch_size": 32, "max_length": 96,
-        "full_lr": 1e-3, "lora_lr": 1e-2, "ood_max_samples": 200,
+        "full_lr": 1e-3, "lora_lr": 1e-2, "ood_max_samples": 200, "seeds": (0, 1), "lams": (0.0, 0.1, 1.0),
         "sft": {"rows": 1024, "epochs": 2, "learning_rate": 3e-3, "batch_size": 32, "max_length": 96},
     },
     # minilm: the pretrained MiniLM-L6 encoder (BERT); peft's default LoRA targets are query/value
     "minilm": {
-        "pairs": 640, "eval_fraction": 0.25, "epochs": 2, "batch_size": 32, "max_length": 96,
-        "full_lr": 1e-4, "lora_lr": 1e-3, "ood_max_samples": 200, "sft": None,
+        "pairs": 512, "eval_fraction": 0.25, "epochs": 2, "batch_size": 32, "max_length": 96,
+        "full_lr": 1e-4, "lora_lr": 3e-3, "ood_max_samples": 200, "seeds": (0,), "lams": (0.0, 0.1), "sft": None,
     },
 }
 RM_METRICS = ("accuracy", "ece", "ece_standard", "uncertainty_in_dist", "uncertainty_ood", "ood_auroc",
@@ -446,10 +446,11 @@ def _mean_sd(values: list[float | None]) -> dict[str, float | None]:
 
 
 def rm_table1(
-    backbone: str = "tiny", seeds: tuple[int, ...] = (0, 1), n_members: int = 5,
-    lams: tuple[float, ...] = (0.0, 0.1, 1.0), member_losses: tuple[str, ...] = ("mean", "each"),
+    backbone: str = "tiny", seeds: tuple[int, ...] | None = None, n_members: int = 5,
+    lams: tuple[float, ...] | None = None, member_losses: tuple[str, ...] = ("mean", "each"),
     pairs: int | None = None, epochs: float | None = None, lora_r: int = 32, lora_alpha: int = 64,
     full_lr: float | None = None, lora_lr: float | None = None, ood_max_samples: int | None = None,
+    sft_rows: int | None = None,
 ) -> dict[str, Any]:
     """UP-RLHF Table 1 on the built-in task: full-FT RM vs LoRA ensembles (λ = 0 and λ > 0), per seed.
 
@@ -467,16 +468,21 @@ def rm_table1(
 
     _hf.quiet_libraries()
     s = dict(RM_SETTINGS[backbone])
-    for key, value in (("pairs", pairs), ("epochs", epochs), ("full_lr", full_lr), ("lora_lr", lora_lr),
-                       ("ood_max_samples", ood_max_samples)):
+    overrides = {"seeds": seeds, "lams": lams, "pairs": pairs, "epochs": epochs, "full_lr": full_lr,
+                 "lora_lr": lora_lr, "ood_max_samples": ood_max_samples}
+    for key, value in overrides.items():
         if value is not None:
             s[key] = value
-    rows = _rm_rows(tuple(lams), tuple(member_losses))
+    if s.get("sft") and sft_rows is not None:
+        s["sft"] = {**s["sft"], "rows": sft_rows}
+    seeds, lams = tuple(s.pop("seeds")), tuple(s.pop("lams"))
+    rows = _rm_rows(lams, tuple(member_losses))
     for r in rows:
         r["row"] = r["row"].format(n=n_members)
     result: dict[str, Any] = {
         "machine": machine(),
-        "settings": {"backbone": backbone, "seeds": list(seeds), "n_members": n_members, "lora_r": lora_r,
+        "settings": {"backbone": backbone, "seeds": list(seeds), "lams": list(lams), "n_members": n_members,
+                     "lora_r": lora_r,
                      "lora_alpha": lora_alpha, "lora_targets": "peft default (query/value projections)",
                      "data": "builtin:pairwise", "ood": "builtin:ood", "data_seed": 0, "device": "cpu", **s},
     }
@@ -498,5 +504,117 @@ def rm_table1(
         result["rows"].append({**row, **{k: v["mean"] for k, v in agg.items()},
                                **{f"{k}_sd": v["sd"] for k, v in agg.items()}, "per_seed": per_seed})
     result["total_wall_s"] = time.perf_counter() - t_all
+    result["load_avg_1m_end"] = os.getloadavg()[0]
+    return result
+
+
+# --------------------------------------------------------------------------- reward scoring cost
+
+SCORING_CONFIGS = ("one", "separate", "mixed", "loop")
+
+
+def _scoring_child(backbone: str, config: str, n_members: int, batch: int, rows: int, repeats: int) -> dict[str, Any]:
+    """One scoring configuration, measured in THIS (fresh) process: median seconds to score `rows`
+    built-in (prompt, chosen) texts, and peak RSS minus the RSS after imports.
+
+    one: one plain reward model (`RewardModelScorer`); separate: `n_members` plain reward models of the
+    same backbone, each loaded (its own weights) and scored one after another; mixed / loop: a
+    `RewardEnsemble` of `n_members` LoRA members (trainer defaults: r 32, α 64, query/value) through
+    `EnsembleScorer` in that mode. Every configuration includes tokenisation, batches of `batch`.
+    """
+    import resource
+
+    import peft  # noqa: F401  (imported before the RSS baseline, as torch and transformers)
+    import torch
+
+    from alignkit import arena, models, rewards
+
+    pairs = arena.build_pairwise_offline(rows)
+    prompts, texts = [r["prompt"] for r in pairs], [r["chosen"] for r in pairs]
+    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    torch.manual_seed(0)
+    if config in ("mixed", "loop"):
+        ens = rewards.RewardEnsemble.build(backbone, n_members=n_members, lora=models.LoraSpec(
+            r=32, alpha=64, dropout=0.0, target_modules=None), device="cpu")
+        with torch.no_grad():  # non-zero B: members that differ, as after training
+            for name, p in ens.model.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(0, 0.02)
+        scorers: list[Any] = [rewards.EnsembleScorer(ens, mode=config, batch_size=batch)]
+    else:
+        k = 1 if config == "one" else n_members
+        scorers = []
+        for _ in range(k):
+            model, tok = models.load_sequence_classifier(backbone, num_labels=1, device="cpu")
+            scorers.append(rewards.RewardModelScorer(model, tok, batch_size=batch))
+
+    def once() -> None:
+        for s in scorers:
+            s.score(prompts, texts)
+
+    for s in scorers:  # warm-up: first-call allocations
+        s.score(prompts[:batch], texts[:batch])
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        once()
+        times.append(time.perf_counter() - t)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    sec = statistics.median(times)
+    return {"config": config, "seconds": times, "median_s": sec, "samples_per_s": rows / sec,
+            "peak_rss_delta_mib": (peak - rss0) / 1024}
+
+
+def rm_scoring(backbone: str = "tiny", n_members: int = 5, batch: int = 32, rows: int = 512,
+               repeats: int = 3, configs: tuple[str, ...] = SCORING_CONFIGS) -> dict[str, Any]:
+    """Scoring throughput and peak memory of an N-member ensemble (mixed, loop) vs N separate plain
+    reward models vs one, each configuration in a FRESH subprocess (`_scoring_child`), in one run.
+
+    samples/s counts (prompt, completion) texts scored, i.e. N member rewards per sample for the
+    ensemble and the separate models. Ratios are relative to one model (`configs` must include "one").
+    """
+    import json
+    import subprocess
+    import sys
+
+    if backbone not in RM_SETTINGS:
+        raise ValueError(f"backbone must be one of {sorted(RM_SETTINGS)}, got {backbone!r}")
+    if "one" not in configs or not set(configs) <= set(SCORING_CONFIGS):
+        raise ValueError(f"configs must include 'one' and be among {SCORING_CONFIGS}, got {configs!r}")
+    from alignkit import models
+
+    if backbone == "tiny":
+        models.build_tiny()  # built once here, not inside a timed child
+    result: dict[str, Any] = {
+        "machine": machine(),
+        "settings": {"backbone": backbone, "n_members": n_members, "batch": batch, "rows": rows,
+                     "repeats": repeats, "ensemble_lora": "r 32, alpha 64, peft default targets (query/value)",
+                     "texts": "builtin:pairwise (prompt, chosen)", "device": "cpu",
+                     "memory": "peak ru_maxrss minus ru_maxrss after imports (torch, transformers, peft), "
+                               "fresh process per configuration"},
+        "configs": {},
+    }
+    code = ("import json, sys; from alignkit import bench; "
+            "print('RESULT ' + json.dumps(bench._scoring_child(*sys.argv[1:3], *map(int, sys.argv[3:]))))")
+    for config in configs:
+        cmd = [sys.executable, "-c", code, backbone, config, str(n_members), str(batch), str(rows), str(repeats)]
+        env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
+        if proc.returncode != 0 or not line:
+            raise RuntimeError(f"scoring child {config} failed: {proc.stderr[-2000:]}")
+        result["configs"][config] = json.loads(line[-1][len("RESULT "):])
+    c = result["configs"]
+    one_sps, one_mem = c["one"]["samples_per_s"], c["one"]["peak_rss_delta_mib"]
+    result["ratios"] = {
+        name: {"throughput_vs_one": c[name]["samples_per_s"] / one_sps,
+               # tiny runs can peak before the baseline is taken (delta 0): no ratio then
+               "memory_vs_one": c[name]["peak_rss_delta_mib"] / one_mem if one_mem > 0 else None}
+        for name in configs
+    }
+    for mode in ("mixed", "loop"):
+        if mode in c and "separate" in c:
+            ratio = c[mode]["samples_per_s"] / c["separate"]["samples_per_s"]
+            result["ratios"][f"{mode}_vs_separate_throughput"] = ratio
     result["load_avg_1m_end"] = os.getloadavg()[0]
     return result

@@ -572,6 +572,69 @@ def bench_quickstart(json_out: JsonOpt = None) -> None:
     _bench_out(r, rows, "alignkit bench quickstart", json_out)
 
 
+@bench_app.command("rm-table1")
+def bench_rm_table1(
+    backbone: Annotated[str, typer.Option("--backbone", help="tiny (SFT'd tiny Llama) or minilm")] = "tiny",
+    pairs: Annotated[int | None, typer.Option("--pairs", min=16, help="builtin:pairwise pairs")] = None,
+    seeds: Annotated[list[int] | None, typer.Option("--seeds", help="training seeds (repeatable)")] = None,
+    lams: Annotated[list[float] | None, typer.Option("--lam", help="ensemble λ (repeatable; 0 = no NNM)")] = None,
+    epochs: Annotated[float | None, typer.Option("--epochs", help="epochs per reward model")] = None,
+    n_members: Annotated[int, typer.Option("--n-members", min=2, help="ensemble size N")] = 5,
+    json_out: JsonOpt = None,
+) -> None:
+    """UP-RLHF Table 1 on the built-in task: full-FT RM vs LoRA ensembles (λ = 0 and λ > 0)."""
+    from alignkit import bench
+
+    if backbone not in bench.RM_SETTINGS:
+        raise UserError(f"--backbone must be one of {', '.join(bench.RM_SETTINGS)}, got '{backbone}'")
+    r = bench.rm_table1(backbone, seeds=tuple(seeds) if seeds else None, lams=tuple(lams) if lams else None,
+                        pairs=pairs, epochs=epochs, n_members=n_members)
+    st, m = r["settings"], r["machine"]
+    fmt = lambda x, k, d=3: "–" if x[k] is None else (  # noqa: E731
+        f"{x[k]:.{d}f}" + (f" ± {x[k + '_sd']:.{d}f}" if x.get(k + "_sd") is not None else ""))
+    load = f"load avg {m['load_avg_1m']:.2f} -> {r['load_avg_1m_end']:.2f}"
+    rows = [("machine", f"{m['cpu']}, {m['cores']} cores; {load}"),
+            ("setup", f"{backbone}, {st['pairs']} pairs ({st['eval_fraction']:.0%} held out), {st['epochs']} epochs, "
+                      f"lr full {st['full_lr']:g} / LoRA {st['lora_lr']:g}, r={st['lora_r']}, seeds {st['seeds']}")]
+    if "sft_backbone" in r:
+        rows.append(("SFT backbone s", f"{r['sft_backbone']['wall_s']:.1f}"))
+    for x in r["rows"]:
+        rows.append((x["row"], f"acc {fmt(x, 'accuracy')} | ECE {fmt(x, 'ece')} | ECE std {fmt(x, 'ece_standard')} | "
+                               f"u in/OOD {fmt(x, 'uncertainty_in_dist')}/{fmt(x, 'uncertainty_ood')} | "
+                               f"AUROC {fmt(x, 'ood_auroc')} | {x['trainable_pct']:.2f}% | "
+                               f"train {fmt(x, 'train_runtime_s', 1)} s"))
+    rows.append(("total wall s", f"{r['total_wall_s']:.0f}"))
+    _bench_out(r, rows, f"alignkit bench rm-table1 --backbone {backbone}", json_out)
+
+
+@bench_app.command("rm-scoring")
+def bench_rm_scoring(
+    backbone: Annotated[str, typer.Option("--backbone", help="tiny or minilm")] = "tiny",
+    n_members: Annotated[int, typer.Option("--n-members", min=2, help="ensemble size N")] = 5,
+    batch: Annotated[int, typer.Option("--batch", min=1, help="texts per forward")] = 32,
+    rows: Annotated[int, typer.Option("--rows", min=1, help="texts scored per timed pass")] = 512,
+    repeats: Annotated[int, typer.Option("--repeats", min=1, help="timed passes (median)")] = 3,
+    json_out: JsonOpt = None,
+) -> None:
+    """Ensemble scoring (mixed, loop) vs N separate reward models vs one: samples/s and peak memory."""
+    from alignkit import bench
+
+    if backbone not in bench.RM_SETTINGS:
+        raise UserError(f"--backbone must be one of {', '.join(bench.RM_SETTINGS)}, got '{backbone}'")
+    r = bench.rm_scoring(backbone, n_members=n_members, batch=batch, rows=rows, repeats=repeats)
+    m, c, q = r["machine"], r["configs"], r["ratios"]
+    out = [("machine", f"{m['cpu']}, {m['cores']} cores; load avg {m['load_avg_1m']:.2f} -> "
+                       f"{r['load_avg_1m_end']:.2f}"),
+           ("setup", f"{backbone}, N={n_members}, batch {batch}, {rows} texts x {repeats} passes, fresh process each")]
+    for name in bench.SCORING_CONFIGS:
+        mem = "–" if q[name]["memory_vs_one"] is None else f"{q[name]['memory_vs_one']:.2f}x one"
+        out.append((name, f"{c[name]['samples_per_s']:.1f} samples/s ({q[name]['throughput_vs_one']:.3f}x one) | "
+                          f"peak RSS Δ {c[name]['peak_rss_delta_mib']:.0f} MiB ({mem})"))
+    out.append(("mixed | loop vs separate (throughput)",
+                f"{q['mixed_vs_separate_throughput']:.2f}x | {q['loop_vs_separate_throughput']:.2f}x"))
+    _bench_out(r, out, f"alignkit bench rm-scoring --backbone {backbone}", json_out)
+
+
 def main() -> None:
     """Console entry point: the error contract lives here (usage errors are click's: exit 2)."""
     try:

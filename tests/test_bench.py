@@ -30,3 +30,24 @@ def test_bench_cli_is_registered():
 
     out = CliRunner().invoke(app, ["bench", "--help"])
     assert out.exit_code == 0 and "sft" in out.output and "quickstart" in out.output
+
+
+def test_rm_table1_and_rm_scoring_small(tiny_model_dir):
+    """Tiny sizes: every Table-1 row has every metric; the scoring bench reports positive rates."""
+    from alignkit import bench
+
+    r = bench.rm_table1("tiny", seeds=(0,), lams=(0.0, 0.1), member_losses=("mean",), n_members=2, pairs=48,
+                        epochs=1, lora_r=4, lora_alpha=8, ood_max_samples=8, sft_rows=32)
+    assert [x["kind"] for x in r["rows"]] == ["full", "ensemble", "ensemble"]
+    for row in r["rows"]:
+        for key in bench.RM_METRICS:
+            assert key in row and f"{key}_sd" in row
+        assert 0 <= row["accuracy"] <= 1 and 0 <= row["ece"] <= 0.5 and row["train_runtime_s"] > 0
+        assert len(row["per_seed"]) == 1
+    assert r["rows"][0]["trainable_pct"] == 100 and r["rows"][0]["ood_auroc"] is None
+    assert 0 < r["rows"][1]["trainable_pct"] < 100 and r["sft_backbone"]["wall_s"] > 0
+    # two of the four configurations (each is a fresh subprocess, mostly import time)
+    s = bench.rm_scoring("tiny", n_members=2, batch=8, rows=16, repeats=1, configs=("one", "mixed"))
+    for name in ("one", "mixed"):
+        assert s["configs"][name]["samples_per_s"] > 0 and s["ratios"][name]["throughput_vs_one"] > 0
+    json.dumps([r, s], default=str)
