@@ -302,8 +302,211 @@ def auroc(scores_negative: Any, scores_positive: Any) -> float:
 
 
 # ---------------------------------------------------------------------------------------------------
-# Preference-optimisation losses (DPO / IPO / SPPO / KTO, ALGORITHMS.md §2-3) — added by later issues.
+# Preference-optimisation losses (DPO / IPO / SPPO / KTO, ALGORITHMS.md §2-3)
 # ---------------------------------------------------------------------------------------------------
+#
+# Conventions for this section
+# * Inputs are per-sequence SUMMED log-probs of the completion, shape ``(B,)``: ``policy_*`` under pi_theta,
+#   ``ref_*`` under the reference. ``logratio(y) = sum_t log pi_theta(y_t|x,y_<t) - log pi_ref(y_t|x,y_<t)``
+#   over completion tokens; ``Delta = logratio(y_w) - logratio(y_l)``. For SPPO the "reference" is pi_t, the
+#   policy at the START of the iteration (SPPO eq. 4.6), not the SFT model.
+# * The functions take whatever log-probs they are given: summing vs per-token averaging is the caller's
+#   choice. alignkit's choice: IPO gets per-token AVERAGED log-probs (sum / number of completion tokens), as
+#   TRL 1.16's ``loss_type="ipo"`` does (its comment: confirmed with the IPO authors, matches their reported
+#   results); everything else gets sums. The SPPO reference code's iterative-IPO baseline sums; pass sums to
+#   reproduce it. The TRL-agreement tests for IPO therefore pass averaged log-probs.
+# * Every loss is averaged over the batch, like TRL (``per_sequence_loss.mean()``).
+# * beta is the KL strength; SPPO's eta = 1/beta (paper: eta = 1000, beta = 1e-3).
+#
+# Deviations / choices
+# * ``dpo_loss(label_smoothing=eps)`` is conservative DPO (cDPO): ``-(1-eps) log sigma(z) - eps log sigma(-z)``,
+#   the form older TRL's "sigmoid" loss and the SPPO reference code use. TRL 1.16's "sigmoid" loss IGNORES
+#   ``label_smoothing`` (there it only feeds "robust" (rDPO), "exo_pair" and "aot"), so cDPO has no TRL 1.16
+#   counterpart; with eps = 0 the two agree.
+# * ``sppo_loss`` is eq. 4.12 as printed (and TRL's ``sppo_hard`` at P = 1): the SUM of the two squares. The
+#   SPPO reference code's pairwise loss ("sppo_single") and its self-play loss halve it: ``(loss_w + loss_l)/2``.
+#   :func:`sppo_self_play_loss` keeps that 1/2 (ALGORITHMS.md §3 step 5); so with P_hat_w = P, P_hat_l = 1 - P
+#   the pairwise loss is exactly twice the self-play loss (same minimiser, twice the gradient).
+
+
+def _logratios(
+    policy_chosen: Tensor, policy_rejected: Tensor, ref_chosen: Tensor, ref_rejected: Tensor, beta: float
+) -> tuple[Tensor, Tensor]:
+    """``(logratio(y_w), logratio(y_l))`` after checking shapes and beta."""
+    shapes = {tuple(t.shape) for t in (policy_chosen, policy_rejected, ref_chosen, ref_rejected)}
+    if len(shapes) != 1:
+        raise ValueError(f"policy/ref chosen/rejected log-probs must share one shape (B,), got {sorted(shapes)}")
+    if not beta > 0:
+        raise ValueError(f"beta must be > 0, got {beta}")
+    return policy_chosen - ref_chosen, policy_rejected - ref_rejected
+
+
+def _as_prob(prob: Tensor | float, like: Tensor, name: str) -> Tensor:
+    p = torch.as_tensor(prob, dtype=like.dtype, device=like.device)
+    if ((p < 0) | (p > 1)).any():
+        raise ValueError(f"{name} must lie in [0, 1]")
+    return p
+
+
+def preference_rewards(
+    policy_chosen: Tensor, policy_rejected: Tensor, ref_chosen: Tensor, ref_rejected: Tensor, beta: float
+) -> tuple[Tensor, Tensor]:
+    """Implicit rewards ``(beta * logratio(y_w), beta * logratio(y_l))``, detached, for logging.
+
+    The same quantities TRL logs as ``rewards/chosen`` and ``rewards/rejected`` (DPO eq. 5: the policy
+    defines the reward ``beta log pi_theta/pi_ref`` up to a prompt-only term).
+    """
+    lw, ll = _logratios(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta)
+    return beta * lw.detach(), beta * ll.detach()
+
+
+def dpo_loss(
+    policy_chosen: Tensor,
+    policy_rejected: Tensor,
+    ref_chosen: Tensor,
+    ref_rejected: Tensor,
+    beta: float,
+    label_smoothing: float = 0.0,
+) -> Tensor:
+    """DPO (Rafailov et al. 2023 eq. 7 = SPPO eq. 4.13): ``mean -log sigma(beta * Delta)``, TRL's "sigmoid".
+
+    ``label_smoothing`` = eps in [0, 0.5) gives cDPO, ``-(1-eps) log sigma(z) - eps log sigma(-z)`` with
+    z = beta*Delta, i.e. BCE against the soft label 1 - eps. Since ``-log sigma(-z) = -log sigma(z) + z`` this
+    is ``-log sigma(z) + eps*z``: it stops pushing once sigma(z) reaches 1 - eps.
+    """
+    if not 0.0 <= label_smoothing < 0.5:
+        raise ValueError(f"label_smoothing must lie in [0, 0.5), got {label_smoothing}")
+    lw, ll = _logratios(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta)
+    z = beta * (lw - ll)
+    return (-(1.0 - label_smoothing) * F.logsigmoid(z) - label_smoothing * F.logsigmoid(-z)).mean()
+
+
+def ipo_loss(
+    policy_chosen: Tensor, policy_rejected: Tensor, ref_chosen: Tensor, ref_rejected: Tensor, beta: float
+) -> Tensor:
+    """IPO (Azar et al. 2023 eq. 17, ALGORITHMS.md §2): ``mean (Delta - 1/(2 beta))^2``; beta is IPO's tau.
+
+    SPPO's "simplified" eq. 4.14, ``[(a - b) - 1]^2`` with a - b = beta*Delta, is NOT this: it targets
+    beta*Delta = 1 instead of 1/2 and is scaled by beta^2. We follow IPO eq. 17, as TRL and ALGORITHMS.md do.
+    Pass per-token AVERAGED log-probs to match TRL 1.16 (alignkit's convention, see the section header);
+    pass sums to match the SPPO reference code's iterative-IPO baseline.
+    """
+    lw, ll = _logratios(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta)
+    return ((lw - ll - 1.0 / (2.0 * beta)) ** 2).mean()
+
+
+def sppo_loss(
+    policy_chosen: Tensor,
+    policy_rejected: Tensor,
+    ref_chosen: Tensor,
+    ref_rejected: Tensor,
+    beta: float,
+    prob: Tensor | float,
+) -> Tensor:
+    """Pairwise soft SPPO loss (SPPO eq. 4.12), eta = 1/beta, ``prob`` = P(y_w > y_l | x) in [0, 1]:
+
+    ``mean (logratio_w - eta (P - 1/2))^2 + (logratio_l + eta (P - 1/2))^2``.
+
+    The loser's target is eta (P(y_w < y_l) - 1/2) = -eta (P - 1/2). P = 1 is TRL's ``sppo_hard``
+    (:func:`sppo_hard_loss`, exactly); P = 1/2 (a tie) pulls both log-ratios to 0 (no update at y, §4).
+    Swapping the pair together with P -> 1 - P leaves the loss unchanged. SPPO's beta-scaled form
+    ``(a - 1/2)^2 + (b + 1/2)^2`` (§4.5, a = beta*logratio_w, b = beta*logratio_l) is beta^2 times the P = 1 case.
+    """
+    lw, ll = _logratios(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta)
+    target = (_as_prob(prob, lw, "prob") - 0.5) / beta
+    return ((lw - target) ** 2 + (ll + target) ** 2).mean()
+
+
+def sppo_hard_loss(
+    policy_chosen: Tensor, policy_rejected: Tensor, ref_chosen: Tensor, ref_rejected: Tensor, beta: float
+) -> Tensor:
+    """TRL 1.16's ``loss_type="sppo_hard"``: ``mean (logratio_w - 0.5/beta)^2 + (logratio_l + 0.5/beta)^2``.
+
+    Eq. 4.12 with the hard label P = 1 (TRL's comment cites eq. 4.7 with P = 1 for the winner, 0 for the
+    loser): no 1/2 factor, averaged over the batch.
+    """
+    lw, ll = _logratios(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta)
+    return ((lw - 0.5 / beta) ** 2 + (ll + 0.5 / beta) ** 2).mean()
+
+
+def sppo_self_play_loss(
+    logratio_w: Tensor, logratio_l: Tensor, p_hat_w: Tensor | float, p_hat_l: Tensor | float, beta: float
+) -> Tensor:
+    """SPPO Algorithm 1 step 5 (eq. 4.7 on the kept winner and loser), the reference code's loss:
+
+    ``mean 1/2 [(logratio_w - eta (P_hat_w - 1/2))^2 + (logratio_l - eta (P_hat_l - 1/2))^2]``, eta = 1/beta,
+    where ``P_hat(y) = P_hat(y > pi_t | x)`` is y's mean win rate against the K samples (self included,
+    ALGORITHMS.md §3 step 3). Takes log-ratios (summed, against pi_t) directly. Both targets are free: the
+    loser's P_hat_l is usually but not necessarily < 1/2.
+    """
+    if logratio_w.shape != logratio_l.shape:
+        raise ValueError(f"logratio_w {tuple(logratio_w.shape)} and logratio_l {tuple(logratio_l.shape)} differ")
+    if not beta > 0:
+        raise ValueError(f"beta must be > 0, got {beta}")
+    target_w = (_as_prob(p_hat_w, logratio_w, "p_hat_w") - 0.5) / beta
+    target_l = (_as_prob(p_hat_l, logratio_l, "p_hat_l") - 0.5) / beta
+    return (0.5 * ((logratio_w - target_w) ** 2 + (logratio_l - target_l) ** 2)).mean()
+
+
+def kto_loss(
+    policy_logps: Tensor,
+    ref_logps: Tensor,
+    desirable: Tensor,
+    kl: Tensor,
+    beta: float,
+    desirable_weight: float = 1.0,
+    undesirable_weight: float = 1.0,
+) -> Tensor:
+    """KTO (KTO eq. 7, ALGORITHMS.md §2) on unpaired data, as TRL 1.16's ``KTOTrainer`` (``loss_type="kto"``).
+
+    Per example, with r = logratio(y) and z0 = ``kl``:
+    desirable ``w_d * (1 - sigma(beta (r - z0)))``, undesirable ``w_u * (1 - sigma(beta (z0 - r)))``.
+    The result is the plain MEAN over all B examples of these weighted terms (TRL concatenates them and
+    takes ``nanmean``): the weights are not normalised, and the desirable/undesirable mix of the batch
+    sets their relative share.
+
+    ``kl``: the batch estimate z0 of KL(pi_theta || pi_ref). TRL computes it on MISMATCHED pairs (each
+    prompt with another example's completion): ``z0 = mean_batch(logp_policy - logp_ref)``, averaged over
+    ranks, detached, clamped at 0. It is detached and clamped here too, so gradients never flow through it.
+    """
+    if policy_logps.shape != ref_logps.shape or desirable.shape != policy_logps.shape:
+        raise ValueError(
+            f"policy_logps {tuple(policy_logps.shape)}, ref_logps {tuple(ref_logps.shape)} and desirable "
+            f"{tuple(desirable.shape)} must share one shape (B,)"
+        )
+    if desirable.dtype != torch.bool:
+        raise ValueError(f"desirable must be a bool tensor, got {desirable.dtype}")
+    if not beta > 0:
+        raise ValueError(f"beta must be > 0, got {beta}")
+    z0 = kl.detach().clamp_min(0)
+    r = policy_logps - ref_logps
+    desirable_terms = desirable_weight * (1 - torch.sigmoid(beta * (r - z0)))
+    undesirable_terms = undesirable_weight * (1 - torch.sigmoid(beta * (z0 - r)))
+    return torch.where(desirable, desirable_terms, undesirable_terms).mean()
+
+
+# The uniform signature of the pairwise losses: (policy_chosen, policy_rejected, ref_chosen, ref_rejected,
+# beta, prob=None) -> scalar loss. ``prob`` = P(y_w > y_l) is used by "sppo" (required there) and ignored by
+# the others, so one SPPO-style dataset with soft probabilities serves the DPO/IPO baselines unchanged.
+# cDPO's label_smoothing is not part of it: wrap dpo_loss with functools.partial if a trainer needs it.
+PreferenceLoss = Literal["dpo", "ipo", "sppo-hard", "sppo"]
+
+
+def _sppo_table_entry(
+    pc: Tensor, pr: Tensor, rc: Tensor, rr: Tensor, beta: float, prob: Tensor | float | None = None
+) -> Tensor:
+    if prob is None:
+        raise ValueError('loss "sppo" needs prob = P(y_w > y_l); use "sppo-hard" for hard labels (P = 1)')
+    return sppo_loss(pc, pr, rc, rr, beta, prob)
+
+
+PREFERENCE_LOSSES: dict[str, Callable[..., Tensor]] = {
+    "dpo": lambda pc, pr, rc, rr, beta, prob=None: dpo_loss(pc, pr, rc, rr, beta),
+    "ipo": lambda pc, pr, rc, rr, beta, prob=None: ipo_loss(pc, pr, rc, rr, beta),
+    "sppo-hard": lambda pc, pr, rc, rr, beta, prob=None: sppo_hard_loss(pc, pr, rc, rr, beta),
+    "sppo": _sppo_table_entry,
+}
+
 
 # ---------------------------------------------------------------------------------------------------
 # RL losses (PPO clip, value loss, GAE, k2 KL estimator, UP-RLHF eqs. 14-16) — added by later issues.
