@@ -66,7 +66,7 @@ class TrainSection(Block):
     max_steps: int = Field(-1, description="stop after this many optimiser steps (-1: run all epochs)")
     batch_size: int = Field(8, ge=1, description="per-device batch size")
     grad_accum: int = Field(1, ge=1, description="gradient accumulation steps")
-    warmup_ratio: float = Field(0.0, ge=0.0, le=1.0)
+    warmup_ratio: float = Field(0.0, ge=0.0, lt=1.0, description="share of the steps spent warming up")
     weight_decay: float = Field(0.0, ge=0.0)
     lr_scheduler: str = Field("linear", description="transformers scheduler name")
     max_length: int = Field(512, ge=8, description="truncate tokenised sequences to this length")

@@ -31,7 +31,7 @@ class QuickstartTrain(TrainSection):
     epochs: float = Field(3.0, gt=0.0)
     batch_size: int = Field(32, ge=1)
     max_length: int = Field(128, ge=8)
-    warmup_ratio: float = Field(0.05, ge=0.0, le=1.0)
+    warmup_ratio: float = Field(0.05, ge=0.0, lt=1.0)
 
 
 class QuickstartData(DataSection):
@@ -101,22 +101,23 @@ def run(cfg: QuickstartConfig, progress: Any | None = None, console: Any | None 
     t0 = time.perf_counter()
     out = Path(cfg.output.dir or "runs/quickstart")  # a fixed default: `make quickstart` overwrites it
     RunDir.check(out, cfg.output.overwrite, resume=False)
-    run_dir = RunDir.open(out, cfg.output.overwrite, False, to_yaml(cfg))
-
     console.print("[bold]1/4[/bold] building the tiny model (cached after the first time)")
     base_dir = models.resolve(cfg.model.name)
-
-    console.print("[bold]2/4[/bold] SFT on the built-in review task")
+    if not Path(base_dir).is_dir():
+        models.load_tokenizer(base_dir)  # a hub id: fails with one line while offline, before writing
     sft_cfg = sft.SFTConfig(
         model=cfg.model, data=cfg.data.model_dump(), train=cfg.train.model_dump(),
-        output={"dir": str(run_dir.path("sft"))},
+        output={"dir": str(out.with_name(out.name + ".partial") / "sft")},
     )
+    prompts = heldout_prompts(sft_cfg, cfg.eval.n_prompts, cfg.eval.seed)  # validates the data too
+    run_dir = RunDir.open(out, cfg.output.overwrite, False, to_yaml(cfg))
+
+    console.print("[bold]2/4[/bold] SFT on the built-in review task")
     t_sft = time.perf_counter()
     sft_summary = sft.run(sft_cfg, progress=progress)
     sft_seconds = time.perf_counter() - t_sft
 
     console.print("[bold]3/4[/bold] sampling from the untrained and the SFT policy")
-    prompts = heldout_prompts(sft_cfg, cfg.eval.n_prompts, cfg.eval.seed)
     rows: dict[str, dict[str, Any]] = {}
     for name, path in (("untrained", base_dir), ("sft", str(run_dir.path("sft", "model")))):
         model, tok = models.load_causal_lm(path, dtype=cfg.model.dtype, device=cfg.model.device)

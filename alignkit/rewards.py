@@ -220,6 +220,7 @@ class RewardEnsemble(torch.nn.Module):
             "seeds": seeds,
             "lora": asdict(lora),
             "dropout": "disabled (eval mode in every forward, as TRL's disable_dropout)",
+            "max_length": max_length,
             "metadata": {},
         }
         ensemble = cls(model, tokenizer, info, max_length)
@@ -318,7 +319,7 @@ class RewardEnsemble(torch.nn.Module):
         device: str = "auto",
         base: str | None = None,
         trust_remote_code: bool = False,
-        max_length: int = 512,
+        max_length: int | None = None,
     ) -> RewardEnsemble:
         """Rebuild a saved ensemble on its base (or on `base`, which must be the same model)."""
         from peft import PeftModel
@@ -363,7 +364,7 @@ class RewardEnsemble(torch.nn.Module):
                     f"ensemble member '{member}' does not fit base '{base}': {str(err).strip().splitlines()[0][:200]}"
                 ) from err
         model.to(models.choose_device(device))
-        ensemble = cls(model, tokenizer, info, max_length)
+        ensemble = cls(model, tokenizer, info, max_length or info.get("max_length", 512))
         ensemble.set_trainable(True)
         return ensemble
 
@@ -391,6 +392,8 @@ class RewardModelScorer:
         path = Path(path)
         if (path / "summary.json").is_file() and (path / "model").is_dir():
             path = path / "model"
+        if (path / REWARD_CONFIG).is_file():  # score with the length it was trained with
+            kw.setdefault("max_length", json.loads((path / REWARD_CONFIG).read_text())["max_length"])
         adapter_cfg = path / "adapter_config.json"
         if not adapter_cfg.is_file():
             model, tok = models.load_sequence_classifier(
@@ -532,7 +535,12 @@ def _is_identifier_path(text: str) -> bool:
     return bool(text) and all(part.isidentifier() for part in text.split("."))
 
 
-def load_scorer(spec: str, device: str = "auto", dtype: str = "auto", batch_size: int = 32) -> Scorer:
+REWARD_CONFIG = "alignkit_reward.json"  # written next to an `alignkit rm` model: {"max_length": ...}
+
+
+def load_scorer(
+    spec: str, device: str = "auto", dtype: str = "auto", batch_size: int = 32, trust_remote_code: bool = False
+) -> Scorer:
     """`gold`, `module:function`, an ensemble / `alignkit rm-ensemble` dir, an `alignkit rm` run dir
     or a reward-model directory -> a Scorer."""
     spec = str(spec).strip()
@@ -542,15 +550,20 @@ def load_scorer(spec: str, device: str = "auto", dtype: str = "auto", batch_size
     if path.is_dir():
         for ens in (path, path / "model", path / "ensemble"):
             if (ens / "ensemble.json").is_file():
-                return EnsembleScorer(RewardEnsemble.load(ens, dtype=dtype, device=device), batch_size=batch_size)
+                ensemble = RewardEnsemble.load(ens, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+                return EnsembleScorer(ensemble, batch_size=batch_size)
         summary = path / "summary.json"
         if summary.is_file() and (path / "model").is_dir():
             command = json.loads(summary.read_text()).get("command")
             if command not in (None, "rm"):
                 raise UserError(f"'{spec}' is a run directory of `alignkit {command}`, not a reward model run (rm)")
-            return RewardModelScorer.from_dir(path / "model", dtype=dtype, device=device, batch_size=batch_size)
+            return RewardModelScorer.from_dir(
+                path / "model", dtype=dtype, device=device, batch_size=batch_size, trust_remote_code=trust_remote_code
+            )
         if (path / "config.json").is_file() or (path / "adapter_config.json").is_file():
-            return RewardModelScorer.from_dir(path, dtype=dtype, device=device, batch_size=batch_size)
+            return RewardModelScorer.from_dir(
+                path, dtype=dtype, device=device, batch_size=batch_size, trust_remote_code=trust_remote_code
+            )
         raise UserError(f"directory '{spec}' holds no reward model: expected {SCORER_FORMS}")
     module_name, sep, fn_name = spec.partition(":")
     if sep and _is_identifier_path(module_name) and fn_name.isidentifier():

@@ -88,6 +88,12 @@ BAD_INPUTS = [
     (["rm-ensemble", "--lam", "-0.1", "-o", "{out}"], ["lam", ">= 0"]),
     (["rm-ensemble", "--member-loss", "median", "-o", "{out}"], ["ensemble.member_loss"]),
     (["rm", "eval", "{existing}", "-o", "{out}"], ["not a finished alignkit rm"]),
+    (["rm", "eval", "{existing}", "--bins", "0", "-o", "{out}"], ["--bins"]),
+    (["quickstart", "-o", "{out}", "--set", "model.name=no-such-model"], ["no-such-model"]),
+    (["quickstart", "-o", "{out}", "--set", "train.batch_size=0"], ["train.batch_size"]),
+    (["rm-ensemble", "--num-processes", "2", "--set", "ensemble.forward=loop", "-o", "{out}"], ["DDP"]),
+    (["rm-ensemble", "--accelerate-config", "zero3", "-o", "{out}"], ["ZeRO-3/FSDP"]),
+    (["rm", "--ood", "{nocol}", "-o", "{out}"], ["nocol.jsonl", "question"]),
 ]
 
 

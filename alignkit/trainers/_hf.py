@@ -80,6 +80,9 @@ def quiet_libraries() -> None:
 
     warnings.filterwarnings("ignore", message=".*gradient_checkpointing.*deprecated", category=FutureWarning)
     datasets.disable_progress_bars()
+    import huggingface_hub
+
+    huggingface_hub.utils.logging.set_verbosity_error()  # no "Retrying in Ns" lines before our one-line error
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
 
