@@ -146,12 +146,12 @@ def test_rm_refuses_non_pairwise_data(tmp_path: Path, tiny_model_dir):
 def test_rm_two_processes_on_cpu(tmp_path: Path, tiny_model_dir, alignkit_cache):
     out = tmp_path / "rm2"
     cmd = [sys.executable, "-m", "alignkit.cli", "rm", "--model", "tiny", "--max-samples", "160",  # 128 train pairs
-           "--batch-size", "8", "--max-length", "96", "--epochs", "1", "--device", "cpu", "-o", str(out),
+           "--batch-size", "8", "--max-length", "96", "--epochs", "1", "--lr", "2e-3", "--device", "cpu", "-o", str(out),
            "--num-processes", "2"]
     env = {**os.environ, "ALIGNKIT_CACHE": str(alignkit_cache), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["data_parallel"]["examples_seen_by_every_rank"] == 0
-    assert summary["data_parallel"]["examples_per_rank"] == [64, 64]
+    assert summary["data_parallel"]["examples_per_rank"] == [64, 64]  # one epoch: a shard per rank
     assert summary["eval"]["pairs"] == 32 and summary["eval"]["accuracy"] > 0.5  # learned something together

@@ -125,7 +125,9 @@ class ShardRecorder:
     """Wraps a data collator and fingerprints every example this rank trains on.
 
     Used to report (and test) real data parallelism: with N processes each rank must see a different
-    shard. Cost: one hash of the input ids per example.
+    shard. The report covers the whole run: the sampler reshuffles every epoch, so ranks share
+    examples across epochs, and accelerate repeats a few to even out the last batch. Cost: one hash
+    per example, only in multi-process runs.
     """
 
     def __init__(self, collator):
