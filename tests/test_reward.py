@@ -146,8 +146,8 @@ def test_rm_refuses_non_pairwise_data(tmp_path: Path, tiny_model_dir):
 def test_rm_two_processes_on_cpu(tmp_path: Path, tiny_model_dir, alignkit_cache):
     out = tmp_path / "rm2"
     cmd = [sys.executable, "-m", "alignkit.cli", "rm", "--model", "tiny", "--max-samples", "160",  # 128 train pairs
-           "--batch-size", "8", "--max-length", "96", "--epochs", "1", "--lr", "2e-3", "--device", "cpu", "-o", str(out),
-           "--num-processes", "2"]
+           "--batch-size", "8", "--max-length", "96", "--epochs", "1", "--lr", "2e-3", "--device", "cpu",
+           "-o", str(out), "--num-processes", "2"]
     env = {**os.environ, "ALIGNKIT_CACHE": str(alignkit_cache), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
