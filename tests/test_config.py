@@ -99,3 +99,21 @@ def test_recipe_needs_header_comment(tmp_path: Path):
     f.write_text("command: sft\n")
     with pytest.raises(UserError, match="first line"):
         validate_recipe(f)
+
+
+@pytest.mark.parametrize("recipe", sorted(p.stem for p in recipes_dir().glob("*.yaml")))
+def test_every_recipe_dry_runs_without_downloading(recipe, monkeypatch, capsys, tmp_path):
+    """`alignkit run NAME --dry-run` resolves the config and prints the plan: no download, no writes."""
+    import sys
+
+    from alignkit import cli
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["alignkit", "run", recipe, "--dry-run"])
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main()
+    out = capsys.readouterr().out
+    assert exit_info.value.code in (0, None), out
+    command = validate_recipe(recipes_dir() / f"{recipe}.yaml").command
+    assert "nothing is downloaded or written" in out and f"command: {command}" in out
+    assert list(tmp_path.iterdir()) == []
