@@ -226,6 +226,29 @@ def rm_ensemble(
     _train("rm-ensemble", recipe, set_, flags, dry_run)
 
 
+PrefLossOpt = Annotated[str | None, typer.Option("--loss", help="dpo, ipo, sppo-hard or sppo (soft, needs prob)")]
+BetaOpt = Annotated[float | None, typer.Option("--beta", help="β > 0, the KL strength (SPPO: η = 1/β)")]
+PrecomputeOpt = Annotated[bool | None, typer.Option("--precompute-ref", help="reference log-probs once, no ref model")]
+
+
+@app.command()
+def dpo(
+    recipe: RecipeOpt = None, set_: SetOpt = None, model: ModelOpt = None, data: DataOpt = None,
+    kind: KindOpt = None, columns: ColumnsOpt = None, max_samples: MaxSamplesOpt = None,
+    output_dir: OutOpt = None, overwrite: OverwriteOpt = None, resume: ResumeOpt = None, lr: LrOpt = None,
+    epochs: EpochsOpt = None, max_steps: StepsOpt = None, batch_size: BatchOpt = None,
+    grad_accum: AccumOpt = None, max_length: MaxLenOpt = None, seed: SeedOpt = None, lora: LoraOpt = None,
+    lora_r: LoraROpt = None, dtype: DtypeOpt = None, device: DeviceOpt = None,
+    trust_remote_code: RemoteOpt = None, num_processes: NprocOpt = None, accelerate_config: AccOpt = None,
+    loss: PrefLossOpt = None, beta: BetaOpt = None, precompute_ref: PrecomputeOpt = None, dry_run: DryOpt = False,
+) -> None:
+    """Direct preference optimisation on pairwise data (TRL DPOTrainer): DPO, IPO, SPPO (hard or soft)."""
+    skip = ("recipe", "set_", "dry_run", "loss", "beta", "precompute_ref")
+    flags = _common_flags(**{k: v for k, v in locals().items() if k not in skip})
+    flags.update({"pref.loss": loss, "pref.beta": beta, "pref.precompute_ref_log_probs": precompute_ref})
+    _train("dpo", recipe, set_, flags, dry_run)
+
+
 def _rm_eval(run: str, output_dir, overwrite, data, ood, max_samples, bins, seed) -> None:
     from alignkit.trainers.reward import run_eval
 

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from alignkit import quickstart
-from alignkit.trainers import reward, sft
+from alignkit.trainers import preference, reward, sft
 
 TRAINERS = {
     "quickstart": (quickstart.QuickstartConfig, quickstart.run),
     "sft": (sft.SFTConfig, sft.run),
     "rm": (reward.RMConfig, reward.run),
     "rm-ensemble": (reward.RMEnsembleConfig, reward.run_ensemble),
+    "dpo": (preference.DPOConfig, preference.run),
 }
