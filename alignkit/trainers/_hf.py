@@ -188,6 +188,16 @@ def loss_summary(metrics: list[dict[str, Any]]) -> dict[str, Any]:
     return {"first_loss": losses[0][1], "last_loss": losses[-1][1], "last_loss_step": losses[-1][0]}
 
 
+def fit(trainer, run: RunDir):
+    """The training loop every trainer shares: metrics to the run directory only (no printer), shard
+    fingerprints in multi-process runs, resume from DIR.partial's newest checkpoint when asked.
+    Returns (TrainOutput, data-parallel report or None)."""
+    drop_printer(trainer)
+    recorder = record_shards(trainer)
+    result = trainer.train(resume_from_checkpoint=resume_checkpoint(run))
+    return result, (gather_shards(recorder) if recorder else None)
+
+
 def resume_checkpoint(run: RunDir) -> str | None:
     """The checkpoint to resume from; metrics.jsonl is cut back to that step so that no step is
     logged twice (with no checkpoint the run restarts from step 0 and the log starts empty)."""

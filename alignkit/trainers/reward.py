@@ -228,12 +228,9 @@ def run(cfg: RMConfig, callbacks: list | None = None, progress: Any | None = Non
         model=model, args=args, train_dataset=_tokenized(train_ds, tokenizer, cfg.train.max_length),
         processing_class=tokenizer, callbacks=[_hf.RunDirMetrics(run_dir, progress), *(callbacks or [])],
     )
-    _hf.drop_printer(trainer)
-    recorder = _hf.record_shards(trainer)
 
     # -- train ---------------------------------------------------------------------------------------
-    result = trainer.train(resume_from_checkpoint=_hf.resume_checkpoint(run_dir))
-    parallel = _hf.gather_shards(recorder) if recorder else None
+    result, parallel = _hf.fit(trainer, run_dir)
 
     # -- save + evaluate ---------------------------------------------------------------------------------
     _hf.save_final(trainer, tokenizer, run_dir)
@@ -446,12 +443,9 @@ def run_ensemble(cfg: RMEnsembleConfig, callbacks: list | None = None, progress:
         train_dataset=_tokenized(train_ds, tokenizer, cfg.train.max_length), processing_class=tokenizer,
         callbacks=[_hf.RunDirMetrics(run_dir, progress), *(callbacks or [])], ensemble=ensemble, ens=ens,
     )
-    _hf.drop_printer(trainer)
-    recorder = _hf.record_shards(trainer)
 
     # -- train ---------------------------------------------------------------------------------------
-    result = trainer.train(resume_from_checkpoint=_hf.resume_checkpoint(run_dir))
-    parallel = _hf.gather_shards(recorder) if recorder else None
+    result, parallel = _hf.fit(trainer, run_dir)
 
     # -- save + evaluate ---------------------------------------------------------------------------------
     summary: dict[str, Any] = {
