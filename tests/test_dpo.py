@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import Interrupt
 from safetensors.torch import load_file
-from transformers import TrainerCallback
 
 from alignkit.errors import UserError
 from alignkit.trainers import preference
@@ -49,20 +49,13 @@ def test_preference_losses_learn_the_builtin_preferences(loss, n, beta, epochs, 
     assert not (out / "checkpoints").exists()
 
 
-class _Interrupt(TrainerCallback):
-    def __init__(self, at: int):
-        self.at = at
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step == self.at:
-            raise KeyboardInterrupt  # what Ctrl-C does mid-run
 
 
 def test_resume_reproduces_the_uninterrupted_run(tmp_path: Path, tiny_model_dir):
     model = str(tiny_model_dir)
     straight = preference.run(_cfg(tmp_path / "a", model, n=64, batch_size=8, save_steps=4))
     with pytest.raises(KeyboardInterrupt):
-        preference.run(_cfg(tmp_path / "b", model, n=64, batch_size=8, save_steps=4), callbacks=[_Interrupt(6)])
+        preference.run(_cfg(tmp_path / "b", model, n=64, batch_size=8, save_steps=4), callbacks=[Interrupt(6)])
     assert (tmp_path / "b.partial" / "checkpoints" / "checkpoint-4").is_dir() and not (tmp_path / "b").exists()
     again = _cfg(tmp_path / "b", model, n=64, batch_size=8, save_steps=4)
     again.output.resume = True

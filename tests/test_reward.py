@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import TrainerCallback
+from helpers import Interrupt
 
 from alignkit import rewards
 from alignkit.config import build_config
@@ -101,17 +101,13 @@ def test_nnm_term_raises_diversity(tmp_path: Path, sft_tiny_dir):
     assert nnm["diverse"] > nnm["plain"], nnm
 
 
-class _Interrupt(TrainerCallback):
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step == 5:
-            raise KeyboardInterrupt
 
 
 def test_ensemble_resume_reproduces_the_uninterrupted_run(tmp_path: Path, sft_tiny_dir):
     short = {"train__save_steps": 3, "train__epochs": 1, "data__max_samples": 320}
     straight = reward.run_ensemble(_ens_cfg(tmp_path / "a", sft_tiny_dir, **short))
     with pytest.raises(KeyboardInterrupt):
-        reward.run_ensemble(_ens_cfg(tmp_path / "b", sft_tiny_dir, **short), callbacks=[_Interrupt()])
+        reward.run_ensemble(_ens_cfg(tmp_path / "b", sft_tiny_dir, **short), callbacks=[Interrupt(5)])
     resumed = reward.run_ensemble(_ens_cfg(tmp_path / "b", sft_tiny_dir, output__resume=True, **short))
     assert resumed["steps"] == straight["steps"]
     a = rewards.RewardEnsemble.load(tmp_path / "a", device="cpu")

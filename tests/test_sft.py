@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import Interrupt
 from safetensors.torch import load_file
-from transformers import TrainerCallback
 
 from alignkit import arena, generation, models
 from alignkit.trainers import sft
@@ -52,19 +52,12 @@ def test_sft_learns_the_builtin_task(tmp_path: Path, tiny_model_dir):
     assert after["gold"] > before["gold"] + 0.8, (before, after)
 
 
-class _Interrupt(TrainerCallback):
-    def __init__(self, at: int):
-        self.at = at
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step == self.at:
-            raise KeyboardInterrupt  # what Ctrl-C does mid-run
 
 
 def test_resume_reproduces_the_uninterrupted_run(tmp_path: Path, tiny_model_dir):
     straight = sft.run(_cfg(tmp_path / "a", save_steps=4))
     with pytest.raises(KeyboardInterrupt):
-        sft.run(_cfg(tmp_path / "b", save_steps=4), callbacks=[_Interrupt(6)])
+        sft.run(_cfg(tmp_path / "b", save_steps=4), callbacks=[Interrupt(6)])
     assert (tmp_path / "b.partial" / "checkpoints" / "checkpoint-4").is_dir() and not (tmp_path / "b").exists()
     again = _cfg(tmp_path / "b", save_steps=4)
     again.output.resume = True

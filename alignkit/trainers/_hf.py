@@ -167,17 +167,22 @@ def gather_shards(recorder: ShardRecorder) -> dict[str, Any] | None:
     }
 
 
-def save_final(trainer, tokenizer, run: RunDir, subdir: str = "model") -> None:
-    """Save weights (safetensors; a peft adapter for LoRA) + tokenizer; drop what a finished run
-    does not need: the resume checkpoints and transformers' pickled training_args.bin."""
+def save_final(trainer, tokenizer, run: RunDir, title: str, subdir: str = "model") -> list[dict[str, Any]]:
+    """Save weights (safetensors; a peft adapter for LoRA) + tokenizer and plots/loss.png; drop what a
+    finished run does not need (the resume checkpoints, transformers' pickled training_args.bin).
+    Returns the logged metrics. Every rank calls it; rank 0 writes."""
     import shutil
 
     target = run.path(subdir)
     trainer.save_model(str(target))
+    metrics = run.read_metrics()
     if trainer.is_world_process_zero():
         tokenizer.save_pretrained(str(target))
         (target / "training_args.bin").unlink(missing_ok=True)
         shutil.rmtree(run.path("checkpoints"), ignore_errors=True)
+        loss_plot(metrics, run.path("plots", "loss.png"), title=title)
+    trainer.accelerator.wait_for_everyone()
+    return metrics
 
 
 def loss_summary(metrics: list[dict[str, Any]]) -> dict[str, Any]:

@@ -216,11 +216,7 @@ def run(cfg: DPOConfig, callbacks: list | None = None, progress: Any | None = No
     result, parallel = _hf.fit(trainer, run_dir)
 
     # -- save ------------------------------------------------------------------------------------
-    _hf.save_final(trainer, tokenizer, run_dir)  # safetensors; a peft adapter with LoRA
-    metrics = run_dir.read_metrics()
-    if is_main:
-        _hf.loss_plot(metrics, run_dir.path("plots", "loss.png"), title=f"{cfg.pref.loss} {cfg.model.name}")
-    trainer.accelerator.wait_for_everyone()
+    metrics = _hf.save_final(trainer, tokenizer, run_dir, title=f"{cfg.pref.loss} {cfg.model.name}")
     last = [m for m in metrics if "rewards/accuracies" in m]
     summary = {
         "command": "dpo",

@@ -233,7 +233,7 @@ def run(cfg: RMConfig, callbacks: list | None = None, progress: Any | None = Non
     result, parallel = _hf.fit(trainer, run_dir)
 
     # -- save + evaluate ---------------------------------------------------------------------------------
-    _hf.save_final(trainer, tokenizer, run_dir)
+    metrics = _hf.save_final(trainer, tokenizer, run_dir, title=f"reward model {cfg.model.name}")
     if is_main:  # scorers read it back: a model is scored on inputs of the length it was trained on
         (run_dir.path("model") / rewards.REWARD_CONFIG).write_text(json.dumps({"max_length": cfg.train.max_length}))
     summary: dict[str, Any] = {
@@ -243,7 +243,7 @@ def run(cfg: RMConfig, callbacks: list | None = None, progress: Any | None = Non
         "train_runtime_s": result.metrics.get("train_runtime"),
         "trainable_params": trainable, "total_params": total, "trainable_pct": 100.0 * trainable / total,
         "lora": cfg.model.lora.enabled, "world_size": trainer.accelerator.num_processes,
-        **_hf.loss_summary(run_dir.read_metrics()),
+        **_hf.loss_summary(metrics),
     }
     if parallel:
         summary["data_parallel"] = parallel
@@ -252,7 +252,6 @@ def run(cfg: RMConfig, callbacks: list | None = None, progress: Any | None = Non
             trainer.model, tokenizer, batch_size=cfg.eval.batch_size, max_length=cfg.train.max_length
         )
         summary["eval"] = evaluate(scorer, eval_ds, ood_ds, run_dir.path("plots"), cfg.eval.n_bins) if eval_ds else {}
-        _hf.loss_plot(run_dir.read_metrics(), run_dir.path("plots", "loss.png"), title=f"reward model {cfg.model.name}")
     trainer.accelerator.wait_for_everyone()
     final = run_dir.finish(summary, readme=_readme(cfg, summary))
     summary["output_dir"] = str(final)

@@ -79,11 +79,7 @@ def run(cfg: SFTConfig, callbacks: list | None = None, progress: Any | None = No
     result, parallel = _hf.fit(trainer, run_dir)
 
     # -- save ------------------------------------------------------------------------------------
-    _hf.save_final(trainer, tokenizer, run_dir)  # safetensors; a peft adapter with LoRA
-    metrics = run_dir.read_metrics()
-    if is_main:
-        _hf.loss_plot(metrics, run_dir.path("plots", "loss.png"), title=f"SFT {cfg.model.name}")
-    trainer.accelerator.wait_for_everyone()
+    metrics = _hf.save_final(trainer, tokenizer, run_dir, title=f"SFT {cfg.model.name}")
     summary = {
         "command": "sft",
         "model": cfg.model.name,
