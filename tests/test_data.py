@@ -451,12 +451,12 @@ def test_bad_files_and_sources(tmp_path, monkeypatch):
         raise ConnectionError("Couldn't reach 'foo/bar' on the Hub (LocalEntryNotFoundError)")
 
     monkeypatch.setattr(datasets, "load_dataset", offline)
-    monkeypatch.setattr(data, "_hub_reachable", lambda: True)
+    monkeypatch.setattr(data.sources, "_hub_reachable", lambda: True)
     with pytest.raises(
         UserError, match=r"cannot load 'foo/bar' from the Hugging Face hub \(offline\?\).*pass the local path"
     ):
         data.load("foo/bar")
-    monkeypatch.setattr(data, "_hub_reachable", lambda: False)
+    monkeypatch.setattr(data.sources, "_hub_reachable", lambda: False)
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
     with pytest.raises(UserError, match=r"cannot load 'org/x:cfg' .*hub unreachable; set HF_HUB_OFFLINE=1"):
         data.load("org/x:cfg")
