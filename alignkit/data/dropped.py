@@ -35,12 +35,12 @@ def note_dropped(source: str, rows_in: int, dropped: Mapping[str, int]) -> dict[
     if not counts:
         return {}
     total = sum(counts.values())
-    why = "; ".join(f"{n} {reason} ({REASONS[reason][0]})" for reason, n in counts.items())
+    why = "; ".join(f"{reason}: {n}, {REASONS[reason][0]}" for reason, n in counts.items())
     todo = " or ".join(dict.fromkeys(REASONS[reason][1] for reason in counts))
     if total >= rows_in:
-        raise UserError(f"{source}: all {rows_in} rows were dropped: {why} — nothing is left; {todo}")
+        raise UserError(f"{source}: all {rows_in} rows were dropped ({why}) — nothing is left; {todo}")
     if rank_info()["is_main"]:
-        print(f"{source}: dropped {total} of {rows_in} rows: {why} — {todo}", file=sys.stderr)
+        print(f"{source}: dropped {total} of {rows_in} rows ({why}) — {todo}", file=sys.stderr)
     return counts
 
 
@@ -56,7 +56,7 @@ def drop_too_long(ds: datasets.Dataset, tokenizer: Any, max_length: int) -> tupl
         return ds, 0
     if not isinstance(ds[0]["prompt"], str) and not getattr(tokenizer, "chat_template", None):
         return ds, 0  # message lists without a chat template: TRL refuses them itself
-    prompts, completions = ds["prompt"], ds["completion"]
+    prompts, completions = list(ds["prompt"]), list(ds["completion"])
     if isinstance(prompts[0], str):
         eos = tokenizer.eos_token or ""
         full_text = [p + c + ("" if c.endswith(eos) else eos) for p, c in zip(prompts, completions, strict=True)]

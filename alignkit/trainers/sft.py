@@ -1,10 +1,9 @@
-"""Supervised fine-tuning (step 1 of the RLHF pipeline, ALGORITHMS.md §0): cross-entropy on
+"""Supervised fine-tuning (step 1 of the RLHF pipeline): cross-entropy on
 demonstrations, through TRL's `SFTTrainer`, full fine-tuning or LoRA.
 
 Setup → train → save, top to bottom. Prompt/completion data is trained on the completion tokens only
-(TRL's `completion_only_loss`), with EOS appended by TRL so the policy learns to stop.
-No deviation from the usual recipe; alignkit adds the shared data/model loaders, the run directory,
-the launcher and a data-parallel report.
+(TRL's `completion_only_loss`), with EOS appended by TRL so the policy learns to stop. Rows whose
+prompt alone fills `max_length` are dropped, counted and reported (summary.json `dropped_rows`).
 """
 
 from __future__ import annotations
@@ -47,11 +46,8 @@ def run(cfg: SFTConfig, callbacks: list | None = None, progress: Any | None = No
     out, is_main = _hf.begin(cfg)
 
     # -- setup: data and model are loaded (and validated) before anything is written -------------
-    ds, _ = data.load_source(cfg.data, expected=("sft",))
-    splits = {"train": ds, "eval": None}
-    if cfg.data.eval_fraction > 0:
-        f = cfg.data.eval_fraction
-        splits = data.split(ds, (1 - f, f), cfg.data.seed, ("train", "eval"))
+    dropped: dict[str, int] = {}
+    ds, _ = data.load_source(cfg.data, expected=("sft",), dropped=dropped)
     set_seed(cfg.train.seed)  # LoRA A matrices are initialised from the global RNG
     model, tokenizer = models.load_causal_lm(
         cfg.model.name, dtype=cfg.model.dtype, device=cfg.model.device,
@@ -59,12 +55,19 @@ def run(cfg: SFTConfig, callbacks: list | None = None, progress: Any | None = No
         lora=models.LoraSpec(**cfg.model.lora.model_dump(exclude={"enabled"})) if cfg.model.lora.enabled else None,
     )
     trainable, total = models.trainable_parameters(model)
+    max_length = cfg.train.max_length
+    completion_only = "prompt" in ds.column_names and cfg.train.completion_only_loss
+    if completion_only and not cfg.train.packing:  # else TRL drops them without a word
+        rows_in = len(ds)
+        ds, too_long = data.drop_too_long(ds, tokenizer, max_length)
+        dropped |= data.note_dropped(cfg.data.source, rows_in, {"too_long": too_long})
+    splits = data.train_eval_split(ds, cfg.data)
     bf16 = next(model.parameters()).dtype == torch.bfloat16  # as TRL: bf16 weights train under bf16 autocast
 
     run_dir = RunDir.open(out, cfg.output.overwrite, cfg.output.resume, to_yaml(cfg), is_main=is_main)
     args = TRLSFTConfig(
         **_hf.training_args(cfg, run_dir, bf16=bf16),
-        max_length=cfg.train.max_length,
+        max_length=max_length,
         completion_only_loss=cfg.train.completion_only_loss if "prompt" in ds.column_names else None,
         packing=cfg.train.packing,
         eval_strategy="epoch" if splits["eval"] is not None else "no",
@@ -84,6 +87,7 @@ def run(cfg: SFTConfig, callbacks: list | None = None, progress: Any | None = No
         "command": "sft",
         "model": cfg.model.name,
         "train_rows": len(splits["train"]),
+        "dropped_rows": dropped,
         **_hf.training_summary(trainer, result, metrics, trainable, total),
         "lora": cfg.model.lora.enabled,
     }
