@@ -11,8 +11,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import Interrupt
+from helpers import Interrupt, run_cli
 from safetensors.torch import load_file
+from transformers import TrainerCallback
 
 from alignkit import arena, generation, models
 from alignkit.trainers import sft
@@ -112,3 +113,77 @@ def test_two_process_cpu_launch_splits_the_data(tmp_path: Path, tiny_model_dir, 
     steps = [m["step"] for m in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss" in m]
     assert len(steps) == len(set(steps))
     assert summary["steps"] == 4  # 64 rows / (2 ranks x 8)
+
+
+# --------------------------------------------------------------------------- rows that cannot be trained on
+
+
+def _jsonl(path: Path, rows: list[dict]) -> str:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def _long_and_short(n: int, every: int) -> list[dict]:
+    """n prompt/completion rows; every `every`-th prompt is ~200 words, far past max_length 64."""
+    return [{"prompt": "word " * (200 if i % every == 0 else 5) + str(i), "completion": " a good review"}
+            for i in range(n)]
+
+
+class _TrainSetSize(TrainerCallback):
+    """Records how many rows TRL's prepared training set really holds."""
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.rows = len(kwargs["train_dataloader"].dataset)
+
+
+def test_rows_whose_prompt_fills_max_length_are_dropped_counted_and_reported(tmp_path: Path, tiny_model_dir, capsys):
+    cfg = _cfg(tmp_path / "run", max_length=64, batch_size=4, max_steps=1)
+    cfg.data.source, cfg.data.max_samples = _jsonl(tmp_path / "d.jsonl", _long_and_short(24, 6)), None
+    seen = _TrainSetSize()
+    summary = sft.run(cfg, callbacks=[seen])
+    assert summary["dropped_rows"] == {"too_long": 4} and summary["train_rows"] == 20 == seen.rows
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["dropped_rows"] == {"too_long": 4}
+    err = capsys.readouterr().err
+    assert "d.jsonl: dropped 4 of 24 rows (too_long: 4" in err and "--max-length" in err
+    # nothing to drop: the count says so
+    cfg = _cfg(tmp_path / "short", max_length=64, batch_size=4, max_steps=1)
+    cfg.data.source = _jsonl(tmp_path / "s.jsonl", _long_and_short(8, 100)[1:])
+    assert sft.run(cfg)["dropped_rows"] == {}
+
+
+def test_every_row_too_long_fails_before_writing(tmp_path: Path, tiny_model_dir, monkeypatch, capsys):
+    src = _jsonl(tmp_path / "long.jsonl", _long_and_short(6, 1))
+    out = tmp_path / "run"
+    code, _, err = run_cli(["sft", "--model", "tiny", "--data", src, "--max-length", "64", "--device", "cpu",
+                            "-o", str(out)], monkeypatch, capsys)
+    lines = [x for x in err.strip().splitlines() if x.strip()]
+    assert code == 2 and len(lines) == 1 and "Traceback" not in err, err
+    assert "long.jsonl: all 6 rows were dropped (too_long: 6" in lines[0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["long.jsonl"], "nothing may look like a run"
+
+
+def test_messages_column_holding_a_string_is_one_line(tmp_path: Path, monkeypatch, capsys):
+    src = _jsonl(tmp_path / "m.jsonl", [{"messages": "hello there"}, {"messages": "general kenobi"}])
+    code, _, err = run_cli(["sft", "--model", "tiny", "--data", src, "--device", "cpu", "-o", str(tmp_path / "run")],
+                           monkeypatch, capsys)
+    lines = [x for x in err.strip().splitlines() if x.strip()]
+    assert code == 2 and len(lines) == 1 and "Traceback" not in err, err
+    assert "m.jsonl: row 1: field 'messages' holds a string" in lines[0]
+    assert not (tmp_path / "run").exists() and not (tmp_path / "run.partial").exists()
+
+
+def test_huge_max_length_with_long_rows_finishes(tmp_path: Path, tiny_model_dir, alignkit_cache):
+    """Packing into a 10^8-token block allocated a bin tree of 10^8 entries and hung: max_length is
+    capped to the model's positions (256 for tiny)."""
+    from alignkit.trainers import _hf
+
+    if not hasattr(_hf, "cap_max_length"):
+        pytest.skip("needs _hf.cap_max_length (the run-directory branch of issue 9)")
+    src = _jsonl(tmp_path / "long.jsonl", [{"prompt": "word " * 3000, "completion": " good"}] * 4)
+    cmd = [sys.executable, "-m", "alignkit.cli", "sft", "--model", "tiny", "--data", src, "--device", "cpu",
+           "--max-length", "100000000", "--max-steps", "1", "--batch-size", "2", "--set", "train.packing=true",
+           "-o", str(tmp_path / "run")]
+    env = {**os.environ, "ALIGNKIT_CACHE": str(alignkit_cache), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["steps"] == 1
