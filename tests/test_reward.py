@@ -58,7 +58,7 @@ def test_rm_learns_the_oracle_preferences(tmp_path: Path, tiny_model_dir):
     assert (out / "plots" / "reliability.png").stat().st_size > 0
     assert ev["uncertainty_in_dist"] == 0 and ev["ood_auroc"] is None  # one model has no spread
     scorer = rewards.load_scorer(str(out))
-    again = reward.evaluate(scorer, *_heldout(out), None, 15)
+    again = reward.evaluate_reward_model(scorer, *_heldout(out), None, 15)
     assert again["accuracy"] == pytest.approx(ev["accuracy"]) and again["ece"] == pytest.approx(ev["ece"])
 
 

@@ -64,7 +64,7 @@ def run(cfg: SFTConfig, callbacks: list | None = None, progress: Any | None = No
     run_dir = RunDir.open(out, cfg.output.overwrite, cfg.output.resume, to_yaml(cfg), is_main=is_main)
     args = TRLSFTConfig(
         **_hf.training_args(cfg, run_dir, bf16=bf16),
-        max_length=cfg.train.max_length,
+        max_length=_hf.cap_max_length(cfg.train.max_length, model),
         completion_only_loss=cfg.train.completion_only_loss if "prompt" in ds.column_names else None,
         packing=cfg.train.packing,
         eval_strategy="epoch" if splits["eval"] is not None else "no",
