@@ -79,6 +79,14 @@ def test_overwrite_accepts_runs_old_runs_and_empty_dirs_only(tmp_path: Path):
 # ------------------------------------------------------------------------- two processes, one run
 
 
+def _release(out: Path) -> None:
+    """Let go of the lock this test process took by opening `out` (as if that process had ended)."""
+    from alignkit import runs
+
+    if hasattr(runs, "RunLock"):
+        runs.RunLock.release(out)
+
+
 def _hold_lock(path: Path) -> subprocess.Popen:
     code = textwrap.dedent(f"""
         import sys, time
@@ -97,9 +105,7 @@ def _hold_lock(path: Path) -> subprocess.Popen:
 def test_second_process_on_a_live_run_is_refused_with_the_holders_pid(tmp_path: Path, monkeypatch, capsys):
     out = tmp_path / "run"
     RunDir.open(out, False, False, to_yaml(_sft_cfg(out)))  # a run in progress: DIR.partial exists
-    from alignkit.runs import RunLock
-
-    RunLock.release(out)  # ... held by another process:
+    _release(out)  # ... held by another process:
     holder = _hold_lock(out)
     try:
         for flags in (["--overwrite"], ["--resume"], []):
@@ -155,9 +161,7 @@ def test_resume_refuses_settings_the_checkpoint_cannot_honour(tmp_path: Path, mo
     out = tmp_path / "run"
     cfg = _sft_cfg(out)
     RunDir.open(out, False, False, to_yaml(cfg))
-    from alignkit.runs import RunLock
-
-    RunLock.release(out)
+    _release(out)
     saved = (tmp_path / "run.partial" / "config.yaml").read_text()
     common = ["sft", "--max-samples", "64", "--batch-size", "8", "--max-length", "96", "--max-steps", "8",
               "--device", "cpu", "--set", "train.logging_steps=1", "-o", str(out), "--resume"]
@@ -177,7 +181,6 @@ def test_resume_skips_a_half_written_checkpoint_and_reports_the_whole_run(tmp_pa
     with pytest.raises(KeyboardInterrupt):
         sft.run(_sft_cfg(tmp_path / "b", save_steps=2), callbacks=[Interrupt(5)])
     err = capsys.readouterr().err
-    assert "interrupted at step 5: resume with the same command plus --resume" in err, err
     ckpts = tmp_path / "b.partial" / "checkpoints"
     # a kill while checkpoint-4 was being saved: transformers writes trainer_state.json last
     (ckpts / "checkpoint-4" / "trainer_state.json").unlink()
@@ -188,14 +191,18 @@ def test_resume_skips_a_half_written_checkpoint_and_reports_the_whole_run(tmp_pa
     assert resumed["steps"] == straight["steps"] == 8 and resumed["resumed_from_step"] == 2
     for key in ("train_loss", "first_loss", "last_loss"):  # the whole run, not the resumed segment
         assert resumed[key] == pytest.approx(straight[key], rel=1e-4, abs=1e-5), key
+    assert "interrupted at step 5: resume with the same command plus --resume" in err, err
 
 
 def test_ctrl_c_prints_how_to_resume_and_exits_130(tmp_path: Path, monkeypatch, capsys):
-    def interrupt(self, args, state, control, **kwargs):
+    step_end = _hf.RunDirMetrics.on_step_end
+
+    def interrupt(self, args, state, control, **kwargs):  # Ctrl-C during step 2
         if state.global_step == 2:
             raise KeyboardInterrupt
+        return step_end(self, args, state, control, **kwargs)
 
-    monkeypatch.setattr(_hf.DivergenceGuard, "on_step_end", interrupt, raising=False)
+    monkeypatch.setattr(_hf.RunDirMetrics, "on_step_end", interrupt)
     out = tmp_path / "run"
     code, _, err = run_cli(["sft", *FAST, "--set", "train.save_steps=1", "-o", str(out)], monkeypatch, capsys)
     assert code == 130, err
