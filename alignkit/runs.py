@@ -143,23 +143,48 @@ class RunLock:
     def __init__(self, path: Path, fd: int):
         self.path, self.fd = path, fd
 
-    @classmethod
-    def acquire(cls, final: Path) -> RunLock:
+    @staticmethod
+    def _path(final: Path) -> Path:
+        return Path(final).absolute().with_name(Path(final).name + LOCK_SUFFIX)
+
+    @staticmethod
+    def _try_lock(fd: int, final: Path) -> None:
         import fcntl
 
-        path = Path(final).absolute().with_name(Path(final).name + LOCK_SUFFIX)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise UserError(f"{final} is in use by another alignkit process (pid {holder}): wait for it to "
+                            "finish or stop it, or choose another --output-dir") from None
+
+    @classmethod
+    def check_free(cls, final: Path) -> None:
+        """Refuse a run another process holds, without taking (or creating) the lock."""
+        import fcntl
+
+        path = cls._path(final)
+        if path in cls._held:
+            return
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError:
+            return  # no lock file: nobody holds the run
+        cls._try_lock(fd, final)
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+
+    @classmethod
+    def acquire(cls, final: Path) -> RunLock:
+        """Take the run's lock (kept until `release`, or the end of the process) or refuse with the holder's pid."""
+        path = cls._path(final)
         if path in cls._held:
             return cls._held[path]
         path.parent.mkdir(parents=True, exist_ok=True)
         while True:
             fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError:
-                holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
-                os.close(fd)
-                raise UserError(f"{final} is in use by another alignkit process (pid {holder}): wait for it to "
-                                "finish or stop it, or choose another --output-dir") from None
+            cls._try_lock(fd, final)
             try:  # the holder may have released and removed the file between our open and flock
                 if os.stat(path).st_ino == os.fstat(fd).st_ino:
                     break
@@ -177,7 +202,7 @@ class RunLock:
 
     @classmethod
     def release(cls, final: Path) -> None:
-        cls._release(Path(final).absolute().with_name(Path(final).name + LOCK_SUFFIX))
+        cls._release(cls._path(final))
 
     @classmethod
     def release_all(cls) -> None:
@@ -207,14 +232,14 @@ class RunDir:
     # -- life cycle -----------------------------------------------------------------------------
     @staticmethod
     def check(final: Path, overwrite: bool, resume: bool, config_yaml: str | None = None) -> None:
-        """Refuse what the contract refuses, BEFORE any expensive work: an output path that cannot be
-        written, a run another process holds (this process takes the lock: its only write), an existing
-        DIR without --overwrite, --overwrite onto something that is not an alignkit run, --resume
-        without DIR.partial or with settings the checkpoint cannot honour (when `config_yaml` is given)."""
+        """Refuse what the contract refuses, BEFORE any expensive work; writes nothing. An output path
+        that cannot be written, a run another process holds, an existing DIR without --overwrite,
+        --overwrite onto something that is not an alignkit run, --resume without DIR.partial or with
+        settings the checkpoint cannot honour (when `config_yaml` is given)."""
         final = Path(final)
         partial = final.with_name(final.name + PARTIAL_SUFFIX)
         check_writable(final)
-        RunLock.acquire(final)
+        RunLock.check_free(final)
         if resume:
             if not partial.is_dir():
                 if _nonempty(final):
@@ -240,7 +265,12 @@ class RunDir:
     ) -> RunDir:
         final = Path(final)
         if is_main:  # the other ranks would see the main rank's fresh DIR.partial
-            cls.check(final, overwrite, resume, config_yaml)
+            RunLock.acquire(final)  # held until finish (or the process ends): one process per run
+            try:
+                cls.check(final, overwrite, resume, config_yaml)
+            except UserError:
+                RunLock.release(final)
+                raise
         run = cls(final, is_main=is_main, resumed=resume)
         if is_main:
             if not resume and run.work.exists():

@@ -67,7 +67,7 @@ def begin(cfg: JobConfig) -> tuple[str, bool]:
     quiet_libraries()
     out = cfg.output.dir or str(default_dir(cfg.command))
     is_main = rank_info()["is_main"]
-    if is_main:  # also takes the run's lock, and on --resume compares the settings with the checkpoint's
+    if is_main:  # also: is another process on this run? on --resume, does the checkpoint honour the settings?
         RunDir.check(Path(out), cfg.output.overwrite, cfg.output.resume, to_yaml(cfg))
     return out, is_main
 

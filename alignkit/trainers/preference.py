@@ -18,7 +18,7 @@ TRL_LOSS = {"dpo": "sigmoid", "ipo": "ipo", "sppo-hard": "sppo_hard", "sppo": "s
 
 def _positive_beta(section: str, v: float) -> float:
     if not (v > 0 and math.isfinite(v)):  # β = inf turns every loss into a constant: nothing is learnt
-        raise ValueError(f"{section}.beta: β must be a finite number > 0 (got {v})")
+        raise ValueError(f"{section}.beta: β must be > 0 and finite (got {v})")
     return v
 
 
