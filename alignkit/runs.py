@@ -240,6 +240,10 @@ class RunDir:
         partial = final.with_name(final.name + PARTIAL_SUFFIX)
         check_writable(final)
         RunLock.check_free(final)
+        diverged = _marker(partial).get("diverged")
+        if diverged and not overwrite:  # resuming would repeat it: the settings cannot change on --resume
+            raise UserError(f"the run at {partial} diverged at step {diverged.get('step')}: start again with "
+                            "--overwrite and a lower learning rate")
         if resume:
             if not partial.is_dir():
                 if _nonempty(final):
@@ -310,12 +314,7 @@ class RunDir:
         """Add facts to the marker of DIR.partial (e.g. `diverged={...}`), for whoever looks at it next."""
         if not self.is_main:
             return
-        marker = self.work / MARKER
-        try:
-            tree = json.loads(marker.read_text())
-        except (OSError, ValueError):
-            tree = {}
-        atomic_write_text(marker, strict_json({**tree, **facts}))
+        atomic_write_text(self.work / MARKER, strict_json({**_marker(self.work), **facts}))
 
     # -- writing --------------------------------------------------------------------------------
     def log(self, metrics: dict[str, Any]) -> None:
@@ -332,6 +331,14 @@ class RunDir:
         if not f.exists():
             return []
         return [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
+
+
+def _marker(path: Path) -> dict[str, Any]:
+    try:
+        tree = json.loads((path / MARKER).read_text())
+    except (OSError, ValueError):
+        return {}
+    return tree if isinstance(tree, dict) else {}
 
 
 def _yaml_tree(text: str) -> dict[str, Any] | None:

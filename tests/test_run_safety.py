@@ -132,6 +132,8 @@ def test_diverging_learning_rate_stops_and_leaves_no_finished_run(tmp_path: Path
     assert marker["diverged"]["step"] >= 1
     for line in (tmp_path / "run.partial" / "metrics.jsonl").read_text().splitlines():
         _strict(line)
+    code, _, err = run_cli(["sft", *FAST, "--lr", "1e10", "-o", str(out), "--resume"], monkeypatch, capsys)
+    assert "diverged" in _one_line_error(code, err) and "--overwrite" in err
 
 
 def test_infinite_beta_is_refused(tmp_path: Path, monkeypatch, capsys):
