@@ -196,7 +196,8 @@ class RunLock:
         if not cls._atexit:
             import atexit
 
-            cls._atexit = bool(atexit.register(cls.release_all))  # also after an error or Ctrl-C: no DIR.lock left behind
+            # also after an error or Ctrl-C: no DIR.lock left behind
+            cls._atexit = bool(atexit.register(cls.release_all))
         lock = cls._held[path] = cls(path, fd)
         return lock
 
