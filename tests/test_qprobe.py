@@ -1,4 +1,4 @@
-"""Q-probe (alignkit/trainers/qprobe.py, losses in alignkit/losses.py): the losses by hand, chunking and
+"""Q-probe (alignkit/trainers/qprobe/, losses in alignkit/losses.py): the losses by hand, chunking and
 the global baseline, β handling, the analytic policy reward against brute force, both feature paths
 agreeing with a teacher-forced forward, the probe learning on the built-in task, the error contract and
 a CLI round trip collect -> fit -> eval (+ sample)."""
@@ -179,7 +179,7 @@ def test_collected_features_equal_a_teacher_forced_forward(sft_tiny_dir, tmp_pat
     forward = Q.hidden_features(model, tok, prompts, completions, layer=1, batch_size=5)  # the pref feature path
     torch.testing.assert_close(forward[same], feats.x[same], atol=1e-4, rtol=1e-4)
     # with the sampled ids themselves the two paths agree on every sample, default layer included
-    samples, x, _ = Q._sample_features(model, tok, prompts[::4], 3, layer=Q.default_layer(2), encoder=None,
+    samples, x, _ = Q.sample_features(model, tok, prompts[::4], 3, layer=Q.default_layer(2), encoder=None,
                                        progress=False, max_new_tokens=10, temperature=1.0, top_p=1.0,
                                        batch_size=8, seed=1)
     again = Q.hidden_features(model, tok, [s.prompt for s in samples], layer=2,
@@ -224,7 +224,7 @@ def test_fit_learns_on_the_builtin_task(builtin_features, tmp_path) -> None:
         metrics = [json.loads(x) for x in Path(s["output_dir"], "metrics.jsonl").read_text().splitlines()]
         assert len(metrics) == 150 and {"train_loss", "val_loss", "val_reward_argmax@10"} <= set(metrics[0])
         assert Path(s["output_dir"], "plots", "loss.png").is_file()
-    ev = Q.evaluate(Q.EvalConfig(probes=runs, features=str(builtin_features["test"]), ks=[1, 8], betas=[0, 0.1],
+    ev = Q.evaluate_probes(Q.ProbeEvalConfig(probes=runs, features=str(builtin_features["test"]), ks=[1, 8], betas=[0, 0.1],
                                  output={"dir": str(tmp_path / "eval")}), progress=False)
     base = ev["base"]["mean"]
     for loss in ("q", "pg"):
@@ -372,7 +372,7 @@ def test_sample_picks_the_argmax_and_is_seeded(tiny_model_dir, tmp_path) -> None
     assert len(rows) == 3 and "reward_mean" in res and all(r["prob"] > 0 for r in rows)
     model, tok = load_causal_lm(str(tiny_model_dir), device="cpu")
     probe, _ = Q.load_probe(run)
-    samples, x, _ = Q._sample_features(model, tok, [r["prompt"] for r in rows], 4, layer=2, encoder=None,
+    samples, x, _ = Q.sample_features(model, tok, [r["prompt"] for r in rows], 4, layer=2, encoder=None,
                                        progress=False, max_new_tokens=6, temperature=1.0, top_p=1.0,
                                        batch_size=64, seed=0)
     with torch.no_grad():
