@@ -224,8 +224,8 @@ def test_fit_learns_on_the_builtin_task(builtin_features, tmp_path) -> None:
         metrics = [json.loads(x) for x in Path(s["output_dir"], "metrics.jsonl").read_text().splitlines()]
         assert len(metrics) == 150 and {"train_loss", "val_loss", "val_reward_argmax@10"} <= set(metrics[0])
         assert Path(s["output_dir"], "plots", "loss.png").is_file()
-    ev = Q.evaluate_probes(Q.ProbeEvalConfig(probes=runs, features=str(builtin_features["test"]), ks=[1, 8], betas=[0, 0.1],
-                                 output={"dir": str(tmp_path / "eval")}), progress=False)
+    ev = Q.evaluate_probes(Q.ProbeEvalConfig(probes=runs, features=str(builtin_features["test"]), ks=[1, 8],
+                                             betas=[0, 0.1], output={"dir": str(tmp_path / "eval")}), progress=False)
     base = ev["base"]["mean"]
     for loss in ("q", "pg"):
         at8 = ev["probes"][loss]["0"]["8"]["mean"]

@@ -79,7 +79,8 @@ class Loop:
         if kind is KeyboardInterrupt and self.run.is_main:
             last = latest_checkpoint(self.run.work)
             where = f"; the last checkpoint is {last.name} (pass --resume to continue)" if last else ""
-            self._say(f"interrupted after {self.unit} {self.step} of {self.total}: the run is left at {self.run.work}{where}")
+            self._say(f"interrupted after {self.unit} {self.step} of {self.total}: the run is left at "
+                      f"{self.run.work}{where}")
 
     def advance(self, info: str = "") -> None:
         """One step done: `loop.step += 1` and the progress bar moves (`info`: text shown beside it)."""
