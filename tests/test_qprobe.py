@@ -255,8 +255,10 @@ def test_pref_probe_from_pairs(tiny_model_dir, tmp_path) -> None:
 # --------------------------------------------------------------------------- the error contract
 
 
-@pytest.fixture
-def bad(tmp_path: Path, tiny_model_dir) -> dict[str, str]:
+@pytest.fixture(scope="module")
+def bad(tmp_path_factory, tiny_model_dir) -> dict[str, str]:
+    """Valid and damaged features directories and probe runs, built once (tests only read them)."""
+    tmp_path = tmp_path_factory.mktemp("qprobe-bad")
     g = torch.Generator().manual_seed(0)
     d = {
         "real": _features_dir(tmp_path / "real", torch.randn(12, 4, generator=g), [0.3, -1.0, 2.0] * 4, 3),
@@ -266,7 +268,46 @@ def bad(tmp_path: Path, tiny_model_dir) -> dict[str, str]:
     }
     d["probe"] = Q.fit(Q.FitConfig(features=str(d["binary"]), loss="q", k=3, epochs=2,
                                    output={"dir": str(tmp_path / "probe")}), progress=False)["output_dir"]
+    d.update(_corrupt_features(tmp_path, d["real"]))
+    d.update(_corrupt_probes(tmp_path, Path(d["probe"])))
     return {k: str(v) for k, v in d.items()} | {"tiny": str(tiny_model_dir)}
+
+
+def _corrupt_features(tmp_path: Path, good: Path) -> dict[str, Path]:
+    """Damaged copies of a valid features directory, one fault each (Part B: a traceback before, one line now)."""
+    import shutil
+
+    def copy(name: str) -> Path:
+        return Path(shutil.copytree(good, tmp_path / name))
+
+    out = {name: copy(name) for name in ("truncated", "garbage", "meta_d", "row_list", "not_utf8", "flat", "nan",
+                                         "pairs_no_sides")}
+    blob = (good / Q.FEATURES_FILE).read_bytes()
+    (out["truncated"] / Q.FEATURES_FILE).write_bytes(blob[: len(blob) // 2])  # a kill while writing
+    (out["garbage"] / Q.FEATURES_FILE).write_bytes(b"this is not a safetensors file, just text")
+    meta = json.loads((good / Q.META_FILE).read_text())
+    (out["meta_d"] / Q.META_FILE).write_text(json.dumps({**meta, "d": "four"}))
+    (out["pairs_no_sides"] / Q.META_FILE).write_text(json.dumps({**meta, "kind": "pairs"}))
+    lines = (good / Q.INDEX_FILE).read_text().splitlines()
+    (out["row_list"] / Q.INDEX_FILE).write_text("[1, 2]\n" + "\n".join(lines[1:]) + "\n")
+    (out["not_utf8"] / Q.INDEX_FILE).write_bytes(b"\xff\xfe" + (good / Q.INDEX_FILE).read_bytes())
+    save_file({"features": torch.randn(12)}, str(out["flat"] / Q.FEATURES_FILE))  # 1-D: the shape does not match
+    x = torch.randn(12, 4)
+    x[3, 1] = float("nan")
+    save_file({"features": x}, str(out["nan"] / Q.FEATURES_FILE))
+    return out
+
+
+def _corrupt_probes(tmp_path: Path, good: Path) -> dict[str, Path]:
+    import shutil
+
+    out = {name: Path(shutil.copytree(good, tmp_path / name)) for name in ("probe_cut", "probe_json", "probe_shape")}
+    blob = (good / Q.PROBE_FILE).read_bytes()
+    (out["probe_cut"] / Q.PROBE_FILE).write_bytes(blob[:40])
+    (out["probe_json"] / Q.PROBE_INFO).write_text('{"d": 4, "loss": ')
+    save_file({"net.weight": torch.zeros(1, 6), "net.bias": torch.zeros(1), "mean": torch.zeros(6),
+               "std": torch.ones(6)}, str(out["probe_shape"] / Q.PROBE_FILE))
+    return out
 
 
 BAD = [
@@ -291,6 +332,26 @@ BAD = [
     (["collect", "--model", "{tiny}", "--reward", "no_such_module:fn"], ["no_such_module"]),
     (["collect", "--model", "{tiny}", "--embed", "minilm", "--layer", "1"], ["layer", "--embed"]),
     (["collect", "--model", "{tiny}", "--pairs", "builtin:sft"], ["pairwise", "sft"]),
+    # Part B (issue 9): corrupt feature / probe files, inf / nan and negative seeds
+    (["fit", "{truncated}"], ["features.safetensors", "not a readable safetensors file", "collect again"]),
+    (["fit", "{garbage}"], ["features.safetensors", "not a readable safetensors file"]),
+    (["fit", "{meta_d}"], ["meta.json", "'d' must be a positive integer", "'four'"]),
+    (["fit", "{row_list}"], ["index.jsonl line 1", "integer 'prompt_id'"]),
+    (["fit", "{not_utf8}"], ["index.jsonl", "not UTF-8"]),
+    (["fit", "{flat}"], ["'features' is", "[12]", "expected float [12, 4]"]),
+    (["fit", "{nan}"], ["'features' holds NaN or infinite values"]),
+    (["fit", "{pairs_no_sides}", "--loss", "pref"], ["no 'chosen' tensor", "chosen and rejected"]),
+    (["eval", "{probe_cut}", "--features", "{binary}"], ["probe.safetensors", "not a readable safetensors file"]),
+    (["eval", "{probe_json}", "--features", "{binary}"], ["probe.json", "not a valid probe description"]),
+    (["eval", "{probe_shape}", "--features", "{binary}"], ["probe.safetensors does not match probe.json"]),
+    (["sample", "{probe_json}", "--out", "{out}.jsonl"], ["probe.json", "not a valid probe description"]),
+    (["fit", "{real}", "--lr", "inf"], ["lr", "finite number"]),
+    (["fit", "{real}", "--lr", "1e38"], ["lr", "too large", "float32"]),
+    (["eval", "{probe}", "--features", "{binary}", "--beta", "0,nan"], ["betas", "finite number"]),
+    (["sample", "{probe}", "--out", "{out}.jsonl", "--beta", "nan"], ["--beta must be >= 0", "finite"]),
+    (["fit", "{real}", "--seed", "-1"], ["seed", "greater than or equal to 0"]),
+    (["collect", "--model", "{tiny}", "--seed", "-1"], ["seed", "greater than or equal to 0"]),
+    (["sample", "{probe}", "--out", "{out}.jsonl", "--seed", "-1"], ["--seed must be >= 0"]),
 ]
 
 
@@ -307,6 +368,40 @@ def test_bad_input_one_line_exit_2_nothing_written(argv, words, bad, tmp_path, m
     for word in words:
         assert word in lines[0], (word, lines[0])
     assert sorted(p.name for p in tmp_path.iterdir()) == before, "nothing may be written"
+
+
+def test_a_diverging_fit_stops_and_leaves_no_finished_run(bad, tmp_path, monkeypatch, capsys) -> None:
+    """Part B (issue 9): a finite but huge --lr drives the q loss to inf; the fit used to finish with it."""
+    out = tmp_path / "diverged"
+    code, _, err = _run(["qprobe", "fit", bad["real"], "--loss", "q", "--k", "3", "--lr", "1e20", "-o", str(out)],
+                        monkeypatch, capsys)
+    lines = [x for x in err.strip().splitlines() if x.strip()]
+    assert code == 2 and len(lines) == 1 and "Traceback" not in err, err
+    assert "qprobe fit diverged in epoch" in lines[0] and "lower the learning rate" in lines[0]
+    assert not out.exists()  # nothing that looks finished: no DIR, no summary, no probe
+    partial = tmp_path / "diverged.partial"
+    assert not (partial / "summary.json").exists() and not (partial / Q.PROBE_FILE).exists()
+
+
+def test_configs_import_without_torch() -> None:
+    """The CLI builds Q-probe configs for --help / validation: alignkit.trainers.qprobe must not import torch
+    (the package `alignkit.trainers` itself is stubbed here: its own imports are not this module's concern)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, types, pathlib, alignkit\n"
+        "pkg = types.ModuleType('alignkit.trainers')\n"
+        "pkg.__path__ = [str(pathlib.Path(alignkit.__file__).parent / 'trainers')]\n"
+        "sys.modules['alignkit.trainers'] = pkg\n"
+        "from alignkit.trainers import qprobe\n"
+        "qprobe.FitConfig(features='x'); qprobe.CollectConfig()\n"
+        "qprobe.ProbeEvalConfig(probes={'a': 'b'}, features='x')\n"
+        "assert 'torch' not in sys.modules, 'torch imported'\n"
+        "assert set(qprobe.__all__) >= {'fit', 'collect', 'sample', 'evaluate_probes', 'load_probe'}\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
 
 
 def test_valid_synthetic_fit_and_python_api_errors(bad, tmp_path, monkeypatch, capsys) -> None:

@@ -18,6 +18,7 @@ FEATURES_FILE, INDEX_FILE, META_FILE = "features.safetensors", "index.jsonl", "m
 PROBE_FILE, PROBE_INFO = "probe.safetensors", "probe.json"
 FORMAT = "alignkit-qprobe-features/1"
 NO_REWARD = "none"  # `--reward none`: collect features only (fit then refuses: rewards missing)
+FLOAT32_MAX = 3.4028234663852886e38
 
 
 class Common(Block):
@@ -90,6 +91,13 @@ class FitConfig(Common):
     binary_threshold: float | None = Field(None, description="target = 1[reward > T] (needed by ce for real rewards)")
     seed: int = Field(0, ge=0, description="probe init, split, chunking and batch order")
     device: str = Field("cpu", description="cpu, cuda, auto (fitting takes seconds)")
+
+    @field_validator("lr")
+    @classmethod
+    def _lr(cls, v: float) -> float:
+        if v / (1 - 0.9) > FLOAT32_MAX:  # AdamW's first step size lr / (1 - β1) must be a float32
+            raise ValueError(f"lr: {v:g} is too large for AdamW in float32 (its step size lr/(1-β1) overflows)")
+        return v
 
 
 class ProbeEvalConfig(Common):
