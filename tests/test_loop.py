@@ -126,7 +126,8 @@ def test_the_time_split_is_reported_in_metrics_and_summary(tmp_path) -> None:
     assert rows[-1]["time_rollout_s"] >= 0.06 and rows[-1]["time_update_s"] >= 0.015
     assert rows[0]["time_rollout_s"] < rows[-1]["time_rollout_s"]  # accumulated
     summary = json.loads((final / "summary.json").read_text())
-    assert summary["steps"] == 3 and set(summary["time_split_s"]) == {"rollout", "update"}
+    assert summary["loop"] == {"unit": "step", "steps": 3, "total": 3, "world_size": 1}
+    assert set(summary["time_split_s"]) == {"rollout", "update"}
     assert summary["time_split_s"]["rollout"] > summary["time_split_s"]["update"]
 
 

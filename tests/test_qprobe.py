@@ -409,6 +409,11 @@ def test_valid_synthetic_fit_and_python_api_errors(bad, tmp_path, monkeypatch, c
     code, _, err = _run(argv, monkeypatch, capsys)
     assert code == 0, err
     assert json.loads((tmp_path / "ok" / "probe.json").read_text())["d"] == 6
+    summary = json.loads((tmp_path / "ok" / "summary.json").read_text())  # the fit runs on trainers.loop.Loop
+    assert summary["loop"]["unit"] == "epoch" and summary["loop"]["steps"] == 3
+    assert set(summary["time_split_s"]) == {"train", "validate"}
+    rows = [json.loads(x) for x in (tmp_path / "ok" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3] and all("time_train_s" in r for r in rows)
     with pytest.raises(UserError, match="binary"):
         Q.fit(Q.FitConfig(features=bad["real"], loss="ce", output={"dir": str(tmp_path / "ce")}))
     # with a threshold the same rewards become 1[r > 0] and ce trains

@@ -177,9 +177,14 @@ class Loop:
         return True
 
     # -- the end ----------------------------------------------------------------------------------
+    def summary(self) -> dict[str, Any]:
+        """What `finish` adds to summary.json: `loop` (unit, steps done, total, world size) and `time_split_s`."""
+        return {"loop": {"unit": self.unit, "steps": self.step, "total": self.total,
+                         "world_size": self.rank["world_size"]}, "time_split_s": dict(self.times)}
+
     def finish(self, summary: dict[str, Any], readme: str | None = None) -> Path:
-        """summary.json (with `steps` and `time_split_s`), README, then DIR.partial -> DIR (`RunDir.finish`)."""
-        return self.run.finish({**summary, "steps": self.step, "time_split_s": dict(self.times)}, readme=readme)
+        """summary.json (the trainer's summary + `loop.summary()`), README, then DIR.partial -> DIR."""
+        return self.run.finish({**summary, **self.summary()}, readme=readme)
 
 
 def latest_checkpoint(work: Path) -> Path | None:

@@ -287,7 +287,7 @@ def fit(cfg: FitConfig, progress: bool = True, console: Any | None = None) -> di
             f"val accuracy {val_metrics.get('accuracy', float('nan')):.3f}" if val_metrics else "no validation split"
     say(console, f"fitted in {fit_s:.2f} s ({step} steps): train loss {summary['first_train_loss']:.4f} -> "
                  f"{summary['last_train_loss']:.4f}; {shown} -> {final}/")
-    return {**summary, "steps": loop.step, "time_split_s": dict(loop.times), "output_dir": str(final)}
+    return {**summary, **loop.summary(), "output_dir": str(final)}
 
 
 _FIT_README = """# alignkit qprobe fit
