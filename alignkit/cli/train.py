@@ -119,13 +119,14 @@ app.command("kto")(training_command(
 
 @app.command()
 def quickstart(
-    output_dir: Annotated[str | None, typer.Option("--output-dir", "-o", help="run directory")] = None,
+    output_dir: Annotated[str | None, typer.Option("--output-dir", "-o", help="run directory (default runs/quickstart)")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="replace an existing run directory")] = False,
     recipe: RecipeOpt = None,
     set_: SetOpt = None,
 ) -> None:
-    """The whole loop on the built-in task: tiny model → SFT → on-policy pairs → DPO → Q-probe, then one
-    table of every policy (about a minute on a 2-core CPU; docs/quickstart.md)."""
+    """Tiny model → SFT → on-policy pairs → DPO → Q-probe on the built-in task, then one table of every policy.
+
+    About a minute on a 2-core CPU, offline; writes runs/quickstart (docs/quickstart.md)."""
     train("quickstart", recipe, set_, {"output.dir": output_dir, "output.overwrite": overwrite or None})
 
 
