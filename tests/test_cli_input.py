@@ -269,7 +269,8 @@ def _imports_torch(code: str) -> bool:
 
 
 def _cli(argv: list[str]) -> str:
-    return f"from alignkit.cli import main\nsys.argv = ['alignkit', *{argv!r}]\ntry:\n    main()\nexcept SystemExit:\n    pass"
+    return (f"from alignkit.cli import main\nsys.argv = ['alignkit', *{argv!r}]\n"
+            "try:\n    main()\nexcept SystemExit:\n    pass")
 
 
 def test_the_cli_and_the_trainer_table_do_not_import_torch():

@@ -10,7 +10,15 @@ from typing import Annotated, Any
 import typer
 
 from alignkit.cli.common import (
-    ColumnsOpt, DeviceOpt, DtypeOpt, MaxSamplesOpt, OutOpt, OverwriteOutOpt, app, check_output_file, check_seed,
+    ColumnsOpt,
+    DeviceOpt,
+    DtypeOpt,
+    MaxSamplesOpt,
+    OutOpt,
+    OverwriteOutOpt,
+    app,
+    check_output_file,
+    check_seed,
     console,
 )
 from alignkit.errors import UserError
@@ -120,7 +128,7 @@ def pairs(
     import datasets
 
     from alignkit import data as data_mod
-    from alignkit import generation, models
+    from alignkit import models
     from alignkit import pairs as pairs_mod
     from alignkit.rewards import load_preference
     from alignkit.trainers._hf import quiet_libraries

@@ -14,10 +14,20 @@ from typing import Annotated, Any
 import typer
 
 from alignkit.cli.common import (
-    DryOpt, MaxSamplesOpt, OutOpt, OverwriteOpt, RecipeOpt, SeedOpt, SetOpt, app, check_seed, console, print_summary,
+    DryOpt,
+    MaxSamplesOpt,
+    OutOpt,
+    OverwriteOpt,
+    RecipeOpt,
+    SeedOpt,
+    SetOpt,
+    app,
+    check_seed,
+    console,
+    print_summary,
 )
 from alignkit.cli.flags import Flag, training_command
-from alignkit.cli.recipes import recipe_path, recipe_command
+from alignkit.cli.recipes import recipe_command, recipe_path
 from alignkit.errors import UserError
 
 
@@ -119,7 +129,9 @@ app.command("kto")(training_command(
 
 @app.command()
 def quickstart(
-    output_dir: Annotated[str | None, typer.Option("--output-dir", "-o", help="run directory (default runs/quickstart)")] = None,
+    output_dir: Annotated[
+        str | None, typer.Option("--output-dir", "-o", help="run directory (default runs/quickstart)")
+    ] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="replace an existing run directory")] = False,
     recipe: RecipeOpt = None,
     set_: SetOpt = None,
