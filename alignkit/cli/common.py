@@ -11,14 +11,27 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 from rich.table import Table
+from typer.core import TyperGroup
 
 from alignkit.errors import UserError
 
 console = Console()
 err_console = Console(stderr=True)
 
+# `alignkit --help` lists the commands in the order of the pipeline, whichever module registered them
+ORDER = ("quickstart", "sft", "rm", "rm-ensemble", "dpo", "kto", "run", "eval", "generate", "pairs", "qprobe", "data",
+         "recipes", "models", "env", "bench")
+
+
+class _PipelineOrder(TyperGroup):
+    def list_commands(self, ctx: Any) -> list[str]:
+        names = super().list_commands(ctx)
+        return sorted(names, key=lambda n: ORDER.index(n) if n in ORDER else len(ORDER))
+
+
 app = typer.Typer(
     name="alignkit",
+    cls=_PipelineOrder,
     help="Align language models to preferences: SFT, reward ensembles (UP-RLHF), DPO/IPO/KTO, SPPO, Q-probe.",
     no_args_is_help=True,
     add_completion=False,

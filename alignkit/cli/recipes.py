@@ -47,12 +47,12 @@ def recipe_path(name: str) -> Path:
     raise UserError(f"recipe '{name}' not found{closest(Path(name).stem, names)} (see `alignkit recipes ls`)")
 
 
-def recipe_command(path: Path) -> str:
-    """The `command:` of a recipe, checked against the trainer table."""
+def recipe_command(path: Path, tree: dict[str, Any] | None = None) -> str:
+    """The `command:` of a recipe (read from `path` unless its `tree` is given), checked against the table."""
     from alignkit.config import read_recipe
     from alignkit.trainers import TRAINERS
 
-    command = read_recipe(path).get("command")
+    command = (read_recipe(path) if tree is None else tree).get("command")
     if command not in TRAINERS:
         raise UserError(f"{path}: 'command' must be one of {sorted(TRAINERS)}{closest(str(command), TRAINERS)}")
     return command
@@ -63,12 +63,13 @@ def validate_recipe(path: Path) -> Any:
     from alignkit.config import build_config, read_recipe, read_text
     from alignkit.trainers import config_class
 
-    command = recipe_command(path)
+    tree = read_recipe(path)
+    command = recipe_command(path, tree)
     text = read_text(path)
     first = text.lstrip().splitlines()[0] if text.strip() else ""
     if not (first.startswith("#") and "alignkit" in first):
         raise UserError(f"{path}: the first line must be a comment with the command that runs it")
-    return build_config(config_class(command), read_recipe(path), origin=str(path))
+    return build_config(config_class(command), tree, origin=str(path))
 
 
 @recipes_app.command("ls")
