@@ -8,7 +8,7 @@ from typing import Annotated, Any
 
 import typer
 
-from alignkit.cli.common import DtypeOpt, app, check_output_file, check_seed, console
+from alignkit.cli.common import DtypeOpt, app, check_output_file, console
 
 qprobe_app = typer.Typer(
     help="Q-probe: collect features -> fit a probe -> sample / eval its policy (docs/algorithms/qprobe.md).",
@@ -26,7 +26,6 @@ def _qprobe(fn_name: str, cfg_name: str, sets: list[str] | None, flags: dict[str
     from alignkit.config import build_config
     from alignkit.trainers import qprobe
 
-    check_seed(flags.get("seed"))
     cfg = build_config(getattr(qprobe, cfg_name), {}, sets, flags, origin=origin)
     getattr(qprobe, fn_name)(cfg, console=console)
 
@@ -99,7 +98,6 @@ def qprobe_sample(
     """The probe policy: k samples per prompt, one chosen by softmax(Q/β) (argmax for β = 0)."""
     from alignkit.trainers import qprobe
 
-    check_seed(seed)
     check_output_file(out, overwrite)
     qprobe.sample(probe, prompts, out, k=k, beta=beta, model=model, max_samples=max_samples, reward=reward,
                   batch_size=batch_size, seed=seed, device=device or "auto", dtype=dtype or "auto",

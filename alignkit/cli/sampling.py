@@ -46,7 +46,6 @@ def eval_cmd(
     from alignkit import evaluate
     from alignkit.config import build_config
 
-    check_seed(seed)
     flags = {
         "policies": evaluate.parse_policies(policies), "prompts": prompts, "max_samples": max_samples,
         "reward": reward, "preference": preference, "baseline": baseline, "reference": reference, "k": k,
@@ -63,13 +62,8 @@ GenBatchOpt = Annotated[int, typer.Option(help="sequences (prompts x k) per gene
 
 
 def _check_sampling(k: int, max_new_tokens: int, temperature: float, top_p: float, batch_size: int, seed: int) -> None:
-    import math
-
     from alignkit import generation
 
-    for flag, value in (("--temperature", temperature), ("--top-p", top_p)):
-        if not math.isfinite(value):
-            raise UserError(f"{flag} must be a finite number (got {value})")
     generation.check_settings(k, max_new_tokens, temperature, top_p, batch_size)
     check_seed(seed)
 
