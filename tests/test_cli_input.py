@@ -279,8 +279,12 @@ def test_the_cli_and_the_trainer_table_do_not_import_torch():
     assert not _imports_torch(_cli(["recipes", "validate", "sft-tiny", "rm-ensemble-tiny", "dpo-tiny", "kto-tiny"]))
 
 
-@pytest.mark.xfail(reason="needs quickstart.py and models.describe_source to import torch lazily (issue 9)",
-                   strict=False)
-def test_validate_and_dry_run_do_not_import_torch():
+def test_validating_every_recipe_does_not_import_torch():
+    """Also the quickstart recipe: quickstart.py imports torch inside its functions (the layer branch)."""
     assert not _imports_torch(_cli(["recipes", "validate"]))
+
+
+@pytest.mark.xfail(reason="needs models.describe_source in a module that does not import torch (see the report)",
+                   strict=False)
+def test_a_dry_run_does_not_import_torch():
     assert not _imports_torch(_cli(["run", "sft-tiny", "--dry-run"]))
