@@ -135,11 +135,11 @@ def bench_pref(
     json_out: JsonOpt = None,
 ) -> None:
     """SFT → on-policy pairs → DPO, IPO, KTO, pairwise SPPO (+ a DPO β sweep), all evaluated against SFT."""
-    from alignkit import bench
+    from alignkit.paper_tables import preference_table
 
     check_seed(seed)
-    r = bench.pref_table(n_prompts=prompts, k=k, eval_prompts=eval_prompts, seed=seed or 0,
-                         **({"betas": tuple(betas)} if betas else {}))
+    r = preference_table.pref_table(n_prompts=prompts, k=k, eval_prompts=eval_prompts, seed=seed or 0,
+                                    **({"betas": tuple(betas)} if betas else {}))
     m, st, p = r["machine"], r["settings"], r["pairs"]
     load = f"load avg {m['load_avg_1m']:.2f} -> {r['load_avg_1m_end']:.2f}"
     rows = [("machine", f"{m['cpu']}, {m['cores']} cores; {load}"),
@@ -153,7 +153,7 @@ def bench_pref(
                            f" | EOS {x['eos_rate']:.0%}"))
     rows.append(("total wall s", f"{r['timings']['total_s']:.0f}"))
     if plot_out is not None:
-        bench.pref_plot(r, plot_out)
+        preference_table.pref_plot(r, plot_out)
         console.print(f"wrote {plot_out}")
     _bench_out(r, rows, "alignkit bench pref", json_out)
 
@@ -225,10 +225,10 @@ def bench_qprobe(
     json_out: JsonOpt = None,
 ) -> None:
     """Q-probe on the built-in task: q / ce / pg over k = 1..32, gold and binary rewards, vs base and best-of-k."""
-    from alignkit import bench
+    from alignkit.paper_tables.qprobe_table import qprobe_table
 
-    r = bench.qprobe_table(n_train_prompts=train_prompts, n_eval_prompts=eval_prompts, n=n, threshold=threshold,
-                           embed=embed)
+    r = qprobe_table(n_train_prompts=train_prompts, n_eval_prompts=eval_prompts, n=n, threshold=threshold,
+                     embed=embed)
     m, st = r["machine"], r["settings"]
     rows = [("machine", f"{m['cpu']}, {m['cores']} cores; load avg {m['load_avg_1m']:.2f} -> "
                         f"{r['load_avg_1m_end']:.2f}"),
@@ -276,12 +276,12 @@ def bench_rm_table1(
     json_out: JsonOpt = None,
 ) -> None:
     """UP-RLHF Table 1 on the built-in task: full-FT RM vs LoRA ensembles (λ = 0 and λ > 0)."""
-    from alignkit import bench
+    from alignkit.paper_tables.rm_table1 import RM_SETTINGS, rm_table1
 
-    if backbone not in bench.RM_SETTINGS:
-        raise UserError(f"--backbone must be one of {', '.join(bench.RM_SETTINGS)}, got '{backbone}'")
-    r = bench.rm_table1(backbone, seeds=tuple(seeds) if seeds else None, lams=tuple(lams) if lams else None,
-                        pairs=pairs, epochs=epochs, n_members=n_members)
+    if backbone not in RM_SETTINGS:
+        raise UserError(f"--backbone must be one of {', '.join(RM_SETTINGS)}, got '{backbone}'")
+    r = rm_table1(backbone, seeds=tuple(seeds) if seeds else None, lams=tuple(lams) if lams else None,
+                  pairs=pairs, epochs=epochs, n_members=n_members)
     st, m = r["settings"], r["machine"]
     fmt = lambda x, k, d=3: "–" if x[k] is None else (  # noqa: E731
         f"{x[k]:.{d}f}" + (f" ± {x[k + '_sd']:.{d}f}" if x.get(k + "_sd") is not None else ""))
@@ -312,8 +312,8 @@ def bench_rm_scoring(
     """Ensemble scoring (mixed, loop) vs N separate reward models vs one: samples/s and peak memory."""
     from alignkit import bench
 
-    if backbone not in bench.RM_SETTINGS:
-        raise UserError(f"--backbone must be one of {', '.join(bench.RM_SETTINGS)}, got '{backbone}'")
+    if backbone not in bench.SCORING_BACKBONES:
+        raise UserError(f"--backbone must be one of {', '.join(bench.SCORING_BACKBONES)}, got '{backbone}'")
     r = bench.rm_scoring(backbone, n_members=n_members, batch=batch, rows=rows, repeats=repeats)
     m, c, q = r["machine"], r["configs"], r["ratios"]
     out = [("machine", f"{m['cpu']}, {m['cores']} cores; load avg {m['load_avg_1m']:.2f} -> "
