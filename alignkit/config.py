@@ -8,21 +8,46 @@ config and raise a clear error (never an `assert`, never a silent change).
 
 from __future__ import annotations
 
+import types
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 from alignkit.errors import UserError, closest
 
 Kind = Literal["sft", "pairwise", "unpaired", "prompts", "scored"]
 
 
-class Block(BaseModel):
-    """Base of every config block: unknown keys are errors, assignments are validated."""
+def _plain_types(annotation: Any) -> set[Any]:
+    """{int, NoneType} for `int | None`, {bool} for `bool`: the plain types a field annotation allows."""
+    origin = get_origin(annotation)
+    if origin is Annotated:
+        return _plain_types(get_args(annotation)[0])
+    if origin is Union or origin is types.UnionType:
+        return set().union(*(_plain_types(a) for a in get_args(annotation)))
+    return {annotation}
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+
+class Block(BaseModel):
+    """Base of every config block: unknown keys are errors, assignments are validated, numbers are
+    finite, and true/false is never read as a number (nor a number as true/false)."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=(), allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_number_mixup(cls, value: Any, info: ValidationInfo) -> Any:
+        """pydantic's lax mode reads `true` as 1 and `1` as true; a typo here would train on a wrong value."""
+        allowed = _plain_types(cls.model_fields[info.field_name].annotation)
+        numeric = allowed & {int, float}
+        if isinstance(value, bool) and numeric and bool not in allowed:
+            raise PydanticCustomError("bool_for_number", "expected a number, not true/false")
+        if isinstance(value, int | float) and not isinstance(value, bool) and bool in allowed and not numeric:
+            raise PydanticCustomError("number_for_bool", "expected true or false, not a number")
+        return value
 
 
 class LoraSection(Block):
@@ -57,12 +82,12 @@ class DataSection(Block):
     split: str = Field("train", description="split to read from a dataset dict or hub dataset")
     max_samples: int | None = Field(None, ge=1, description="use only the first N rows")
     eval_fraction: float = Field(0.0, ge=0.0, lt=1.0, description="held-out fraction for evaluation")
-    seed: int = Field(0, description="seed of the built-in data and of the train/eval split")
+    seed: int = Field(0, ge=0, description="seed of the built-in data and of the train/eval split")
 
 
 class TrainSection(Block):
-    learning_rate: float = Field(2e-5, gt=0.0)
-    epochs: float = Field(1.0, gt=0.0)
+    learning_rate: float = Field(2e-5, gt=0.0, description="learning rate")
+    epochs: float = Field(1.0, gt=0.0, description="training epochs")
     max_steps: int = Field(-1, description="stop after this many optimiser steps (-1: run all epochs)")
     batch_size: int = Field(8, ge=1, description="per-device batch size")
     grad_accum: int = Field(1, ge=1, description="gradient accumulation steps")
@@ -75,7 +100,7 @@ class TrainSection(Block):
     save_steps: int = Field(
         500, ge=0, description="checkpoint every N steps for --resume (0: none; a resumed run restarts)"
     )
-    seed: int = 42
+    seed: int = Field(42, ge=0, description="training seed")
 
 
 class OutputSection(Block):
@@ -111,18 +136,22 @@ class JobConfig(Block):
 # --------------------------------------------------------------------------- building a config
 
 
-def _field_names(model_cls: type[BaseModel], path: tuple[Any, ...]) -> list[str]:
-    """Valid keys at `path` inside `model_cls` (for 'did you mean' suggestions)."""
+def _section_class(model_cls: type[BaseModel], path: tuple[str, ...]) -> type[BaseModel] | None:
+    """The config block class at `path` (e.g. ('model', 'lora')), or None when that key is a plain value."""
     cls: Any = model_cls
     for part in path:
         field = getattr(cls, "model_fields", {}).get(part)
-        if field is None:
-            return []
-        ann = field.annotation
+        ann = None if field is None else field.annotation
         cls = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
         if cls is None:
-            return []
-    return list(cls.model_fields)
+            return None
+    return cls
+
+
+def _field_names(model_cls: type[BaseModel], path: tuple[Any, ...]) -> list[str]:
+    """Valid keys at `path` inside `model_cls` (for 'did you mean' suggestions)."""
+    section = _section_class(model_cls, tuple(str(p) for p in path))
+    return list(section.model_fields) if section is not None else []
 
 
 def format_validation_error(err: ValidationError, model_cls: type[BaseModel], origin: str) -> str:
@@ -160,7 +189,31 @@ def parse_override(item: str) -> tuple[str, Any]:
     return key, value
 
 
-def set_dotted(tree: dict[str, Any], key: str, value: Any, model_cls: type[BaseModel]) -> None:
+def _as_section(model_cls: type[BaseModel], path: tuple[str, ...], value: Any, origin: str) -> Any:
+    """A value given for a section: `model: NAME` is `model: {name: NAME}`; any other non-mapping is an error
+    (it would otherwise be dropped without a word when a flag sets one of the section's keys)."""
+    section = _section_class(model_cls, path)
+    if section is None or isinstance(value, dict | BaseModel):
+        return value
+    dotted = ".".join(path)
+    if issubclass(section, ModelSection) and isinstance(value, str):
+        return {"name": value}
+    example = next(iter(section.model_fields), "key")
+    raise UserError(f"{origin}: '{dotted}' is a section of keys (e.g. {dotted}.{example}), not a value (got {value!r})")
+
+
+def _check_sections(model_cls: type[BaseModel], tree: dict[str, Any], origin: str, path: tuple[str, ...] = ()) -> None:
+    """Apply `_as_section` to every section of a recipe tree, nested ones included."""
+    for key, value in list(tree.items()):
+        if _section_class(model_cls, (*path, key)) is None:
+            continue
+        tree[key] = _as_section(model_cls, (*path, key), value, origin)
+        if isinstance(tree[key], dict):
+            tree[key] = dict(tree[key])
+            _check_sections(model_cls, tree[key], origin, (*path, key))
+
+
+def set_dotted(tree: dict[str, Any], key: str, value: Any, model_cls: type[BaseModel], origin: str = "config") -> None:
     """Set tree['a']['b'] = value for key 'a.b', checking each part against the config class."""
     parts = key.split(".")
     node = tree
@@ -169,13 +222,20 @@ def set_dotted(tree: dict[str, Any], key: str, value: Any, model_cls: type[BaseM
         if valid and part not in valid:
             where = ".".join(parts[:depth]) or "the top level"
             raise UserError(f"unknown key '{key}': no '{part}' in {where}{closest(part, valid)}")
+        path = tuple(parts[: depth + 1])
         if depth == len(parts) - 1:
-            node[part] = value
+            node[part] = _as_section(model_cls, path, value, origin)
         else:
             child = node.get(part)
-            if not isinstance(child, dict):
-                child = {} if child is None else (child.model_dump() if isinstance(child, BaseModel) else {})
-                node[part] = child
+            if child is None:
+                child = {}
+            elif isinstance(child, BaseModel):
+                child = child.model_dump()
+            else:
+                child = _as_section(model_cls, path, child, origin)
+            if not isinstance(child, dict):  # a plain value cannot hold keys (no section here)
+                raise UserError(f"{origin}: '{'.'.join(path)}' holds a value ({child!r}), not keys: cannot set '{key}'")
+            node[part] = child
             node = child
 
 
@@ -185,7 +245,7 @@ def read_recipe(path: str | Path) -> dict[str, Any]:
     if not p.is_file():
         raise UserError(f"recipe '{path}' not found (see `alignkit recipes ls`)")
     try:
-        tree = yaml.safe_load(p.read_text()) or {}
+        tree = yaml.safe_load(read_text(p)) or {}
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""
@@ -193,6 +253,16 @@ def read_recipe(path: str | Path) -> dict[str, Any]:
     if not isinstance(tree, dict):
         raise UserError(f"{path}: a recipe must be a YAML mapping of sections (model:, data:, train: ...)")
     return tree
+
+
+def read_text(path: Path) -> str:
+    """A recipe's text; one clear error for a file that is not UTF-8 or cannot be read."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{path}: not UTF-8 text (byte {exc.start}): save the recipe as UTF-8") from None
+    except OSError as exc:
+        raise UserError(f"{path}: cannot read it ({exc.strerror})") from None
 
 
 def build_config(
@@ -204,12 +274,13 @@ def build_config(
 ) -> JobConfig:
     """defaults < recipe < key=value overrides < flags (dotted keys whose value is not None)."""
     tree: dict[str, Any] = dict(recipe or {})
+    _check_sections(model_cls, tree, origin)
     for item in overrides or []:
         key, value = parse_override(item)
-        set_dotted(tree, key, value, model_cls)
+        set_dotted(tree, key, value, model_cls, origin=f"--set {item}")
     for key, value in (flags or {}).items():
         if value is not None:
-            set_dotted(tree, key, value, model_cls)
+            set_dotted(tree, key, value, model_cls, origin=origin)
     try:
         return model_cls.model_validate(tree)
     except ValidationError as err:

@@ -1,4 +1,5 @@
-"""alignkit bench: the SFT overhead benchmark runs, and alignkit's SFT does the same computation as TRL."""
+"""alignkit bench (alignkit/bench/) and the paper tables it runs (alignkit/paper_tables/): the SFT overhead
+benchmark runs, and alignkit's SFT does the same computation as TRL; a small rm-table1 and rm-scoring."""
 
 from __future__ import annotations
 
@@ -35,12 +36,13 @@ def test_bench_cli_is_registered():
 def test_rm_table1_and_rm_scoring_small(tiny_model_dir):
     """Tiny sizes: every Table-1 row has every metric; the scoring bench reports positive rates."""
     from alignkit import bench
+    from alignkit.paper_tables.rm_table1 import RM_METRICS, rm_table1
 
-    r = bench.rm_table1("tiny", seeds=(0,), lams=(0.0, 0.1), member_losses=("mean",), n_members=2, pairs=48,
+    r = rm_table1("tiny", seeds=(0,), lams=(0.0, 0.1), member_losses=("mean",), n_members=2, pairs=48,
                         epochs=1, lora_r=4, lora_alpha=8, ood_max_samples=8, sft_rows=32)
     assert [x["kind"] for x in r["rows"]] == ["full", "ensemble", "ensemble"]
     for row in r["rows"]:
-        for key in bench.RM_METRICS:
+        for key in RM_METRICS:
             assert key in row and f"{key}_sd" in row
         assert 0 <= row["accuracy"] <= 1 and 0 <= row["ece"] <= 0.5 and row["train_runtime_s"] > 0
         assert len(row["per_seed"]) == 1

@@ -117,3 +117,46 @@ def test_every_recipe_dry_runs_without_downloading(recipe, monkeypatch, capsys, 
     command = validate_recipe(recipes_dir() / f"{recipe}.yaml").command
     assert "nothing is downloaded or written" in out and f"command: {command}" in out
     assert list(tmp_path.iterdir()) == []
+
+
+# ------------------------------------------------------------------- values that used to be misread
+def test_a_plain_model_value_is_the_model_name_even_when_a_flag_sets_a_model_key():
+    recipe = {"command": "sft", "model": "mistral-7b"}
+    cfg = build_config(SFTConfig, recipe, ["model.lora.r=4"], {"model.lora.enabled": True})
+    assert cfg.model.name == "mistral-7b" and cfg.model.lora.enabled and cfg.model.lora.r == 4
+    assert build_config(SFTConfig, {}, ["model=tiny-too"]).model.name == "tiny-too"
+
+
+@pytest.mark.parametrize("recipe, overrides, flags", [
+    ({"train": 5}, None, {"train.learning_rate": 1e-3}),
+    ({"train": 5}, None, None),
+    ({}, ["train=5"], {"train.learning_rate": 1e-3}),
+    ({"model": {"lora": "yes"}}, None, {"model.lora.r": 4}),
+    ({"model": 7}, None, {"model.dtype": "float32"}),
+])
+def test_a_section_given_a_plain_value_is_an_error(recipe, overrides, flags):
+    with pytest.raises(UserError, match="is a section of keys"):
+        build_config(SFTConfig, {"command": "sft", **recipe}, overrides, flags)
+
+
+@pytest.mark.parametrize("override, field", [
+    ("train.max_steps=true", "train.max_steps"),
+    ("train.epochs=false", "train.epochs"),
+    ("data.max_samples=true", "data.max_samples"),
+    ("model.lora.enabled=1", "model.lora.enabled"),
+    ("train.learning_rate=.inf", "train.learning_rate"),
+    ("train.learning_rate=nan", "train.learning_rate"),
+    ("train.warmup_ratio=.nan", "train.warmup_ratio"),
+    ("train.seed=-1", "train.seed"),
+    ("data.seed=-1", "data.seed"),
+])
+def test_bools_for_numbers_non_finite_numbers_and_negative_seeds_are_refused(override, field):
+    with pytest.raises(UserError, match=field.replace(".", r"\.")):
+        build_config(SFTConfig, {}, [override])
+
+
+def test_a_non_utf8_recipe_is_one_error_naming_the_file(tmp_path: Path):
+    f = tmp_path / "latin1.yaml"
+    f.write_bytes("# alignkit run latin1\ncommand: sft\nmodel:\n  name: café\n".encode("latin-1"))
+    with pytest.raises(UserError, match="latin1.yaml: not UTF-8"):
+        read_recipe(f)

@@ -1,4 +1,4 @@
-"""Q-probe (alignkit/trainers/qprobe.py, losses in alignkit/losses.py): the losses by hand, chunking and
+"""Q-probe (alignkit/trainers/qprobe/, losses in alignkit/losses.py): the losses by hand, chunking and
 the global baseline, β handling, the analytic policy reward against brute force, both feature paths
 agreeing with a teacher-forced forward, the probe learning on the built-in task, the error contract and
 a CLI round trip collect -> fit -> eval (+ sample)."""
@@ -179,7 +179,7 @@ def test_collected_features_equal_a_teacher_forced_forward(sft_tiny_dir, tmp_pat
     forward = Q.hidden_features(model, tok, prompts, completions, layer=1, batch_size=5)  # the pref feature path
     torch.testing.assert_close(forward[same], feats.x[same], atol=1e-4, rtol=1e-4)
     # with the sampled ids themselves the two paths agree on every sample, default layer included
-    samples, x, _ = Q._sample_features(model, tok, prompts[::4], 3, layer=Q.default_layer(2), encoder=None,
+    samples, x, _ = Q.sample_features(model, tok, prompts[::4], 3, layer=Q.default_layer(2), encoder=None,
                                        progress=False, max_new_tokens=10, temperature=1.0, top_p=1.0,
                                        batch_size=8, seed=1)
     again = Q.hidden_features(model, tok, [s.prompt for s in samples], layer=2,
@@ -224,8 +224,8 @@ def test_fit_learns_on_the_builtin_task(builtin_features, tmp_path) -> None:
         metrics = [json.loads(x) for x in Path(s["output_dir"], "metrics.jsonl").read_text().splitlines()]
         assert len(metrics) == 150 and {"train_loss", "val_loss", "val_reward_argmax@10"} <= set(metrics[0])
         assert Path(s["output_dir"], "plots", "loss.png").is_file()
-    ev = Q.evaluate(Q.EvalConfig(probes=runs, features=str(builtin_features["test"]), ks=[1, 8], betas=[0, 0.1],
-                                 output={"dir": str(tmp_path / "eval")}), progress=False)
+    ev = Q.evaluate_probes(Q.ProbeEvalConfig(probes=runs, features=str(builtin_features["test"]), ks=[1, 8],
+                                             betas=[0, 0.1], output={"dir": str(tmp_path / "eval")}), progress=False)
     base = ev["base"]["mean"]
     for loss in ("q", "pg"):
         at8 = ev["probes"][loss]["0"]["8"]["mean"]
@@ -255,8 +255,10 @@ def test_pref_probe_from_pairs(tiny_model_dir, tmp_path) -> None:
 # --------------------------------------------------------------------------- the error contract
 
 
-@pytest.fixture
-def bad(tmp_path: Path, tiny_model_dir) -> dict[str, str]:
+@pytest.fixture(scope="module")
+def bad(tmp_path_factory, tiny_model_dir) -> dict[str, str]:
+    """Valid and damaged features directories and probe runs, built once (tests only read them)."""
+    tmp_path = tmp_path_factory.mktemp("qprobe-bad")
     g = torch.Generator().manual_seed(0)
     d = {
         "real": _features_dir(tmp_path / "real", torch.randn(12, 4, generator=g), [0.3, -1.0, 2.0] * 4, 3),
@@ -266,7 +268,46 @@ def bad(tmp_path: Path, tiny_model_dir) -> dict[str, str]:
     }
     d["probe"] = Q.fit(Q.FitConfig(features=str(d["binary"]), loss="q", k=3, epochs=2,
                                    output={"dir": str(tmp_path / "probe")}), progress=False)["output_dir"]
+    d.update(_corrupt_features(tmp_path, d["real"]))
+    d.update(_corrupt_probes(tmp_path, Path(d["probe"])))
     return {k: str(v) for k, v in d.items()} | {"tiny": str(tiny_model_dir)}
+
+
+def _corrupt_features(tmp_path: Path, good: Path) -> dict[str, Path]:
+    """Damaged copies of a valid features directory, one fault each (Part B: a traceback before, one line now)."""
+    import shutil
+
+    def copy(name: str) -> Path:
+        return Path(shutil.copytree(good, tmp_path / name))
+
+    out = {name: copy(name) for name in ("truncated", "garbage", "meta_d", "row_list", "not_utf8", "flat", "nan",
+                                         "pairs_no_sides")}
+    blob = (good / Q.FEATURES_FILE).read_bytes()
+    (out["truncated"] / Q.FEATURES_FILE).write_bytes(blob[: len(blob) // 2])  # a kill while writing
+    (out["garbage"] / Q.FEATURES_FILE).write_bytes(b"this is not a safetensors file, just text")
+    meta = json.loads((good / Q.META_FILE).read_text())
+    (out["meta_d"] / Q.META_FILE).write_text(json.dumps({**meta, "d": "four"}))
+    (out["pairs_no_sides"] / Q.META_FILE).write_text(json.dumps({**meta, "kind": "pairs"}))
+    lines = (good / Q.INDEX_FILE).read_text().splitlines()
+    (out["row_list"] / Q.INDEX_FILE).write_text("[1, 2]\n" + "\n".join(lines[1:]) + "\n")
+    (out["not_utf8"] / Q.INDEX_FILE).write_bytes(b"\xff\xfe" + (good / Q.INDEX_FILE).read_bytes())
+    save_file({"features": torch.randn(12)}, str(out["flat"] / Q.FEATURES_FILE))  # 1-D: the shape does not match
+    x = torch.randn(12, 4)
+    x[3, 1] = float("nan")
+    save_file({"features": x}, str(out["nan"] / Q.FEATURES_FILE))
+    return out
+
+
+def _corrupt_probes(tmp_path: Path, good: Path) -> dict[str, Path]:
+    import shutil
+
+    out = {name: Path(shutil.copytree(good, tmp_path / name)) for name in ("probe_cut", "probe_json", "probe_shape")}
+    blob = (good / Q.PROBE_FILE).read_bytes()
+    (out["probe_cut"] / Q.PROBE_FILE).write_bytes(blob[:40])
+    (out["probe_json"] / Q.PROBE_INFO).write_text('{"d": 4, "loss": ')
+    save_file({"net.weight": torch.zeros(1, 6), "net.bias": torch.zeros(1), "mean": torch.zeros(6),
+               "std": torch.ones(6)}, str(out["probe_shape"] / Q.PROBE_FILE))
+    return out
 
 
 BAD = [
@@ -291,6 +332,26 @@ BAD = [
     (["collect", "--model", "{tiny}", "--reward", "no_such_module:fn"], ["no_such_module"]),
     (["collect", "--model", "{tiny}", "--embed", "minilm", "--layer", "1"], ["layer", "--embed"]),
     (["collect", "--model", "{tiny}", "--pairs", "builtin:sft"], ["pairwise", "sft"]),
+    # Part B (issue 9): corrupt feature / probe files, inf / nan and negative seeds
+    (["fit", "{truncated}"], ["features.safetensors", "not a readable safetensors file", "collect again"]),
+    (["fit", "{garbage}"], ["features.safetensors", "not a readable safetensors file"]),
+    (["fit", "{meta_d}"], ["meta.json", "'d' must be a positive integer", "'four'"]),
+    (["fit", "{row_list}"], ["index.jsonl line 1", "integer 'prompt_id'"]),
+    (["fit", "{not_utf8}"], ["index.jsonl", "not UTF-8"]),
+    (["fit", "{flat}"], ["'features' is", "[12]", "expected float [12, 4]"]),
+    (["fit", "{nan}"], ["'features' holds NaN or infinite values"]),
+    (["fit", "{pairs_no_sides}", "--loss", "pref"], ["no 'chosen' tensor", "chosen and rejected"]),
+    (["eval", "{probe_cut}", "--features", "{binary}"], ["probe.safetensors", "not a readable safetensors file"]),
+    (["eval", "{probe_json}", "--features", "{binary}"], ["probe.json", "not a valid probe description"]),
+    (["eval", "{probe_shape}", "--features", "{binary}"], ["probe.safetensors does not match probe.json"]),
+    (["sample", "{probe_json}", "--out", "{out}.jsonl"], ["probe.json", "not a valid probe description"]),
+    (["fit", "{real}", "--lr", "inf"], ["lr", "finite number"]),
+    (["fit", "{real}", "--lr", "1e38"], ["lr", "too large", "float32"]),
+    (["eval", "{probe}", "--features", "{binary}", "--beta", "0,nan"], ["betas", "finite number"]),
+    (["sample", "{probe}", "--out", "{out}.jsonl", "--beta", "nan"], ["--beta must be >= 0", "finite"]),
+    (["fit", "{real}", "--seed", "-1"], ["seed", "0"]),  # config (ge=0) or the CLI's own seed check
+    (["collect", "--model", "{tiny}", "--seed", "-1"], ["seed", "0"]),
+    (["sample", "{probe}", "--out", "{out}.jsonl", "--seed", "-1"], ["--seed must be >= 0"]),
 ]
 
 
@@ -309,11 +370,50 @@ def test_bad_input_one_line_exit_2_nothing_written(argv, words, bad, tmp_path, m
     assert sorted(p.name for p in tmp_path.iterdir()) == before, "nothing may be written"
 
 
+def test_a_diverging_fit_stops_and_leaves_no_finished_run(bad, tmp_path, monkeypatch, capsys) -> None:
+    """Part B (issue 9): a finite but huge --lr drives the q loss to inf; the fit used to finish with it."""
+    out = tmp_path / "diverged"
+    code, _, err = _run(["qprobe", "fit", bad["real"], "--loss", "q", "--k", "3", "--lr", "1e20", "-o", str(out)],
+                        monkeypatch, capsys)
+    lines = [x for x in err.strip().splitlines() if x.strip()]
+    assert code == 2 and len(lines) == 1 and "Traceback" not in err, err
+    assert "qprobe fit diverged in epoch" in lines[0] and "lower the learning rate" in lines[0]
+    assert not out.exists()  # nothing that looks finished: no DIR, no summary, no probe
+    partial = tmp_path / "diverged.partial"
+    assert not (partial / "summary.json").exists() and not (partial / Q.PROBE_FILE).exists()
+
+
+def test_configs_import_without_torch() -> None:
+    """The CLI builds Q-probe configs for --help / validation: alignkit.trainers.qprobe must not import torch
+    (the package `alignkit.trainers` itself is stubbed here: its own imports are not this module's concern)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, types, pathlib, alignkit\n"
+        "pkg = types.ModuleType('alignkit.trainers')\n"
+        "pkg.__path__ = [str(pathlib.Path(alignkit.__file__).parent / 'trainers')]\n"
+        "sys.modules['alignkit.trainers'] = pkg\n"
+        "from alignkit.trainers import qprobe\n"
+        "qprobe.FitConfig(features='x'); qprobe.CollectConfig()\n"
+        "qprobe.ProbeEvalConfig(probes={'a': 'b'}, features='x')\n"
+        "assert 'torch' not in sys.modules, 'torch imported'\n"
+        "assert set(qprobe.__all__) >= {'fit', 'collect', 'sample', 'evaluate_probes', 'load_probe'}\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+
+
 def test_valid_synthetic_fit_and_python_api_errors(bad, tmp_path, monkeypatch, capsys) -> None:
     argv = ["qprobe", *[a.format(**bad) for a in BAD[0][0]], "--k", "3", "--epochs", "3", "-o", str(tmp_path / "ok")]
     code, _, err = _run(argv, monkeypatch, capsys)
     assert code == 0, err
     assert json.loads((tmp_path / "ok" / "probe.json").read_text())["d"] == 6
+    summary = json.loads((tmp_path / "ok" / "summary.json").read_text())  # the fit runs on trainers.loop.Loop
+    assert summary["loop"]["unit"] == "epoch" and summary["loop"]["steps"] == 3
+    assert set(summary["time_split_s"]) == {"train", "validate"}
+    rows = [json.loads(x) for x in (tmp_path / "ok" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3] and all("time_train_s" in r for r in rows)
     with pytest.raises(UserError, match="binary"):
         Q.fit(Q.FitConfig(features=bad["real"], loss="ce", output={"dir": str(tmp_path / "ce")}))
     # with a threshold the same rewards become 1[r > 0] and ce trains
@@ -372,7 +472,7 @@ def test_sample_picks_the_argmax_and_is_seeded(tiny_model_dir, tmp_path) -> None
     assert len(rows) == 3 and "reward_mean" in res and all(r["prob"] > 0 for r in rows)
     model, tok = load_causal_lm(str(tiny_model_dir), device="cpu")
     probe, _ = Q.load_probe(run)
-    samples, x, _ = Q._sample_features(model, tok, [r["prompt"] for r in rows], 4, layer=2, encoder=None,
+    samples, x, _ = Q.sample_features(model, tok, [r["prompt"] for r in rows], 4, layer=2, encoder=None,
                                        progress=False, max_new_tokens=6, temperature=1.0, top_p=1.0,
                                        batch_size=64, seed=0)
     with torch.no_grad():

@@ -58,7 +58,7 @@ def test_rm_learns_the_oracle_preferences(tmp_path: Path, tiny_model_dir):
     assert (out / "plots" / "reliability.png").stat().st_size > 0
     assert ev["uncertainty_in_dist"] == 0 and ev["ood_auroc"] is None  # one model has no spread
     scorer = rewards.load_scorer(str(out))
-    again = reward.evaluate(scorer, *_heldout(out), None, 15)
+    again = reward.evaluate_reward_model(scorer, *_heldout(out), None, 15)
     assert again["accuracy"] == pytest.approx(ev["accuracy"]) and again["ece"] == pytest.approx(ev["ece"])
 
 
@@ -68,8 +68,8 @@ def _heldout(run: Path):
 
 
 def test_ensemble_diverges_beats_chance_and_is_uncertain_out_of_distribution(tmp_path: Path, sft_tiny_dir):
-    # member_loss "each" (independent BT per member): the option ALGORITHMS.md §1a asks for because
-    # it is what makes the members' disagreement an uncertainty (docs/algorithms/rm-ensemble.md)
+    # member_loss "each" (independent BT per member): the option that makes the members' disagreement
+    # a deep-ensemble uncertainty (docs/algorithms/rm-ensemble.md, member_loss)
     summary = reward.run_ensemble(_ens_cfg(tmp_path / "ens", sft_tiny_dir, ensemble__member_loss="each"))
     ev = summary["eval"]
     assert ev["pairs"] == 320 and ev["accuracy"] > 0.65, ev  # chance is 0.5

@@ -28,7 +28,7 @@ def test_work_happens_in_partial_then_renamed(tmp_path: Path):
 
 def test_existing_dir_refused_unless_overwrite(tmp_path: Path):
     final = tmp_path / "run"
-    final.mkdir()
+    RunDir.open(final, False, False, "command: sft\n").finish({})
     (final / "keep.txt").write_text("old")
     with pytest.raises(UserError, match="already exists.*--overwrite"):
         RunDir.open(final, False, False, "")
@@ -67,6 +67,7 @@ def test_non_main_process_writes_nothing(tmp_path: Path):
 def test_last_checkpoint_is_numeric_max(tmp_path: Path):
     for n in (5, 40, 100, 7):
         (tmp_path / "checkpoints" / f"checkpoint-{n}").mkdir(parents=True)
+        (tmp_path / "checkpoints" / f"checkpoint-{n}" / "trainer_state.json").write_text("{}")
     (tmp_path / "checkpoints" / "checkpoint-x").mkdir()
     assert last_checkpoint(tmp_path).endswith("checkpoint-100")
     assert last_checkpoint(tmp_path / "nope") is None

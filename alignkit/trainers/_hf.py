@@ -1,5 +1,7 @@
 """What every trainer built on a transformers/TRL `Trainer` shares: TrainingArguments from our config
-blocks, metrics streamed into the run directory, a loss plot, data-parallel bookkeeping, resume.
+blocks, metrics streamed into the run directory, a loss plot, data-parallel bookkeeping, resume, and
+the run's safety rails: a stop on non-finite loss or weights, a resume hint on Ctrl-C, a `max_length`
+capped at the model's positions.
 
 SFT, reward modelling, DPO/IPO and KTO all go through these (that is their three-plus call sites).
 """
@@ -7,6 +9,8 @@ SFT, reward modelling, DPO/IPO and KTO all go through these (that is their three
 from __future__ import annotations
 
 import hashlib
+import math
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -14,6 +18,7 @@ from typing import Any
 from transformers import TrainerCallback
 
 from alignkit.config import JobConfig
+from alignkit.errors import UserError
 from alignkit.runs import RunDir, last_checkpoint
 
 
@@ -44,6 +49,7 @@ def training_args(cfg: JobConfig, run: RunDir, bf16: bool) -> dict[str, Any]:
         dataloader_num_workers=0,
         dataloader_pin_memory=cfg.model.device != "cpu" and _cuda(),
         logging_first_step=True,
+        logging_nan_inf_filter=False,  # a NaN loss must reach the log (and DivergenceGuard), not be averaged away
         ddp_find_unused_parameters=False,
         use_cpu=cfg.model.device == "cpu",
     )
@@ -54,15 +60,30 @@ def begin(cfg: JobConfig) -> tuple[str, bool]:
     rank, before anything is loaded) refuse what the run-directory contract refuses.
     Returns (output dir, is_main). The rank comes from the launcher's environment: no accelerate
     state may exist before the TrainingArguments, which configure it (gloo on CPU)."""
+    from alignkit.config import to_yaml
     from alignkit.launch import rank_info
     from alignkit.runs import default_dir
 
     quiet_libraries()
     out = cfg.output.dir or str(default_dir(cfg.command))
     is_main = rank_info()["is_main"]
-    if is_main:
-        RunDir.check(Path(out), cfg.output.overwrite, cfg.output.resume)
+    if is_main:  # also: is another process on this run? on --resume, does the checkpoint honour the settings?
+        RunDir.check(Path(out), cfg.output.overwrite, cfg.output.resume, to_yaml(cfg))
     return out, is_main
+
+
+def cap_max_length(max_length: int, model, what: str = "train.max_length") -> int:
+    """`max_length` capped at the model's position limit (`max_position_embeddings`): longer sequences
+    would index past the position table. One warning line when it caps."""
+    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if not isinstance(limit, int) or limit <= 0 or max_length <= limit:
+        return max_length
+    from alignkit.launch import rank_info
+
+    if rank_info()["is_main"]:
+        print(f"warning: {what}={max_length} is beyond the model's {limit} positions: using {limit}",
+              file=sys.stderr)
+    return limit
 
 
 def _cuda() -> bool:
@@ -119,6 +140,40 @@ class RunDirMetrics(TrainerCallback):
         row.update({k: v for k, v in logs.items() if isinstance(v, (int, float))})
         row["elapsed_s"] = round(time.perf_counter() - self.t0, 3)
         self.run.log(row)
+
+
+class TrainingDiverged(UserError):
+    """The loss, a gradient norm or the weights became NaN/inf: the run is stopped, not finished."""
+
+    def __init__(self, step: int, what: str, value: Any, learning_rate: float):
+        self.step, self.what, self.value = step, what, value
+        super().__init__(
+            f"training diverged at step {step}: {what} is {value} (learning rate {learning_rate:g}): lower the "
+            "learning rate (--lr) and start again with --overwrite; no finished run was written")
+
+
+class DivergenceGuard(TrainerCallback):
+    """Stops training at the first logged loss, gradient norm or eval loss that is not finite (every
+    rank sees the same, already reduced values). `fit` adds it to every trainer."""
+
+    KEYS = ("loss", "grad_norm", "train_loss", "eval_loss")
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        for key in self.KEYS:
+            value = (logs or {}).get(key)
+            if isinstance(value, (int, float)) and not math.isfinite(value):
+                raise TrainingDiverged(state.global_step, key, value, args.learning_rate)
+
+
+def check_weights(trainer) -> None:
+    """Raise TrainingDiverged when a trained parameter holds NaN/inf (checked before anything is saved)."""
+    import torch
+
+    with torch.no_grad():
+        for name, param in trainer.model.named_parameters():
+            if param.requires_grad and param.numel() and not bool(torch.isfinite(param).all()):
+                raise TrainingDiverged(trainer.state.global_step, f"parameter {name}", "not finite",
+                                       trainer.args.learning_rate)
 
 
 class ShardRecorder:
@@ -187,9 +242,11 @@ def save_final(trainer, tokenizer, run: RunDir, title: str, subdir: str = "model
 
 def training_summary(trainer, result, metrics: list[dict[str, Any]], trainable: int, total: int) -> dict[str, Any]:
     """The summary.json entries every trainer reports: steps, losses, time, throughput, GPU memory, sizes."""
+    resumed_from = result.metrics.get("resumed_from_step", 0)
     return {
         "steps": trainer.state.global_step,
-        "train_loss": result.training_loss,
+        "train_loss": whole_run_loss(metrics, resumed_from, result.training_loss, trainer.state.global_step),
+        **({"resumed_from_step": resumed_from} if resumed_from else {}),
         **loss_summary(metrics),
         "train_runtime_s": result.metrics.get("train_runtime"),
         "train_samples_per_s": result.metrics.get("train_samples_per_second"),
@@ -201,9 +258,26 @@ def training_summary(trainer, result, metrics: list[dict[str, Any]], trainable: 
     }
 
 
+def whole_run_loss(metrics: list[dict[str, Any]], resumed_from: int, segment_loss: float, steps: int) -> float:
+    """The mean training loss over the whole run. transformers' `training_loss` covers only the steps
+    this process trained (after a resume: from the checkpoint on); the steps before the checkpoint are
+    counted from metrics.jsonl, each logged loss being the mean over its logging window (weighted by
+    the window's length). Exact when train.save_steps is a multiple of train.logging_steps."""
+    if not resumed_from:
+        return segment_loss
+    total, counted, last = 0.0, 0, 0
+    for m in metrics:
+        if m.get("loss") is not None and last < m["step"] <= resumed_from:
+            total += m["loss"] * (m["step"] - last)
+            counted += m["step"] - last
+            last = m["step"]
+    segment = steps - resumed_from
+    return (total + segment_loss * segment) / max(counted + segment, 1)
+
+
 def loss_summary(metrics: list[dict[str, Any]]) -> dict[str, Any]:
     """First and last logged training loss (evidence that the loss fell)."""
-    losses = [(m["step"], m["loss"]) for m in metrics if "loss" in m]
+    losses = [(m["step"], m["loss"]) for m in metrics if m.get("loss") is not None]
     if not losses:
         return {}
     return {"first_loss": losses[0][1], "last_loss": losses[-1][1], "last_loss_step": losses[-1][0]}
@@ -211,54 +285,76 @@ def loss_summary(metrics: list[dict[str, Any]]) -> dict[str, Any]:
 
 def fit(trainer, run: RunDir):
     """The training loop every trainer shares: metrics to the run directory only (no printer), shard
-    fingerprints in multi-process runs, resume from DIR.partial's newest checkpoint when asked, and the
-    peak GPU memory of the loop (`result.metrics["peak_gpu_memory_gib"]`, None on CPU).
+    fingerprints in multi-process runs, resume from DIR.partial's newest complete checkpoint when asked,
+    the peak GPU memory of the loop (`result.metrics["peak_gpu_memory_gib"]`, None on CPU).
+    A non-finite loss or weight stops it (TrainingDiverged, DIR.partial marked `diverged`); Ctrl-C
+    prints how to resume and propagates (the CLI exits 130).
     Returns (TrainOutput, data-parallel report or None)."""
     import torch
 
     drop_printer(trainer)
+    trainer.add_callback(DivergenceGuard())
     recorder = record_shards(trainer)
     cuda = torch.cuda.is_available() and trainer.args.device.type == "cuda"
     if cuda:
         torch.cuda.reset_peak_memory_stats(trainer.args.device)
-    result = trainer.train(resume_from_checkpoint=resume_checkpoint(run))
+    ckpt = resume_checkpoint(run)
+    try:
+        result = trainer.train(resume_from_checkpoint=ckpt)
+        check_weights(trainer)
+    except TrainingDiverged as exc:
+        run.mark(diverged={"step": exc.step, "what": exc.what, "value": str(exc.value)})
+        raise
+    except KeyboardInterrupt:
+        if run.is_main:
+            print(interrupt_hint(run, trainer.state.global_step, trainer.args.save_steps
+                                 if trainer.args.save_strategy == "steps" else 0), file=sys.stderr, flush=True)
+        raise
+    result.metrics["resumed_from_step"] = int(Path(ckpt).name.split("-")[1]) if ckpt else 0
     # peak GPU memory of this rank during training (weights, optimiser state, activations): None on CPU
     result.metrics["peak_gpu_memory_gib"] = (
         torch.cuda.max_memory_allocated(trainer.args.device) / 2**30 if cuda else None)
     return result, (gather_shards(recorder) if recorder else None)
 
 
+def interrupt_hint(run: RunDir, step: int, save_steps: int) -> str:
+    """The one line printed on Ctrl-C: where the run stopped and how to continue it."""
+    ckpt = last_checkpoint(run.work)
+    if ckpt:
+        return (f"interrupted at step {step}: resume with the same command plus --resume "
+                f"(it continues from the checkpoint of step {Path(ckpt).name.split('-')[1]} in {run.work})")
+    every = f"every {save_steps} steps" if save_steps else "never (train.save_steps=0)"
+    return (f"interrupted at step {step}, before any checkpoint (saved {every}): the same command plus --resume "
+            "starts it again from step 0")
+
+
 def resume_checkpoint(run: RunDir) -> str | None:
-    """The checkpoint to resume from; metrics.jsonl is cut back to that step so that no step is
+    """The newest complete checkpoint to resume from (one half-written by a kill while saving is
+    skipped, `runs.checkpoint_complete`); metrics.jsonl is cut back to that step so that no step is
     logged twice (with no checkpoint the run restarts from step 0 and the log starts empty)."""
     if not run.resumed:
         return None
     ckpt = last_checkpoint(run.work)
     step = int(Path(ckpt).name.split("-")[1]) if ckpt else 0
     if run.is_main:
-        import json
+        from alignkit.runs import strict_json
 
         kept = [m for m in run.read_metrics() if m.get("step", 0) <= step]
-        (run.work / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in kept))
+        (run.work / "metrics.jsonl").write_text("".join(strict_json(m) + "\n" for m in kept))
     return ckpt
 
 
 def loss_plot(metrics: list[dict[str, Any]], path: Path, keys: tuple[str, ...] = ("loss",), title: str = "") -> None:
     """A PNG of the logged training curves."""
-    import matplotlib
+    from alignkit.runs import pyplot, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5, 3.2))
+    fig, ax = pyplot().subplots(figsize=(5, 3.2))
     for key in keys:
-        pts = [(m["step"], m[key]) for m in metrics if key in m]
+        pts = [(m["step"], m[key]) for m in metrics if m.get(key) is not None]
         if pts:
             ax.plot(*zip(*pts, strict=True), marker=".", label=key)
     ax.set_xlabel("step")
     ax.set_title(title)
     if ax.lines:
         ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)

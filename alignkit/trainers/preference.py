@@ -1,54 +1,12 @@
-"""Direct preference optimisation (ALGORITHMS.md §2–3): `alignkit dpo` (loss dpo, ipo, sppo-hard
-or sppo) and `alignkit kto`.
-
-What TRL 1.16's `DPOTrainer` does (and alignkit keeps): it appends EOS to chosen/rejected, tokenises
-prompt, prompt+chosen and prompt+rejected (the completion starts where they diverge), drops rows whose
-prompt alone fills `max_length`, pads [chosen; rejected] into one batch, and takes SUMMED completion
-log-probs for policy and reference. Losses with Δ = logratio_w − logratio_l:
-
-* `dpo` → `loss_type="sigmoid"`: −log σ(β Δ)  (TRL's sigmoid ignores label_smoothing).
-* `ipo` → `loss_type="ipo"`: (Δ̄ − 1/(2β))², where TRL AVERAGES each log-ratio over the completion
-  tokens (Δ̄); the SPPO reference code sums. We keep TRL's per-token average.
-* `sppo-hard` → `loss_type="sppo_hard"`: (lr_w − 0.5/β)² + (lr_l + 0.5/β)²  (eq. 4.12 with P = 1).
-* `sppo` (soft, eq. 4.12): NOT in TRL. alignkit overrides only this. P(y_w ≻ y_l) ∈ [0, 1] comes from
-  the data's `prob` column, or is computed before training by a `Preference` of the shared wrapper
-  (`pref.preference` / `--preference`, one batched call). The column survives TRL's preprocessing
-  (TRL's `map` keeps extra columns; `remove_unused_columns` would drop it, so it is added to the
-  signature columns) and reaches the batch through a wrapping collator; `_compute_loss` computes the
-  summed log-probs exactly as TRL does (policy forward with TRL's fused LM head; reference via TRL's
-  own `compute_ref_log_probs` or the precomputed columns), applies `alignkit.losses.sppo_loss` and
-  logs TRL's metrics (rewards/chosen, rejected, accuracies, margins; logps/chosen, rejected).
-
-Reference model (verified in TRL 1.16's `DPOTrainer.__init__` / `compute_ref_log_probs`; the same
-in `KTOTrainer`) — alignkit builds it explicitly, so that it is always the policy the run STARTS from:
-
-* LoRA: the policy is loaded WITHOUT an adapter and TRL gets a `peft_config`; TRL wraps it and computes
-  the reference by running the same weights with the adapter disabled (`use_adapter(model, None)`):
-  no second copy of anything in memory. (Handing TRL a ready PeftModel instead makes it copy the fresh
-  adapter into a second "ref" adapter: the same numbers, one adapter more.)
-* Full fine-tuning: a frozen second copy, loaded by `models.load_causal_lm` from the SAME spec as the
-  policy (same dtype and device, safetensors only). TRL's own fallback reloads
-  `model.config._name_or_path`, which for a merged LoRA run directory is the BASE model — the wrong
-  reference — so alignkit never relies on it.
-* `pref.precompute_ref_log_probs` (`--precompute-ref`): TRL scores the training (and eval) set with the
-  starting policy once before training and keeps no reference model at all (not under FSDP).
-* `pref.ref_model` (`--ref-model`): any other model spec as the frozen reference (e.g. the SFT model
-  when continuing from a DPO checkpoint); with LoRA this costs a full copy, as it must.
-
-KTO (`alignkit kto`, ALGORITHMS.md §2, KTO eq. 7) runs TRL's `KTOTrainer` unchanged (`loss_type="kto"`,
-or `apo_zero_unpaired`): unpaired rows (prompt, completion, label); pairwise data is unpaired by the
-shared loader (each pair gives a desirable and an undesirable row). TRL's KTO reads the training set in
-order (its `train_sampling_strategy` must stay "sequential"), so alignkit shuffles it once, seeded by
-`train.seed`; every epoch then sees the same order. TRL's z0 is the batch estimate of
-KL(π_θ‖π_ref) on MISMATCHED prompt/completion pairs of the same batch, detached and clamped at 0, so
-the per-device batch must hold at least 2 rows.
-
-Everything else (run directory, metrics stream, resume, save, loss plot, launcher) is shared with
-`sft` and `rm` through `alignkit.trainers._hf`.
+"""Direct preference optimisation on TRL: `alignkit dpo` (loss dpo, ipo, sppo-hard, or soft sppo of
+SPPO eq. 4.12) and `alignkit kto` (KTO eq. 7). Losses, the reference model alignkit builds (always the
+policy the run starts from), soft SPPO's one override of TRL and KTO's data order are described in
+docs/algorithms/dpo.md. The run directory, metrics, resume and save are shared through `_hf`.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
@@ -59,8 +17,8 @@ TRL_LOSS = {"dpo": "sigmoid", "ipo": "ipo", "sppo-hard": "sppo_hard", "sppo": "s
 
 
 def _positive_beta(section: str, v: float) -> float:
-    if not v > 0:
-        raise ValueError(f"{section}.beta: β must be > 0 (got {v})")
+    if not (v > 0 and math.isfinite(v)):  # β = inf turns every loss into a constant: nothing is learnt
+        raise ValueError(f"{section}.beta: β must be > 0 and finite (got {v})")
     return v
 
 
@@ -81,7 +39,7 @@ class PrefSection(Block):
         False, description="score the data with the reference once before training; no reference model kept"
     )
     ref_model: str | None = Field(
-        None, description="frozen reference model spec (default: the starting policy itself, see module doc)"
+        None, description="frozen reference model spec (default: the starting policy itself, docs/algorithms/dpo.md)"
     )
     preference: str | None = Field(
         None, description="loss sppo: compute prob = P(chosen ≻ rejected) with this Preference spec (oracle, "
@@ -158,7 +116,8 @@ def _soft_sppo_trainer():
     from trl import DPOTrainer
 
     class SoftSPPOTrainer(DPOTrainer):
-        """DPOTrainer with the loss replaced by `losses.sppo_loss` on the batch's `prob` (see module doc)."""
+        """DPOTrainer with the loss replaced by `losses.sppo_loss` (eq. 4.12) on the batch's `prob`; the
+        summed log-probs are computed exactly as TRL's `_compute_loss` does (docs/algorithms/dpo.md)."""
 
         def _set_signature_columns_if_needed(self):
             super()._set_signature_columns_if_needed()
@@ -256,8 +215,8 @@ def _split(cfg: DPOConfig | KTOConfig, ds: Any) -> dict[str, Any]:
 
 
 def _policy_and_reference(cfg: DPOConfig | KTOConfig, section: PrefSection | KTOSection) -> dict[str, Any]:
-    """The policy (no adapter yet), its tokenizer, the reference (see the module docstring) and the
-    peft config TRL should apply. Every model is loaded before anything is written."""
+    """The policy (no adapter yet), its tokenizer, the reference (docs/algorithms/dpo.md#reference-model)
+    and the peft config TRL should apply. Every model is loaded before anything is written."""
     from alignkit import models
 
     load = dict(dtype=cfg.model.dtype, device=cfg.model.device, trust_remote_code=cfg.model.trust_remote_code)
@@ -315,7 +274,7 @@ def _trl_common(cfg, run_dir, setup, eval_split) -> dict[str, Any]:
     bf16 = next(setup["model"].parameters()).dtype == torch.bfloat16
     return dict(
         **_hf.training_args(cfg, run_dir, bf16=bf16),
-        max_length=cfg.train.max_length,
+        max_length=_hf.cap_max_length(cfg.train.max_length, setup["model"]),
         eval_strategy="epoch" if eval_split is not None else "no",
     )
 
@@ -401,14 +360,16 @@ def run_kto(cfg: KTOConfig, callbacks: list | None = None, progress: Any | None 
 
 
 def _readme(cfg: DPOConfig | KTOConfig, summary: dict[str, Any]) -> str:
+    from alignkit.runs import run_readme
+
     acc = summary["rewards_accuracy_last"]
-    return (
-        f"# {cfg.command.upper()} run (loss {summary['loss']}, β={summary['beta']})\n\nStart policy "
-        f"`{cfg.model.name}`; data `{cfg.data.source}`; "
+    return run_readme(
+        f"{cfg.command.upper()} run (loss {summary['loss']}, β={summary['beta']})",
+        f"Start policy `{cfg.model.name}`; data `{cfg.data.source}`; "
         f"{'LoRA r=' + str(cfg.model.lora.r) if cfg.model.lora.enabled else 'full fine-tuning'}; "
-        f"reference: {summary['reference']}.\n\n"
+        f"reference: {summary['reference']}.",
         f"Steps: {summary['steps']}, mean training loss {summary['train_loss']:.4f}"
-        + (f", last logged reward accuracy {acc:.3f}" if acc is not None else "") + ".\n\n"
+        + (f", last logged reward accuracy {acc:.3f}" if acc is not None else "") + ".",
         "Load the policy with `alignkit generate --model <this dir>/model` or `alignkit eval <this dir>` "
-        "(LoRA runs save a peft adapter, which alignkit merges into its base on load).\n"
+        "(LoRA runs save a peft adapter, which alignkit merges into its base on load).",
     )

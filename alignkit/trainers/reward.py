@@ -1,21 +1,8 @@
-"""Reward models (ALGORITHMS.md §0 step 2, §1a, §1b): `alignkit rm` and `alignkit rm-ensemble`.
-
-* `rm`: one Bradley–Terry reward model — a sequence classifier with a scalar head (`num_labels=1`),
-  full fine-tuning or LoRA — through TRL's `RewardTrainer` (loss −log σ(r_w − r_l)).
-* `rm-ensemble`: UP-RLHF's diverse reward-LoRA ensemble: N LoRA members on ONE frozen base, each
-  with its own scalar head, trained jointly with eq. 12:
-  `L = −log σ(mean_n r_n(y_w) − mean_n r_n(y_l)) − λ · (1/M) Σ_m ‖A^(m)‖_* / ‖A^(m)‖_F`
-  (`member_loss: each` swaps the first term for the members' independent BT losses). It runs on
-  TRL's RewardTrainer too (same tokenisation, logging, checkpoints, DDP); only `compute_loss` is ours.
-* Both finish with the §1b evaluation on held-out pairs and an out-of-distribution set
-  (`evaluate`): accuracy, ECE (eqs. 17–19), a reliability diagram, mean uncertainty in- vs
-  out-of-distribution (eq. 13) and the AUROC of uncertainty at telling them apart.
-
-Deviations from the paper: the paper gives no LoRA rank, α or λ. Its trainable-parameter shares
-(4.53 % of OPT-350M, 1.25 % of Llama2-7B with N = 5) match rank 32 on the attention query/value
-projections, peft's default targets for those architectures, so that is the default here; λ = 0.1
-is our choice (documented in docs/algorithms/rm-ensemble.md with a sweep). Dropout is disabled while
-training, as TRL's RewardTrainer does by default (`disable_dropout=True`).
+"""Reward models: `alignkit rm` (one Bradley–Terry reward model on TRL's RewardTrainer, loss
+−log σ(r_w − r_l)) and `alignkit rm-ensemble` (UP-RLHF's diverse reward-LoRA ensemble: N LoRA members
+on one frozen base, trained jointly with eq. 12; only `compute_loss` is ours). Both finish with the
+evaluation of UP-RLHF eqs. 13 and 17–19 (`evaluate_reward_model`). The algorithm, the defaults (rank 32,
+λ = 0.1) and the deviations from the paper: docs/algorithms/rm-ensemble.md.
 """
 
 from __future__ import annotations
@@ -181,14 +168,14 @@ def _tokenized(ds, tokenizer, max_length: int):
     )
 
 
-def _reward_args(cfg: RMConfig, run, bf16: bool):
+def _reward_args(cfg: RMConfig, run, bf16: bool, max_length: int):
     from trl import RewardConfig
 
     from alignkit.trainers import _hf
 
     return RewardConfig(
         **_hf.training_args(cfg, run, bf16=bf16),
-        max_length=cfg.train.max_length,
+        max_length=max_length,
         disable_dropout=True,
         eval_strategy="no",
         remove_unused_columns=False,
@@ -222,10 +209,12 @@ def run(cfg: RMConfig, callbacks: list | None = None, progress: Any | None = Non
     )
     trainable, total = models.trainable_parameters(model)
     bf16 = next(model.parameters()).dtype == torch.bfloat16
+    max_length = _hf.cap_max_length(cfg.train.max_length, model)
+    train_tokens = _tokenized(train_ds, tokenizer, max_length)
     run_dir = RunDir.open(out, cfg.output.overwrite, cfg.output.resume, to_yaml(cfg), is_main=is_main)
-    args = _reward_args(cfg, run_dir, bf16)
+    args = _reward_args(cfg, run_dir, bf16, max_length)
     trainer = RewardTrainer(
-        model=model, args=args, train_dataset=_tokenized(train_ds, tokenizer, cfg.train.max_length),
+        model=model, args=args, train_dataset=train_tokens,
         processing_class=tokenizer, callbacks=[_hf.RunDirMetrics(run_dir, progress), *(callbacks or [])],
     )
 
@@ -235,7 +224,7 @@ def run(cfg: RMConfig, callbacks: list | None = None, progress: Any | None = Non
     # -- save + evaluate ---------------------------------------------------------------------------------
     metrics = _hf.save_final(trainer, tokenizer, run_dir, title=f"reward model {cfg.model.name}")
     if is_main:  # scorers read it back: a model is scored on inputs of the length it was trained on
-        (run_dir.path("model") / rewards.REWARD_CONFIG).write_text(json.dumps({"max_length": cfg.train.max_length}))
+        (run_dir.path("model") / rewards.REWARD_CONFIG).write_text(json.dumps({"max_length": max_length}))
     summary: dict[str, Any] = {
         "command": cfg.command, "model": cfg.model.name, "train_pairs": len(trainer.train_dataset),
         "pairs_dropped_too_long": len(train_ds) - len(trainer.train_dataset),
@@ -246,9 +235,10 @@ def run(cfg: RMConfig, callbacks: list | None = None, progress: Any | None = Non
         summary["data_parallel"] = parallel
     if is_main:
         scorer = rewards.RewardModelScorer(
-            trainer.model, tokenizer, batch_size=cfg.eval.batch_size, max_length=cfg.train.max_length
+            trainer.model, tokenizer, batch_size=cfg.eval.batch_size, max_length=max_length
         )
-        summary["eval"] = evaluate(scorer, eval_ds, ood_ds, run_dir.path("plots"), cfg.eval.n_bins) if eval_ds else {}
+        summary["eval"] = (evaluate_reward_model(scorer, eval_ds, ood_ds, run_dir.path("plots"), cfg.eval.n_bins)
+                           if eval_ds else {})
     trainer.accelerator.wait_for_everyone()
     final = run_dir.finish(summary, readme=_readme(cfg, summary))
     summary["output_dir"] = str(final)
@@ -256,19 +246,22 @@ def run(cfg: RMConfig, callbacks: list | None = None, progress: Any | None = Non
 
 
 def _readme(cfg: RMConfig, summary: dict[str, Any]) -> str:
+    from alignkit.runs import run_readme
+
     ev = summary.get("eval") or {}
-    lines = [f"# {cfg.command} run", "", f"Backbone `{cfg.model.name}`, data `{cfg.data.source}`."]
-    if ev:
-        lines += ["", f"Held-out accuracy {ev['accuracy']:.3f}, ECE (UP-RLHF eq. 18) {ev['ece']:.3f}."]
-    lines += ["", "Score with it: `alignkit.rewards.load_scorer('<this dir>')`."]
-    return "\n".join(lines) + "\n"
+    return run_readme(
+        f"{cfg.command} run",
+        f"Backbone `{cfg.model.name}`, data `{cfg.data.source}`.",
+        ev and f"Held-out accuracy {ev['accuracy']:.3f}, ECE (UP-RLHF eq. 18) {ev['ece']:.3f}.",
+        "Score with it: `alignkit.rewards.load_scorer('<this dir>')`.",
+    )
 
 
 # ------------------------------------------------------------------------------------ evaluation
 
 
-def evaluate(scorer, pairs, ood, plots_dir: Path | None = None, n_bins: int = 15) -> dict[str, Any]:
-    """§1b evaluation of any Scorer on held-out pairs (+ an OOD set of completions).
+def evaluate_reward_model(scorer, pairs, ood, plots_dir: Path | None = None, n_bins: int = 15) -> dict[str, Any]:
+    """UP-RLHF's reward-model evaluation of any Scorer on held-out pairs (+ an OOD set of completions).
 
     accuracy and ECE from d = r̄(y_w) − r̄(y_l) (eqs. 17–19); for comparison the standard ECE
     (Guo et al. 2017) of the same rescaled probability p = σ(s·d), so that the two differ only in
@@ -308,12 +301,9 @@ def evaluate(scorer, pairs, ood, plots_dir: Path | None = None, n_bins: int = 15
 
 
 def reliability_diagram(bins: list[dict[str, Any]], path: Path, result: dict[str, Any]) -> None:
-    import matplotlib
+    from alignkit.runs import pyplot, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(4.2, 4.2))
+    fig, ax = pyplot().subplots(figsize=(4.2, 4.2))
     used = [b for b in bins if b["count"]]
     width = bins[0]["hi"] - bins[0]["lo"]
     ax.bar([b["lo"] for b in used], [b["acc"] for b in used], width=width, align="edge",
@@ -324,9 +314,7 @@ def reliability_diagram(bins: list[dict[str, Any]], path: Path, result: dict[str
     ax.set_ylabel("accuracy in bin")
     ax.set_title(f"acc {result['accuracy']:.3f}, ECE {result['ece']:.3f}")
     ax.legend(loc="upper left", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 # ------------------------------------------------------------------------------- rm-ensemble
@@ -433,10 +421,12 @@ def run_ensemble(cfg: RMEnsembleConfig, callbacks: list | None = None, progress:
     tokenizer = ensemble.tokenizer
     trainable, total = ensemble.trainable_parameters()
     bf16 = next(ensemble.model.parameters()).dtype == torch.bfloat16
+    max_length = _hf.cap_max_length(cfg.train.max_length, ensemble.model)
+    train_tokens = _tokenized(train_ds, tokenizer, max_length)
     run_dir = RunDir.open(out, cfg.output.overwrite, cfg.output.resume, to_yaml(cfg), is_main=is_main)
     trainer = _ensemble_trainer_cls()(
-        model=ensemble.model, args=_reward_args(cfg, run_dir, bf16),
-        train_dataset=_tokenized(train_ds, tokenizer, cfg.train.max_length), processing_class=tokenizer,
+        model=ensemble.model, args=_reward_args(cfg, run_dir, bf16, max_length),
+        train_dataset=train_tokens, processing_class=tokenizer,
         callbacks=[_hf.RunDirMetrics(run_dir, progress), *(callbacks or [])], ensemble=ensemble, ens=ens,
     )
 
@@ -464,7 +454,8 @@ def run_ensemble(cfg: RMEnsembleConfig, callbacks: list | None = None, progress:
         ensemble.save(run_dir.work, metadata={"config": cfg.model_dump(mode="json"), "steps": summary["steps"]})
         shutil.rmtree(run_dir.path("checkpoints"), ignore_errors=True)
         scorer = rewards.EnsembleScorer(ensemble, mode="auto", batch_size=cfg.eval.batch_size)
-        summary["eval"] = evaluate(scorer, eval_ds, ood_ds, run_dir.path("plots"), cfg.eval.n_bins) if eval_ds else {}
+        summary["eval"] = (evaluate_reward_model(scorer, eval_ds, ood_ds, run_dir.path("plots"), cfg.eval.n_bins)
+                           if eval_ds else {})
         summary["eval"]["scoring_timings"] = getattr(scorer, "timings", {})
         _hf.loss_plot(run_dir.read_metrics(), run_dir.path("plots", "loss.png"), keys=("loss", "bt", "nnm"),
                       title=f"reward ensemble N={ens.n_members}, λ={ens.lam}")
@@ -494,8 +485,18 @@ def run_eval(run: str, output_dir: str | None = None, overwrite: bool = False, d
     cfg_file = run_path / "config.yaml"
     if not cfg_file.is_file():
         raise UserError(f"{run}: not a finished alignkit rm / rm-ensemble run directory (no config.yaml)")
-    tree = yaml.safe_load(cfg_file.read_text())
-    cfg = (RMEnsembleConfig if tree.get("command") == "rm-ensemble" else RMConfig).model_validate(tree)
+    try:
+        tree = yaml.safe_load(cfg_file.read_text())
+    except (yaml.YAMLError, UnicodeDecodeError):
+        tree = None
+    command = tree.get("command") if isinstance(tree, dict) else None
+    if command not in ("rm", "rm-ensemble"):
+        what = f"an `alignkit {command}` run" if isinstance(command, str) else "not an alignkit run"
+        raise UserError(f"{run} is {what}; rm eval needs a run of alignkit rm or rm-ensemble")
+    try:
+        cfg = (RMEnsembleConfig if command == "rm-ensemble" else RMConfig).model_validate(tree)
+    except ValueError as exc:  # pydantic's ValidationError
+        raise UserError(f"{cfg_file}: not a valid {command} config ({str(exc).splitlines()[0]})") from None
     out = Path(output_dir or default_dir(f"{cfg.command}-eval"))
     RunDir.check(out, overwrite, resume=False)
     scorer = rewards.load_scorer(str(run_path), trust_remote_code=cfg.model.trust_remote_code)
@@ -511,7 +512,7 @@ def run_eval(run: str, output_dir: str | None = None, overwrite: bool = False, d
     settings = {"command": f"{cfg.command} eval", "run": str(run_path), "data": data_source or "held-out split",
                 "ood": cfg.eval.ood_source, "n_bins": n_bins}
     run_dir = RunDir.open(out, overwrite, False, yaml.safe_dump(settings, sort_keys=False))
-    result = evaluate(scorer, pairs, ood, run_dir.path("plots"), n_bins)
+    result = evaluate_reward_model(scorer, pairs, ood, run_dir.path("plots"), n_bins)
     result["scoring_timings"] = getattr(scorer, "timings", {})
     final = run_dir.finish({**settings, **result})
     return {**settings, **result, "output_dir": str(final)}

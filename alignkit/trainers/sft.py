@@ -55,7 +55,7 @@ def run(cfg: SFTConfig, callbacks: list | None = None, progress: Any | None = No
         lora=models.LoraSpec(**cfg.model.lora.model_dump(exclude={"enabled"})) if cfg.model.lora.enabled else None,
     )
     trainable, total = models.trainable_parameters(model)
-    max_length = cfg.train.max_length
+    max_length = _hf.cap_max_length(cfg.train.max_length, model)
     completion_only = "prompt" in ds.column_names and cfg.train.completion_only_loss
     if completion_only and not cfg.train.packing:  # else TRL drops them without a word
         rows_in = len(ds)

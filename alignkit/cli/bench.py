@@ -1,0 +1,328 @@
+"""`alignkit bench ...`: measurements of alignkit on this machine (overhead against raw TRL, sampling,
+scoring, Q-probe fit) and the paper-table reproductions on the built-in task (docs/benchmarks.md).
+The work lives in the bench package; this module parses, prints the table and writes --json."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.table import Table
+
+from alignkit.cli.common import DeviceOpt, SeedOpt, app, check_output_file, check_seed, console
+from alignkit.errors import UserError
+
+
+def _writable(flag: str):
+    """A typer callback: an output file given to `flag` must be writable, checked before the benchmark runs."""
+
+    def check(value: Path | None) -> Path | None:
+        if value is not None:
+            check_output_file(value, overwrite=True, flag=flag)
+        return value
+
+    return check
+
+
+bench_app = typer.Typer(
+    help="Measure alignkit's overhead and throughput on this machine.", no_args_is_help=True
+)
+app.add_typer(bench_app, name="bench")
+JsonOpt = Annotated[
+    Path | None, typer.Option("--json", help="also write the full result as JSON here", callback=_writable("--json"))
+]
+
+
+def _bench_out(result: dict[str, Any], rows: list[tuple[str, str]], title: str, out: Path | None) -> None:
+    table = Table(title=title, show_header=False)
+    for k, v in rows:
+        table.add_row(k, v)
+    console.print(table)
+    if out is not None:
+        out.write_text(json.dumps(result, indent=2, default=str) + "\n")
+        console.print(f"wrote {out}")
+
+
+@bench_app.command("sft")
+def bench_sft(
+    rows: Annotated[int, typer.Option("--rows", min=1, help="built-in SFT rows")] = 2000,
+    steps: Annotated[int, typer.Option("--steps", min=1, help="optimiser steps per job")] = 120,
+    repeats: Annotated[int, typer.Option("--repeats", min=1, help="interleaved TRL/alignkit pairs")] = 7,
+    json_out: JsonOpt = None,
+) -> None:
+    """`alignkit sft` vs the same job written against TRL, interleaved in one process."""
+    from alignkit import bench
+
+    r = bench.sft_overhead(n_rows=rows, steps=steps, repeats=repeats)
+    m, t, a, lc = r["machine"], r["trl"], r["alignkit"], r["loss_curves"]
+    walls = lambda x: ", ".join(f"{w:.2f}" for w in x["wall_s"])  # noqa: E731
+    _bench_out(r, [
+        ("machine", f"{m['cpu']}, {m['cores']} cores; torch {m['torch']}, transformers {m['transformers']}, "
+                    f"trl {m['trl']}; load avg {m['load_avg_1m']:.2f} -> {r['load_avg_1m_end']:.2f}"),
+        ("job", f"tiny model, {rows} rows, {steps} steps x batch {bench.BATCH_SIZE}, "
+                f"{repeats} interleaved pairs"),
+        ("raw TRL wall s", f"{walls(t)} (median {t['median_wall_s']:.2f})"),
+        ("alignkit wall s", f"{walls(a)} (median {a['median_wall_s']:.2f})"),
+        ("ratio alignkit/TRL (wall, median)", f"{r['ratio_wall']:.3f} ({r['overhead_s']:+.2f} s)"),
+        ("ratio per pair (median | of minima)", f"{r['median_pair_ratio_wall']:.3f} | {r['ratio_min_wall']:.3f}"),
+        ("ratio (train loop only | process CPU time)",
+         f"{r['ratio_train_runtime']:.3f} | {r['ratio_cpu']:.3f}"),
+        ("outside train loop s TRL | alignkit", f"{t['median_outside_train_s']:.2f} | "
+                                                f"{a['median_outside_train_s']:.2f}"),
+        ("tokens/s TRL | alignkit", f"{t['tokens_per_s']:.0f} | {a['tokens_per_s']:.0f}"),
+        ("samples/s TRL | alignkit", f"{t['samples_per_s']:.1f} | {a['samples_per_s']:.1f}"),
+        ("loss curves identical", f"{lc['identical']} (max |diff| {lc['max_abs_diff']:.1e} at same-window "
+                                  f"steps, {lc['max_abs_diff_running_mean']:.1e} in running mean over "
+                                  f"{len(lc['steps_compared'])} logged steps)"),
+        ("same rows | same tokenised inputs", f"{r['rows_identical']} | "
+                                              f"{r.get('warmup', {}).get('tokenised_inputs_identical')}"),
+    ], "alignkit bench sft", json_out)
+
+
+@bench_app.command("dpo")
+def bench_dpo(
+    model: Annotated[str, typer.Option("--model", help="tiny, random-1b (random 16x2048 Llama), or a dir")] = "tiny",
+    pairs: Annotated[int, typer.Option("--pairs", min=8, help="builtin:pairwise pairs")] = 512,
+    steps: Annotated[int, typer.Option("--steps", min=1, help="optimiser steps per job")] = 32,
+    repeats: Annotated[int, typer.Option("--repeats", min=1, help="interleaved TRL/alignkit pairs")] = 5,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="pairs per step")] = 16,
+    max_length: Annotated[int, typer.Option("--max-length", min=16, help="tokens per sequence")] = 128,
+    device: DeviceOpt = None,
+    dtype: Annotated[str, typer.Option("--dtype", help="float32 or bfloat16")] = "float32",
+    lora: Annotated[bool, typer.Option("--lora/--no-lora", help="LoRA (both jobs)")] = False,
+    json_out: JsonOpt = None,
+) -> None:
+    """`alignkit dpo` vs the same job written against TRL's DPOTrainer, interleaved in one process."""
+    from alignkit import bench
+
+    if dtype not in ("float32", "bfloat16"):
+        raise UserError(f"--dtype must be float32 or bfloat16, got '{dtype}'")
+    r = bench.dpo_overhead(model=model, n_pairs=pairs, steps=steps, repeats=repeats, batch_size=batch_size,
+                           max_length=max_length, device=device or "cpu", dtype=dtype, lora=lora)
+    m, t, a, lc, st = r["machine"], r["trl"], r["alignkit"], r["loss_curves"], r["settings"]
+    walls = lambda x: ", ".join(f"{w:.2f}" for w in x["wall_s"])  # noqa: E731
+    mem = lambda x: "–" if x["peak_gib"] is None else f"{x['peak_gib']:.2f} GiB"  # noqa: E731
+    _bench_out(r, [
+        ("machine", f"{m['gpu'] or m['cpu']}, {m['cores']} cores; torch {m['torch']}, trl {m['trl']}; "
+                    f"load avg {m['load_avg_1m']:.2f} -> {r['load_avg_1m_end']:.2f}"),
+        ("job", f"{model} ({st['params'] / 1e6:.0f}M params, {dtype}, {'LoRA' if lora else 'full FT'}), "
+                f"{steps} steps x {batch_size} pairs, max_length {max_length}, {repeats} interleaved pairs"),
+        ("raw TRL wall s", f"{walls(t)} (median {t['median_wall_s']:.2f})"),
+        ("alignkit wall s", f"{walls(a)} (median {a['median_wall_s']:.2f})"),
+        ("ratio alignkit/TRL (wall, median | per pair)", f"{r['ratio_wall']:.3f} | {r['median_pair_ratio_wall']:.3f}"),
+        ("ratio (train loop only)", f"{r['ratio_train_runtime']:.3f}"),
+        ("tokens/s TRL | alignkit", f"{t['tokens_per_s']:.0f} | {a['tokens_per_s']:.0f}"),
+        ("pairs/s TRL | alignkit", f"{t['pairs_per_s']:.1f} | {a['pairs_per_s']:.1f}"),
+        ("peak GPU memory TRL | alignkit", f"{mem(t)} | {mem(a)}"),
+        ("loss curves identical", f"{lc['identical']} (max |diff| {lc['max_abs_diff']:.1e}, "
+                                  f"{len(lc['steps_compared'])} logged steps)"),
+        ("same pairs", str(r["rows_identical"])),
+    ], "alignkit bench dpo", json_out)
+
+
+@bench_app.command("pref")
+def bench_pref(
+    prompts: Annotated[int, typer.Option("--prompts", min=16, help="training prompts for on-policy pairs")] = 1024,
+    k: Annotated[int, typer.Option("--k", min=2, help="SFT samples per prompt (best vs worst)")] = 4,
+    eval_prompts: Annotated[int, typer.Option("--eval-prompts", min=4, help="held-out prompts")] = 64,
+    betas: Annotated[list[float] | None, typer.Option("--beta", help="extra DPO β values (repeatable)")] = None,
+    seed: SeedOpt = None,
+    plot_out: Annotated[
+        Path | None, typer.Option("--plot", help="write the reward-vs-KL plot here", callback=_writable("--plot"))
+    ] = None,
+    json_out: JsonOpt = None,
+) -> None:
+    """SFT → on-policy pairs → DPO, IPO, KTO, pairwise SPPO (+ a DPO β sweep), all evaluated against SFT."""
+    from alignkit.paper_tables import preference_table
+
+    check_seed(seed)
+    r = preference_table.pref_table(n_prompts=prompts, k=k, eval_prompts=eval_prompts, seed=seed or 0,
+                                    **({"betas": tuple(betas)} if betas else {}))
+    m, st, p = r["machine"], r["settings"], r["pairs"]
+    load = f"load avg {m['load_avg_1m']:.2f} -> {r['load_avg_1m_end']:.2f}"
+    rows = [("machine", f"{m['cpu']}, {m['cores']} cores; {load}"),
+            ("pairs", f"{p['pairs']} on-policy pairs (k={p['k']}, {p['select']}, oracle), mean P(chosen ≻ rejected) "
+                      f"{p['mean_prob']:.3f}, mean gold gap {p['mean_gold_gap']:.3f}"),
+            ("training", f"full FT from SFT, lr {st['lr']:g}, {st['epochs']:g} epoch, batch {st['batch_size']}")]
+    for name, x in r["policies"].items():
+        kl = round(x["kl"], 2) + 0.0  # no "-0.00" for a policy's KL to itself
+        rows.append((name, f"gold {x['reward_mean']:+.3f} ± {x['reward_se']:.3f} | win vs SFT {x['win_rate']:.3f} ± "
+                           f"{x['win_rate_se']:.3f} | KL {kl:.2f} ± {x['kl_se']:.2f} | len {x['mean_length']:.1f}"
+                           f" | EOS {x['eos_rate']:.0%}"))
+    rows.append(("total wall s", f"{r['timings']['total_s']:.0f}"))
+    if plot_out is not None:
+        preference_table.pref_plot(r, plot_out)
+        console.print(f"wrote {plot_out}")
+    _bench_out(r, rows, "alignkit bench pref", json_out)
+
+
+@bench_app.command("generate")
+def bench_generate(
+    model: Annotated[str, typer.Option("--model", help="tiny, random-1b, or a dir")] = "tiny",
+    prompts: Annotated[int, typer.Option("--prompts", min=1, help="prompts")] = 64,
+    k: Annotated[int, typer.Option("--k", min=1, help="samples per prompt")] = 4,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=1)] = 48,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="sequences per generate call")] = 64,
+    repeats: Annotated[int, typer.Option("--repeats", min=1, help="interleaved rounds (median)")] = 5,
+    device: DeviceOpt = None,
+    dtype: Annotated[str, typer.Option("--dtype", help="float32 or bfloat16")] = "float32",
+    json_out: JsonOpt = None,
+) -> None:
+    """Sampling plain vs with log-probs (eval's KL) vs with hidden-state capture (Q-probe features)."""
+    from alignkit import bench
+
+    r = bench.generation_overhead(model=model, n_prompts=prompts, k=k, max_new_tokens=max_new_tokens,
+                                  batch_size=batch_size, repeats=repeats, device=device or "cpu", dtype=dtype)
+    m, st, med = r["machine"], r["settings"], r["median_s"]
+    rows = [("machine", f"{m['gpu'] or m['cpu']}, {m['cores']} cores; load avg {m['load_avg_1m']:.2f} -> "
+                        f"{r['load_avg_1m_end']:.2f}"),
+            ("job", f"{model} ({st['params'] / 1e6:.1f}M params, {dtype}), {prompts} prompts x {k}, "
+                    f"{max_new_tokens} new tokens, batch {batch_size}, {repeats} rounds")]
+    for mode in ("plain", "logprobs", "capture"):
+        rows.append((mode, f"median {med[mode]:.3f} s ({r['samples_per_s'][mode]:.1f} samples/s); runs "
+                           + ", ".join(f"{x:.2f}" for x in r["seconds"][mode])))
+    rows += [("ratio logprobs / plain", f"{r['ratio_logprobs']:.3f}"),
+             ("ratio capture / plain", f"{r['ratio_capture']:.3f}"),
+             ("same tokens in every mode", str(r["same_tokens"]))]
+    _bench_out(r, rows, "alignkit bench generate", json_out)
+
+
+@bench_app.command("qprobe-fit")
+def bench_qprobe_fit(
+    n: Annotated[int, typer.Option("--n", min=10, help="synthetic features")] = 10_000,
+    d: Annotated[int, typer.Option("--d", min=1, help="feature dimension")] = 4096,
+    loss: Annotated[str, typer.Option("--loss", help="q, ce, pg")] = "pg",
+    repeats: Annotated[int, typer.Option("--repeats", min=1)] = 3,
+    json_out: JsonOpt = None,
+) -> None:
+    """`alignkit qprobe fit` time on n synthetic features of dimension d (paper defaults: 150 epochs)."""
+    from alignkit import bench
+
+    if loss not in ("q", "ce", "pg"):
+        raise UserError(f"--loss must be q, ce or pg (got '{loss}')")
+    r = bench.qprobe_fit_time(n=n, d=d, loss=loss, repeats=repeats)
+    m = r["machine"]
+    _bench_out(r, [
+        ("machine", f"{m['cpu']}, {m['cores']} cores, torch threads {m['torch_threads']}; load avg "
+                    f"{m['load_avg_1m']:.2f}"),
+        ("job", f"{n} x {d} features, loss {loss}, Linear(d, 1), AdamW lr 5e-5, 150 epochs, batch 1000 "
+                f"({r['optimizer_steps']} steps)"),
+        ("fit s (median; runs)", f"{r['median_fit_s']:.2f}; " + ", ".join(f"{x:.2f}" for x in r["fit_s"])),
+        ("whole command s (median)", f"{r['median_wall_s']:.2f} (load features, fit, write run dir and plot)"),
+        ("train loss first -> last", f"{r['first_train_loss']:+.4f} -> {r['last_train_loss']:+.4f}"),
+    ], "alignkit bench qprobe-fit", json_out)
+
+
+@bench_app.command("qprobe")
+def bench_qprobe(
+    train_prompts: Annotated[int, typer.Option("--train-prompts", min=8)] = 256,
+    eval_prompts: Annotated[int, typer.Option("--eval-prompts", min=4)] = 64,
+    n: Annotated[int, typer.Option("--n", min=32, help="samples per prompt (k up to 32)")] = 32,
+    threshold: Annotated[float, typer.Option("--threshold", help="binary success: gold > T")] = 0.3,
+    embed: Annotated[str | None, typer.Option("--embed", help="API mode encoder (e.g. minilm)")] = None,
+    json_out: JsonOpt = None,
+) -> None:
+    """Q-probe on the built-in task: q / ce / pg over k = 1..32, gold and binary rewards, vs base and best-of-k."""
+    from alignkit.paper_tables.qprobe_table import qprobe_table
+
+    r = qprobe_table(n_train_prompts=train_prompts, n_eval_prompts=eval_prompts, n=n, threshold=threshold,
+                     embed=embed)
+    m, st = r["machine"], r["settings"]
+    rows = [("machine", f"{m['cpu']}, {m['cores']} cores; load avg {m['load_avg_1m']:.2f} -> "
+                        f"{r['load_avg_1m_end']:.2f}"),
+            ("setup", f"{st['train_prompts']} train / {st['eval_prompts']} held-out prompts x {st['n_per_prompt']}, "
+                      f"features {st['features']}, binary = gold > {threshold:g}")]
+    for reward, t in r["tables"].items():
+        ks = [str(k) for k in st["ks"]]
+        rows.append((f"({reward}) base | greedy", f"{t['base']['mean']:+.3f} | "
+                     + ("–" if not t["greedy"] else f"{t['greedy']['mean']:+.3f}")))
+        for name, by_beta in t["probes"].items():
+            for b, by_k in by_beta.items():
+                rows.append((f"{name} β={b}", " ".join(f"{by_k[k]['mean']:+.3f}" for k in ks)))
+        rows.append((f"({reward}) best-of-k", " ".join(f"{t['best_of_k'][k]['mean']:+.3f}" for k in ks)))
+    rows.append(("total wall s", f"{r['timings']['total_s']:.0f}"))
+    _bench_out(r, rows, f"alignkit bench qprobe (k = {', '.join(map(str, st['ks']))})", json_out)
+
+
+@bench_app.command("quickstart")
+def bench_quickstart(json_out: JsonOpt = None) -> None:
+    """Time `alignkit quickstart` (default settings, temporary output directory)."""
+    from alignkit import bench
+
+    r = bench.quickstart_time()
+    m = r["machine"]
+    rows = [
+        ("machine", f"{m['cpu']}, {m['cores']} cores; torch {m['torch']}, load avg {m['load_avg_1m']:.2f}"),
+        ("wall s", f"{r['wall_s']:.1f} (of which SFT {r['sft_seconds']:.1f})"),
+        ("SFT steps | last loss", f"{r['sft']['steps']} | {r['sft']['last_loss']:.4f}"),
+    ]
+    for name, p in r["policies"].items():
+        rows.append((f"{name}: gold | EOS | repetition | samples/s",
+                     f"{p['gold_mean']:+.3f} ± {p['gold_sd']:.3f} | {p['eos_rate']:.0%} | "
+                     f"{p['repetition_rate']:.0%} | {p['samples_per_s']:.0f}"))
+    _bench_out(r, rows, "alignkit bench quickstart", json_out)
+
+
+@bench_app.command("rm-table1")
+def bench_rm_table1(
+    backbone: Annotated[str, typer.Option("--backbone", help="tiny (SFT'd tiny Llama) or minilm")] = "tiny",
+    pairs: Annotated[int | None, typer.Option("--pairs", min=16, help="builtin:pairwise pairs")] = None,
+    seeds: Annotated[list[int] | None, typer.Option("--seeds", help="training seeds (repeatable)")] = None,
+    lams: Annotated[list[float] | None, typer.Option("--lam", help="ensemble λ (repeatable; 0 = no NNM)")] = None,
+    epochs: Annotated[float | None, typer.Option("--epochs", help="epochs per reward model")] = None,
+    n_members: Annotated[int, typer.Option("--n-members", min=2, help="ensemble size N")] = 5,
+    json_out: JsonOpt = None,
+) -> None:
+    """UP-RLHF Table 1 on the built-in task: full-FT RM vs LoRA ensembles (λ = 0 and λ > 0)."""
+    from alignkit.paper_tables.rm_table1 import RM_SETTINGS, rm_table1
+
+    if backbone not in RM_SETTINGS:
+        raise UserError(f"--backbone must be one of {', '.join(RM_SETTINGS)}, got '{backbone}'")
+    r = rm_table1(backbone, seeds=tuple(seeds) if seeds else None, lams=tuple(lams) if lams else None,
+                  pairs=pairs, epochs=epochs, n_members=n_members)
+    st, m = r["settings"], r["machine"]
+    fmt = lambda x, k, d=3: "–" if x[k] is None else (  # noqa: E731
+        f"{x[k]:.{d}f}" + (f" ± {x[k + '_sd']:.{d}f}" if x.get(k + "_sd") is not None else ""))
+    load = f"load avg {m['load_avg_1m']:.2f} -> {r['load_avg_1m_end']:.2f}"
+    rows = [("machine", f"{m['cpu']}, {m['cores']} cores; {load}"),
+            ("setup", f"{backbone}, {st['pairs']} pairs ({st['eval_fraction']:.0%} held out), {st['epochs']} epochs, "
+                      f"lr full {st['full_lr']:g} / LoRA {st['lora_lr']:g}, r={st['lora_r']}, seeds {st['seeds']}")]
+    if "sft_backbone" in r:
+        rows.append(("SFT backbone s", f"{r['sft_backbone']['wall_s']:.1f}"))
+    for x in r["rows"]:
+        rows.append((x["row"], f"acc {fmt(x, 'accuracy')} | ECE {fmt(x, 'ece')} | ECE std {fmt(x, 'ece_standard')} | "
+                               f"u in/OOD {fmt(x, 'uncertainty_in_dist')}/{fmt(x, 'uncertainty_ood')} | "
+                               f"AUROC {fmt(x, 'ood_auroc')} | {x['trainable_pct']:.2f}% | "
+                               f"train {fmt(x, 'train_runtime_s', 1)} s"))
+    rows.append(("total wall s", f"{r['total_wall_s']:.0f}"))
+    _bench_out(r, rows, f"alignkit bench rm-table1 --backbone {backbone}", json_out)
+
+
+@bench_app.command("rm-scoring")
+def bench_rm_scoring(
+    backbone: Annotated[str, typer.Option("--backbone", help="tiny or minilm")] = "tiny",
+    n_members: Annotated[int, typer.Option("--n-members", min=2, help="ensemble size N")] = 5,
+    batch: Annotated[int, typer.Option("--batch", min=1, help="texts per forward")] = 32,
+    rows: Annotated[int, typer.Option("--rows", min=1, help="texts scored per timed pass")] = 512,
+    repeats: Annotated[int, typer.Option("--repeats", min=1, help="timed passes (median)")] = 3,
+    json_out: JsonOpt = None,
+) -> None:
+    """Ensemble scoring (mixed, loop) vs N separate reward models vs one: samples/s and peak memory."""
+    from alignkit import bench
+
+    if backbone not in bench.SCORING_BACKBONES:
+        raise UserError(f"--backbone must be one of {', '.join(bench.SCORING_BACKBONES)}, got '{backbone}'")
+    r = bench.rm_scoring(backbone, n_members=n_members, batch=batch, rows=rows, repeats=repeats)
+    m, c, q = r["machine"], r["configs"], r["ratios"]
+    out = [("machine", f"{m['cpu']}, {m['cores']} cores; load avg {m['load_avg_1m']:.2f} -> "
+                       f"{r['load_avg_1m_end']:.2f}"),
+           ("setup", f"{backbone}, N={n_members}, batch {batch}, {rows} texts x {repeats} passes, fresh process each")]
+    for name in bench.SCORING_CONFIGS:
+        mem = "–" if q[name]["memory_vs_one"] is None else f"{q[name]['memory_vs_one']:.2f}x one"
+        out.append((name, f"{c[name]['samples_per_s']:.1f} samples/s ({q[name]['throughput_vs_one']:.3f}x one) | "
+                          f"peak RSS Δ {c[name]['peak_rss_delta_mib']:.0f} MiB ({mem})"))
+    out.append(("mixed | loop vs separate (throughput)",
+                f"{q['mixed_vs_separate_throughput']:.2f}x | {q['loop_vs_separate_throughput']:.2f}x"))
+    _bench_out(r, out, f"alignkit bench rm-scoring --backbone {backbone}", json_out)

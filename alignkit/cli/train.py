@@ -1,0 +1,188 @@
+"""The training commands: sft, rm, rm-ensemble, dpo, kto, quickstart and `run RECIPE`, plus `rm eval`.
+
+Each one builds its config (defaults < recipe < `--set` < flags, cli/flags.py), re-launches
+through accelerate when asked (launch.py), runs the trainer from the `TRAINERS` table and prints
+its summary. `--dry-run` stops after the config: nothing is loaded, downloaded or written.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from alignkit.cli.common import (
+    DryOpt,
+    MaxSamplesOpt,
+    OutOpt,
+    OverwriteOpt,
+    RecipeOpt,
+    SeedOpt,
+    SetOpt,
+    app,
+    check_seed,
+    console,
+    print_summary,
+)
+from alignkit.cli.flags import Flag, training_command
+from alignkit.cli.recipes import recipe_command, recipe_path
+from alignkit.errors import UserError
+
+
+def train(command: str, recipe: Path | str | None, sets: list[str] | None, flags: dict[str, Any],
+          dry_run: bool = False) -> None:
+    """Build and validate the config, re-launch through accelerate if asked, run, print the summary."""
+    from alignkit import launch
+    from alignkit.config import build_config, read_recipe, to_yaml
+    from alignkit.trainers import config_class, load
+
+    cfg_cls = config_class(command)
+    tree = read_recipe(recipe_path(str(recipe))) if recipe else {}
+    if tree.get("command", command) != command:
+        raise UserError(f"{recipe}: this recipe is for `alignkit {tree['command']}`, not `alignkit {command}`")
+    tree["command"] = command
+    cfg = build_config(cfg_cls, tree, sets, flags, origin=str(recipe or command))
+    if dry_run:
+        _print_plan(cfg, to_yaml(cfg))
+        return
+    code = launch.maybe_relaunch(sys.argv[1:], cfg.launch.num_processes, cfg.launch.accelerate_config)
+    if code is not None:
+        raise typer.Exit(code)
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    run_fn = load(command)[1]
+    show = launch.rank_info()["is_main"]
+    with Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        console=console, disable=not show, transient=False,
+    ) as progress:
+        summary = run_fn(cfg, progress=progress)
+    if show and not getattr(cfg_cls, "REPORTS_ITSELF", False):
+        print_summary(f"alignkit {command}", summary)
+
+
+def _print_plan(cfg: Any, config_yaml: str) -> None:
+    from alignkit import models
+
+    console.print(f"[bold]plan[/bold]: alignkit {cfg.command} (nothing is downloaded or written)")
+    try:
+        where = models.describe_source(cfg.model.name)
+    except UserError as exc:
+        where = f"unresolved: {exc}"
+    console.print(f"  model  : {cfg.model.name} -> {where}")
+    console.print(f"  data   : {cfg.data.source} (kind {cfg.data.kind or 'auto'})")
+    console.print(f"  output : {cfg.output.dir or 'runs/' + cfg.command + '-<timestamp>'}")
+    n = cfg.launch.num_processes
+    console.print(f"  launch : {n} process{'es' if n > 1 else ''}, accelerate config {cfg.launch.accelerate_config}")
+    console.print("[bold]resolved config[/bold]:")
+    console.print(config_yaml, markup=False, highlight=False)
+
+
+# ------------------------------------------------------------------------------- the trainers
+OOD = Flag("ood", "eval.ood_source", ("--ood",), str)
+PRECOMPUTE_REF = "--precompute-ref"
+
+app.command("sft")(training_command(
+    "sft", "Supervised fine-tuning on demonstrations (TRL SFTTrainer), full or LoRA.", train,
+))
+
+rm_app = typer.Typer(
+    help="Bradley–Terry reward model (TRL RewardTrainer), full or LoRA; `alignkit rm eval RUN` evaluates one.",
+    invoke_without_command=True,
+)
+ens_app = typer.Typer(
+    help="UP-RLHF diverse reward-LoRA ensemble (eq. 12, nuclear-norm diversity); `... eval RUN` evaluates one.",
+    invoke_without_command=True,
+)
+app.add_typer(rm_app, name="rm")
+app.add_typer(ens_app, name="rm-ensemble")
+rm_app.callback()(training_command(
+    "rm", "Train a Bradley–Terry reward model on pairwise data, then evaluate it (accuracy, ECE, OOD).", train,
+    extra=(OOD,), without=("kind",), subcommands=True,
+))
+ens_app.callback()(training_command(
+    "rm-ensemble", "Train N LoRA reward members on one frozen base with eq. 12, then evaluate accuracy, ECE, OOD.",
+    train,
+    extra=(Flag("n_members", "ensemble.n_members", ("--n-members",), int),
+           Flag("lam", "ensemble.lam", ("--lam",), float),
+           Flag("member_loss", "ensemble.member_loss", ("--member-loss",), str), OOD),
+    without=("kind", "lora"), subcommands=True,
+))
+app.command("dpo")(training_command(
+    "dpo", "Direct preference optimisation on pairwise data (TRL DPOTrainer): DPO, IPO, SPPO (hard or soft).", train,
+    extra=(Flag("loss", "pref.loss", ("--loss",), str), Flag("beta", "pref.beta", ("--beta",), float),
+           Flag("precompute_ref", "pref.precompute_ref_log_probs", (PRECOMPUTE_REF,), bool),
+           Flag("ref_model", "pref.ref_model", ("--ref-model",), str),
+           Flag("preference", "pref.preference", ("--preference",), str)),
+))
+app.command("kto")(training_command(
+    "kto", "KTO on unpaired data (TRL KTOTrainer); pairwise data is unpaired (chosen → desirable).", train,
+    extra=(Flag("loss", "kto.loss", ("--loss",), str), Flag("beta", "kto.beta", ("--beta",), float),
+           Flag("desirable_weight", "kto.desirable_weight", ("--desirable-weight",), float),
+           Flag("undesirable_weight", "kto.undesirable_weight", ("--undesirable-weight",), float),
+           Flag("precompute_ref", "kto.precompute_ref_log_probs", (PRECOMPUTE_REF,), bool),
+           Flag("ref_model", "kto.ref_model", ("--ref-model",), str)),
+))
+
+
+@app.command()
+def quickstart(
+    output_dir: Annotated[
+        str | None, typer.Option("--output-dir", "-o", help="run directory (default runs/quickstart)")
+    ] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="replace an existing run directory")] = False,
+    recipe: RecipeOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Tiny model → SFT → on-policy pairs → DPO → Q-probe on the built-in task, then one table of every policy.
+
+    About a minute on a 2-core CPU, offline; writes runs/quickstart (docs/quickstart.md)."""
+    train("quickstart", recipe, set_, {"output.dir": output_dir, "output.overwrite": overwrite or None})
+
+
+@app.command("run")
+def run_recipe(
+    recipe: Annotated[str, typer.Argument(help="recipe name (see `alignkit recipes ls`) or YAML path")],
+    overrides: Annotated[list[str] | None, typer.Argument(help="key=value overrides, e.g. train.epochs=2")] = None,
+    dry_run: DryOpt = False,
+) -> None:
+    """Run a recipe: `alignkit run sft-tiny train.epochs=2`."""
+    path = recipe_path(recipe)
+    train(recipe_command(path), path, overrides, {}, dry_run)
+
+
+# -------------------------------------------------------------------------------- rm eval
+EvalRunArg = Annotated[str, typer.Argument(help="run directory of `alignkit rm` / `alignkit rm-ensemble`")]
+EvalDataOpt = Annotated[
+    str | None, typer.Option("--data", "-d", help="pairs to evaluate (default: the run's held-out split)")
+]
+EvalOodOpt = Annotated[str | None, typer.Option("--ood", help="OOD completions (default: the run's eval.ood_source)")]
+BinsOpt = Annotated[int, typer.Option("--bins", help="ECE bins (UP-RLHF: 15)")]
+
+
+def _rm_eval(run: str, output_dir, overwrite, data, ood, max_samples, bins, seed) -> None:
+    from alignkit.trainers.reward import run_eval
+
+    check_seed(seed)
+    summary = run_eval(run, output_dir, bool(overwrite), data, ood, max_samples, bins, seed or 0)
+    print_summary(f"alignkit {summary['command']}", summary)
+
+
+@rm_app.command("eval")
+def rm_eval(
+    run: EvalRunArg, data: EvalDataOpt = None, ood: EvalOodOpt = None, max_samples: MaxSamplesOpt = None,
+    output_dir: OutOpt = None, overwrite: OverwriteOpt = None, bins: BinsOpt = 15, seed: SeedOpt = None,
+) -> None:
+    """Accuracy, ECE (eqs. 17–19), reliability diagram, OOD uncertainty and AUROC of a reward model."""
+    _rm_eval(run, output_dir, overwrite, data, ood, max_samples, bins, seed)
+
+
+@ens_app.command("eval")
+def rm_ensemble_eval(
+    run: EvalRunArg, data: EvalDataOpt = None, ood: EvalOodOpt = None, max_samples: MaxSamplesOpt = None,
+    output_dir: OutOpt = None, overwrite: OverwriteOpt = None, bins: BinsOpt = 15, seed: SeedOpt = None,
+) -> None:
+    """Accuracy, ECE, reliability diagram, OOD uncertainty and its AUROC for a reward ensemble."""
+    _rm_eval(run, output_dir, overwrite, data, ood, max_samples, bins, seed)
