@@ -173,12 +173,8 @@ def test_messages_column_holding_a_string_is_one_line(tmp_path: Path, monkeypatc
 
 
 def test_huge_max_length_with_long_rows_finishes(tmp_path: Path, tiny_model_dir, alignkit_cache):
-    """Packing into a 10^8-token block allocated a bin tree of 10^8 entries and hung: max_length is
-    capped to the model's positions (256 for tiny)."""
-    from alignkit.trainers import _hf
-
-    if not hasattr(_hf, "cap_max_length"):
-        pytest.skip("needs _hf.cap_max_length (the run-directory branch of issue 9)")
+    """Packing into 10^8-token blocks built a bin tree of 2^27 entries (TRL's BFD packing) and hung:
+    max_length is capped to the model's positions (256 for tiny)."""
     src = _jsonl(tmp_path / "long.jsonl", [{"prompt": "word " * 3000, "completion": " good"}] * 4)
     cmd = [sys.executable, "-m", "alignkit.cli", "sft", "--model", "tiny", "--data", src, "--device", "cpu",
            "--max-length", "100000000", "--max-steps", "1", "--batch-size", "2", "--set", "train.packing=true",
