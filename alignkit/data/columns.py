@@ -67,7 +67,9 @@ def _resolve(value: Any, tokens: list[str], path: str, at: str) -> Any:
             return None  # a null parent reads as a missing value; the field check names it
         if isinstance(value, dict):
             if tok not in value:
-                raise UserError(f"{at}: cannot read '{path}': no key '{tok}'{closest(tok, value)}")
+                raise UserError(
+                    f"{at}: cannot read '{path}': no key '{tok}'{closest(tok, value)} — check --columns"
+                )
             value = value[tok]
         elif isinstance(value, list) and tok.lstrip("-").isdigit():
             if not -len(value) <= int(tok) < len(value):
@@ -76,7 +78,9 @@ def _resolve(value: Any, tokens: list[str], path: str, at: str) -> Any:
                 )
             value = value[int(tok)]
         else:
-            raise UserError(f"{at}: cannot read '{path}': '{tok}' does not index a {type(value).__name__}")
+            raise UserError(
+                f"{at}: cannot read '{path}': '{tok}' does not index a {type(value).__name__} — check --columns"
+            )
     return value
 
 

@@ -36,7 +36,9 @@ def _summarize_prompt(info: dict | None, at: str) -> str:
     elif info.get("article"):  # CNN/DailyMail rows: post is null, article is set
         lines.append(f"ARTICLE: {info['article']}")
     else:
-        raise UserError(f"{at}: field 'info' has neither 'post' nor 'article' — nothing to summarise")
+        raise UserError(
+            f"{at}: field 'info' has neither 'post' nor 'article' — nothing to summarise; fix or drop the row"
+        )
     return "\n".join(lines) + "\nTL;DR:"
 
 
@@ -47,7 +49,9 @@ def _convert_summarize(batch: dict, idx: list[int], src: str) -> dict:
     ):
         at = where(src, i)
         if choice not in (0, 1) or not isinstance(summaries, list) or len(summaries) != 2:
-            raise UserError(f"{at}: 'choice' must be 0 or 1 and 'summaries' must hold two summaries")
+            raise UserError(
+                f"{at}: 'choice' must be 0 or 1 and 'summaries' must hold two summaries — fix or drop the row"
+            )
         out["prompt"].append(_summarize_prompt(info, at))
         out["chosen"].append((summaries[choice] or {}).get("text"))
         out["rejected"].append((summaries[1 - choice] or {}).get("text"))

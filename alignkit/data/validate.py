@@ -115,13 +115,17 @@ def norm_pairwise(batch: dict, idx: list[int], src: str, drop_identical: bool = 
         if drop_identical and chosen == rejected:
             continue
         if is_messages(chosen) != is_messages(rejected):
-            raise UserError(f"{at}: 'chosen' and 'rejected' must both be strings or both message lists")
+            raise UserError(
+                f"{at}: 'chosen' and 'rejected' must both be strings or both message lists — use one form per row"
+            )
         if is_messages(chosen):
             prompt, chosen, rejected = split_conversations(prompt, chosen, rejected, at)
         elif prompt is None:
             prompt, chosen, rejected = split_implicit(chosen, rejected, at)
         elif is_messages(prompt):
-            raise UserError(f"{at}: 'prompt' is a message list but 'chosen' is a plain string")
+            raise UserError(
+                f"{at}: 'prompt' is a message list but 'chosen' is a plain string — use one form per row"
+            )
         out["prompt"].append(prompt)
         out["chosen"].append(text(chosen, "chosen", at + " (after the prompt was split off)"))
         out["rejected"].append(text(rejected, "rejected", at + " (after the prompt was split off)"))
