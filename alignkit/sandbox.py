@@ -1,89 +1,12 @@
 """Run untrusted Python programs (MBPP-style unit tests) out of process: Q-probe's code reward.
 
-ALGORITHMS.md §4: program = prompt + completion cut at a stop sequence + "\\n" + the task's `assert`
-lines; reward 1 if it runs without error within 3 s, else 0. `CodeScorer` is that reward behind the
-`Scorer` protocol; `run_program` / `Sandbox.run` / `Sandbox.run_many` run programs; `build_program`
-assembles them. Linux only.
-
-Nothing is ever executed in this process. Each program is written to `main.py` in a fresh work dir
-and run as `python -I -S -B main.py` by a launcher (`_launcher_main`, a separate `python -I -S -B -c`
-with the caller's privileges) that sets up the mechanisms below, forks the program and reports its
-wait status on a private pipe. Process tree: caller -> launcher -> init (PID 1 of the new PID
-namespace, only reaps) -> program.
-
-What the sandbox does, mechanism by mechanism (all checked by tests/test_sandbox.py):
-
-* Fresh interpreter: `-I` (PYTHON* variables ignored, no user site, script dir not on sys.path),
-  `-S` (no site-packages; `site_packages=True` runs the venv's interpreter with them), `-B`. A
-  minimal environment (PATH, HOME = TMPDIR = the work dir, LANG, LC_ALL): none of the caller's
-  variables. stdin is /dev/null; stdout and stderr are captured, the last `max_output` bytes of each
-  kept.
-* Wall clock (`timeout`, default 3 s, counted from the launcher's start, so it includes the 30-80 ms
-  of start-up): on expiry the launcher's process group is SIGKILLed, which kills init and with it the
-  whole PID namespace.
-* setrlimit, per process: RLIMIT_CPU (ceil(timeout) + 1 s of CPU: SIGXCPU, SIGKILL 1 s later; a
-  backstop behind the wall clock), RLIMIT_AS (`memory_mb`, 512 MiB: allocations raise MemoryError),
-  RLIMIT_FSIZE (`file_size_mb`, 16 MiB: writes fail with EFBIG, Python ignores SIGXFSZ),
-  RLIMIT_NOFILE (`max_files`, 64), RLIMIT_NPROC (`max_procs`, 16: fork fails with EAGAIN; it counts
-  every process AND thread of the uid), RLIMIT_CORE 0. Limits are only ever lowered. They bind each
-  process, not the sandbox: its processes together may hold `max_procs` x `memory_mb` of address
-  space and `max_procs` CPUs until the wall clock ends them. There is no cgroup.
-* Network namespace (CLONE_NEWNET): only a loopback interface, and it is down: no route anywhere,
-  not even 127.0.0.1, no abstract unix socket shared with the host. Where no network namespace can
-  be made the sandbox REFUSES to run (status "error", reason in stderr) unless `allow_network=True`;
-  `CodeScorer` raises `UserError` at construction instead of scoring everything 0.
-* PID namespace (CLONE_NEWPID) with its own read-only /proc: host processes, their command lines and
-  environments are invisible. The program is not PID 1 (a namespace's init ignores signals it has no
-  handler for, SIGXCPU included); when it exits or is killed, init exits and the kernel kills
-  everything left in the namespace, daemons that called setsid() included.
-  IPC namespace (CLONE_NEWIPC): no System V IPC or POSIX message queue shared with the host.
-  Not used: UTS (the hostname is visible), time, cgroup namespaces.
-* Mount namespace (CLONE_NEWNS, propagation private): every mount is made read-only and nosuid,
-  recursively (mount_setattr, Linux >= 5.12); only the work dir (a bind mount) is writable. That
-  covers /tmp, /dev/shm and every other world-writable directory; device nodes (/dev/null) still
-  work. Reads are NOT restricted beyond file permissions: every world-readable file (/etc/passwd,
-  world-readable checkouts and data sets, the host's /sys) can be read. As root, a directory that
-  stops the sandbox uid on the way to the interpreter (pyenv under a 0700 /root) is covered with an
-  empty tmpfs into which only the interpreter prefix is bound back, which also hides the rest of it.
-* Privileges. As root (CI): the program runs as an unprivileged uid, gid = the same number, no
-  supplementary groups (setgroups([]), setresgid, setresuid: every capability is dropped) and
-  PR_SET_NO_NEW_PRIVS, so file permissions and RLIMIT_NPROC bind it; it cannot signal or ptrace init
-  or the launcher. RLIMIT_NPROC counts ALL processes of a uid, so each concurrent sandbox gets its
-  own uid, `uid_base + slot` (1990000000 + …, no passwd entry; a slot is held by an flock in
-  /run/alignkit-sandbox or $TMPDIR/alignkit-sandbox-<euid>, so alignkit processes on one host never
-  share one), and after a timeout every process still owned by it is SIGKILLed. A fixed `uid=` (e.g.
-  65534, nobody) is shared with the rest of the host: its RLIMIT_NPROC counts their processes too,
-  and it is never swept. The work dir is owned by the sandbox uid, mode 0700, removed afterwards.
-  Not root: an unprivileged user namespace (CLONE_NEWUSER, the caller's uid mapped to itself)
-  carries the other namespaces; the program has no capabilities, runs as the caller's uid (it can
-  read what the caller can read), and RLIMIT_NPROC counts only its processes in that namespace.
-  No user namespace either: no namespace at all (so refused unless `allow_network=True`), the
-  caller's uid, RLIMIT_NPROC counting all the caller's processes, and a daemon that called setsid()
-  can outlive the run.
-* Lifetime: launcher, init and program get PR_SET_PDEATHSIG(SIGKILL), so a killed trainer leaves no
-  sandbox running.
-
-`isolation()` probes once per process which of these the host allows; `Result.missing` lists what
-was not applied and why. What the sandbox does NOT protect against: it is defence in depth against
-buggy or reward-hacking generated code, NOT a security boundary like a VM or gVisor. The program
-shares the host kernel (a kernel bug escapes all of the above), there is no seccomp filter (every
-syscall is allowed), world-readable files are readable, total memory and CPU of one sandbox are
-bounded only through the per-process limits, and timing side channels are open. Reward hacking in
-the program's own text is not prevented: an object whose `__eq__` returns True passes
-`assert f(x) == y`. `CodeScorer` does catch a program that exits 0 before its asserts ran (exit(0),
-os._exit(0)): it appends a random marker printed after the asserts and counts a pass only with the
-marker in stdout (a program that reads its own source could still forge it).
-
-Stop sequences (`cut_at_stop`). The reference cuts at "\\nclass", "\\ndef", "\\n#", "\\nif", "\\nprint",
-"\\nassert", '\\n\"\"\"' (`BODY_STOP`), for a prompt that ends inside the function and a completion that
-is its body. Here a stop that begins with "\\n" cuts only where it starts a new top-level statement
-of prompt + completion (found with `tokenize`): not inside a string, brackets or after a backslash,
-and a column-0 comment only when the next code line is at column 0 too (a column-0 comment inside a
-body does not end the function). Where the text cannot be tokenised (an unterminated string, a bad
-dedent) every match from there on counts. Other stops cut at their first occurrence. alignkit's
-MBPP rows (data.MBPP_TEMPLATE) hold a prose prompt and a whole program as completion: for them the
-program is the completion alone (`include_prompt=False`, the default of `CodeScorer.from_source`)
-with `PROGRAM_STOP`, since "\\ndef" would cut off every function after the first.
+The reward of Q-probe's code experiments (arXiv 2402.14688, MBPP): program = completion cut at a stop
+sequence + "\\n" + the task's `assert` lines; 1 if it runs without error within 3 s, else 0.
+`CodeScorer` is that reward behind the `Scorer` protocol, `build_program` assembles programs,
+`run_program` / `Sandbox.run` / `Sandbox.run_many` run them. Nothing runs in this process: a separate
+interpreter (`_sandbox_launcher.py`) sets up namespaces, a read-only mount, rlimits and a dedicated
+uid, then runs the program. Defence in depth, not a security boundary; Linux only. Every mechanism,
+its limits, weaker hosts and the stop-sequence rules: docs/sandbox.md.
 """
 
 from __future__ import annotations
@@ -91,9 +14,8 @@ from __future__ import annotations
 import ast
 import contextlib
 import fcntl
-import functools
-import inspect
 import io
+import marshal
 import math
 import os
 import secrets
@@ -113,8 +35,8 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from alignkit.errors import UserError
 
-if TYPE_CHECKING:  # importing rewards pulls in torch; score() imports it when called
-    from alignkit.rewards import Scores
+if TYPE_CHECKING:  # importing scoring pulls in torch; score() imports it when called
+    from alignkit.scoring import Scores
 
 Status = Literal["passed", "failed", "timeout", "memory", "killed", "error"]
 
@@ -177,7 +99,7 @@ def build_program(
 
 def cut_at_stop(completion: str, stop: Sequence[str], prefix: str = "") -> str:
     """`completion` up to its first stop sequence; "\\n…" stops count only where they start a new
-    top-level statement of `prefix + completion` (module docstring)."""
+    top-level statement of `prefix + completion` (docs/sandbox.md, "Stop sequences")."""
     cut = len(completion)
     line_stops: list[int] = []  # completion offsets of "\n" that begin a matched line stop
     for s in stop:
@@ -244,176 +166,13 @@ def _statement_starts(text: str) -> tuple[set[int], int]:
 # --------------------------------------------------------------------------- the launcher
 
 
-def _launcher_main(cfg: dict) -> None:  # pragma: no cover - runs in the child interpreter
-    """Namespaces, mounts, limits, privilege drop, fork + exec of the program, report of its status.
-
-    Runs in a fresh `python -I -S -B -c` as the caller (root or not); stdlib only and self-contained,
-    because its source is shipped with `inspect.getsource`. Process tree: launcher -> [PID 1 of the new
-    PID namespace, which reaps ->] program. Reports one dict literal per line on `cfg["status_fd"]`:
-    {"error", "step"} on failure, else {"pid"} (the launcher's child) then {"wait", "maxrss_kb", "cpu"}.
-    """
-    import ctypes
-    import os
-    import resource
-    import signal
-
-    status_fd = cfg["status_fd"]
-    os.set_inheritable(status_fd, False)  # the program never sees it
-    os.umask(0o022)  # directories made for the interpreter below must be traversable
-
-    def report(**fields):
-        os.write(status_fd, (repr(fields) + "\n").encode())  # a literal: no json import (8 ms)
-
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.mount.argtypes = (ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p)
-    libc.prctl.argtypes = (ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong)
-    libc.unshare.argtypes = (ctypes.c_int,)
-    libc.syscall.restype = ctypes.c_long
-
-    class MountAttr(ctypes.Structure):
-        _fields_ = [(n, ctypes.c_uint64) for n in ("attr_set", "attr_clr", "propagation", "userns_fd")]
-
-    def check(ret, what):
-        if ret < 0:
-            err = ctypes.get_errno()
-            raise OSError(err, f"{what}: {os.strerror(err)}")
-
-    def mount(src, target, fstype, flags, data=None):
-        enc = [x.encode() if isinstance(x, str) else x for x in (src, target, fstype, data)]
-        check(libc.mount(enc[0], enc[1], enc[2], flags, enc[3]), f"mount {target}")
-
-    def mount_setattr(path, recursive, attr_set, attr_clr=0):
-        attr = MountAttr(attr_set, attr_clr, 0, 0)
-        flags = 0x8000 if recursive else 0  # AT_RECURSIVE
-        ret = libc.syscall(442, ctypes.c_int(-100), path.encode(), ctypes.c_uint(flags),  # mount_setattr
-                           ctypes.byref(attr), ctypes.c_size_t(ctypes.sizeof(attr)))
-        check(ret, f"mount_setattr {path}")
-
-    def traversable(path, uid, gid):
-        st = os.stat(path)
-        bits = 0o100 if st.st_uid == uid else 0o010 if st.st_gid == gid else 0o001
-        return bool(st.st_mode & bits)
-
-    PR_SET_PDEATHSIG, PR_SET_NO_NEW_PRIVS = 1, 38
-    MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_BIND, MS_REC, MS_PRIVATE = 1, 2, 4, 8, 4096, 16384, 1 << 18
-    RDONLY, NOSUID, NODEV = 0x1, 0x2, 0x4  # MOUNT_ATTR_*
-    FLAGS = {"net": 0x40000000, "ipc": 0x08000000, "mount": 0x00020000, "pid": 0x20000000}
-    mode, want, uid, gid, workdir = cfg["mode"], set(cfg["want"]), cfg["uid"], cfg["gid"], cfg["workdir"]
-
-    step = "pdeathsig"
-    try:
-        check(libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0), "prctl")
-        if os.getppid() != cfg["parent"]:
-            os._exit(1)
-        if mode == "userns":
-            step = "userns"
-            outer_uid, outer_gid = os.getuid(), os.getgid()
-            check(libc.unshare(0x10000000), "unshare(CLONE_NEWUSER)")
-            for name, text in (("setgroups", "deny"), ("uid_map", f"{uid} {outer_uid} 1"),
-                               ("gid_map", f"{gid} {outer_gid} 1")):
-                with open(f"/proc/self/{name}", "w") as f:
-                    f.write(text)
-        for name in ("net", "ipc", "mount", "pid"):
-            if name in want:
-                step = name
-                check(libc.unshare(FLAGS[name]), f"unshare({name})")
-        if "mount" in want:
-            step = "mount"
-            mount(None, "/", None, MS_REC | MS_PRIVATE)
-            # Directories that stop the sandbox uid on the way to the interpreter (a 0700 /root under
-            # pyenv): cover the top-most one with a tmpfs and bind the needed paths back into it.
-            blocked = {}
-            for path in cfg["expose"]:
-                parts = path.strip("/").split("/")
-                for i in range(1, len(parts)):
-                    anc = "/" + "/".join(parts[:i])
-                    if not traversable(anc, uid, gid):
-                        blocked[path] = anc
-                        break
-            tops = sorted(set(blocked.values()), key=len)
-            tops = [t for t in tops if not any(t.startswith(o + "/") for o in tops)]
-            fds = {p: os.open(p, os.O_PATH | os.O_DIRECTORY) for p in blocked}
-            for top in tops:
-                mount("tmpfs", top, "tmpfs", MS_NOSUID | MS_NODEV, "mode=0755,size=1m")
-            for path, fd in fds.items():
-                os.makedirs(path, mode=0o755, exist_ok=True)
-                mount(f"/proc/self/fd/{fd}", path, None, MS_BIND | MS_REC)
-                os.close(fd)
-            mount(workdir, workdir, None, MS_BIND)  # its own mount, made writable again below
-            if "readonly" in want:
-                step = "readonly"
-                mount_setattr("/", True, RDONLY | NOSUID)
-                mount_setattr(workdir, False, NOSUID | NODEV, RDONLY)
-    except Exception as err:  # any failure here is the sandbox's, reported with its step
-        report(error=f"{type(err).__name__}: {err}" if not isinstance(err, OSError) else str(err), step=step)
-        os._exit(1)
-
-    def start_program():  # in a fresh child: limits, credentials, exec; never returns
-        step = "rlimits"
-        try:
-            for name, (soft, hard) in cfg["limits"].items():  # only ever lowered: clamp to the current hard limit
-                res = getattr(resource, name)
-                cap = resource.getrlimit(res)[1]
-                if cap != resource.RLIM_INFINITY:
-                    soft, hard = min(soft, cap), min(hard, cap)
-                resource.setrlimit(res, (soft, hard))
-            step = "credentials"
-            if mode == "root":
-                os.setgroups([])
-                os.setresgid(gid, gid, gid)
-                os.setresuid(uid, uid, uid)
-            step = "prctl"
-            check(libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "prctl(NO_NEW_PRIVS)")
-            check(libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0), "prctl(PDEATHSIG)")  # reset by setuid
-            step = "exec"
-            os.chdir(workdir)
-            os.execve(cfg["argv"][0], cfg["argv"], cfg["env"])
-        except BaseException as err:  # anything before exec is a sandbox failure
-            report(error=f"{type(err).__name__}: {err}", step=step)
-        os._exit(127)
-
-    def wait_for(pid):  # reap every child (orphans included) until `pid` exits; report its status
-        while True:
-            got, wait_status, usage = os.wait4(-1, 0)
-            if got == pid:
-                report(wait=wait_status, maxrss_kb=usage.ru_maxrss, cpu=usage.ru_utime + usage.ru_stime)
-                return
-
-    pid = os.fork()
-    if pid == 0:
-        if "pid" not in want:
-            start_program()
-        # PID 1 of the new namespace (still the caller's uid). The program must not be PID 1 itself: a
-        # namespace's init ignores every signal it has no handler for, SIGXCPU from RLIMIT_CPU included.
-        # When this process exits, the kernel kills whatever is left in the namespace.
-        try:
-            check(libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0), "prctl(PDEATHSIG)")
-            if "mount" in want:
-                mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC | MS_RDONLY)
-        except OSError as err:  # no fresh /proc: the probe then runs without a PID namespace
-            report(error=str(err), step="pid")
-            os._exit(127)
-        child = os.fork()
-        if child == 0:
-            start_program()
-        wait_for(child)
-        os._exit(0)
-    report(pid=pid)
-    if "pid" in want:
-        os.waitpid(pid, 0)  # PID 1 reports the program's status
-    else:
-        wait_for(pid)
-    os._exit(0)
+_LAUNCHER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_sandbox_launcher.py")
 
 
-@functools.cache
-def _launcher_function() -> str:
-    return inspect.getsource(_launcher_main)
-
-
-def _launcher_source(cfg: dict) -> str:
-    """The launcher's `-c` program: its function and a call with `cfg` written as a Python literal."""
-    return f"{_launcher_function()}\n_launcher_main({cfg!r})\n"
+def _launcher_argv(cfg: dict) -> list[str]:
+    """`python -I -S -B _sandbox_launcher.py <cfg>`: the settings as hex-encoded marshal data (the
+    launcher runs this very interpreter, so the marshal format matches)."""
+    return [os.path.realpath(sys.executable), "-I", "-S", "-B", _LAUNCHER, marshal.dumps(cfg).hex()]
 
 
 # --------------------------------------------------------------------------- uids, processes
@@ -532,7 +291,7 @@ class _Tail:
 
 @dataclass(frozen=True)
 class Sandbox:
-    """Settings for running programs; `run(code)` / `run_many(codes)` (module docstring)."""
+    """Settings for running programs; `run(code)` / `run_many(codes)` (docs/sandbox.md)."""
 
     timeout: float = 3.0  # wall-clock seconds, launcher start to end (Q-probe: 3 s)
     memory_mb: int = 512  # RLIMIT_AS per process
@@ -661,7 +420,7 @@ class Sandbox:
         start = time.monotonic()
         try:
             proc = subprocess.Popen(
-                [os.path.realpath(sys.executable), "-I", "-S", "-B", "-c", _launcher_source(cfg)],
+                _launcher_argv(cfg),
                 stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=workdir, env=env,
                 start_new_session=True, close_fds=True, pass_fds=(status_w,),
             )
@@ -819,8 +578,8 @@ def run_programs(codes: Sequence[str], **settings: Any) -> list[Result]:
 
 
 class CodeScorer:
-    """Q-probe's code reward (ALGORITHMS.md §4) behind the `Scorer` protocol: 1.0 when
-    `build_program(prompt, completion, tests)` passes in the sandbox, else 0.0."""
+    """Q-probe's code reward behind the `Scorer` protocol: 1.0 when `build_program(prompt,
+    completion, tests)` passes in the sandbox, else 0.0 (docs/sandbox.md)."""
 
     def __init__(
         self,
@@ -871,7 +630,7 @@ class CodeScorer:
         """`finished` is ignored: a truncated completion is run as it is (it usually fails to parse)."""
         import torch
 
-        from alignkit.rewards import Scores
+        from alignkit.scoring import Scores
 
         markers = [f"alignkit-tests-passed-{secrets.token_hex(12)}" for _ in prompts]
         programs = self.programs(prompts, completions, markers)

@@ -235,7 +235,9 @@ def test_cpu_time_limit(iso):
 
 
 @linux_only
-def test_huge_allocations_fail_with_memory_status(box):
+def test_huge_allocations_fail_with_memory_status(iso):
+    # a generous wall clock: touching 512 MiB takes 1-2 s on a loaded 2-core machine
+    box = Sandbox(timeout=10.0, allow_network="net" not in iso.available)
     at_once = box.run("x = bytearray(8 << 30)\n")  # 8 GiB, over RLIMIT_AS
     assert at_once.status == "memory" and not at_once.passed
     # growing: at most 48 x 64 MiB = 3 GiB actually touched if the limit were broken
