@@ -572,11 +572,6 @@ def run_program(code: str, timeout: float = 3.0, memory_mb: int = 512, **setting
     return Sandbox(timeout=timeout, memory_mb=memory_mb, **settings).run(code)
 
 
-def run_programs(codes: Sequence[str], **settings: Any) -> list[Result]:
-    """Run many programs in parallel (`workers`, default the CPUs available)."""
-    return Sandbox(**settings).run_many(codes)
-
-
 class CodeScorer:
     """Q-probe's code reward behind the `Scorer` protocol: 1.0 when `build_program(prompt,
     completion, tests)` passes in the sandbox, else 0.0 (docs/sandbox.md)."""
@@ -671,5 +666,5 @@ def _tasks(tasks: Mapping[str, Sequence[str]] | Iterable[Mapping[str, Any]]) -> 
 
 __all__ = [
     "BODY_STOP", "DEFAULT_STOP", "PROGRAM_STOP", "CodeScorer", "Isolation", "Result", "Sandbox", "Task",
-    "build_program", "cut_at_stop", "isolation", "processes_of", "run_program", "run_programs",
+    "build_program", "cut_at_stop", "isolation", "processes_of", "run_program",
 ]
