@@ -514,3 +514,17 @@ def test_code_scorer_retries_then_raises_on_sandbox_errors(monkeypatch):
     with pytest.raises(UserError, match="could not run 1 of 1 programs"):
         scorer.score(["p"], ["x = 1\n"])
     assert calls == [1, 1]  # ran, retried once, then refused to score 0
+
+
+def test_launcher_is_a_standalone_stdlib_file_run_by_the_child():
+    """The launcher is a real file (`_sandbox_launcher.py`) the child interpreter runs with -I -S -B, not
+    source text shipped from this process: it may import the standard library only."""
+    import ast
+
+    argv = sandbox._launcher_argv({"status_fd": 3})
+    assert argv[1:4] == ["-I", "-S", "-B"] and Path(argv[4]).name == "_sandbox_launcher.py"
+    tree = ast.parse(Path(argv[4]).read_text())
+    imported = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    imported |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+    assert imported and imported <= set(sys.stdlib_module_names), imported - set(sys.stdlib_module_names)
+    assert not hasattr(sandbox, "_launcher_main")
