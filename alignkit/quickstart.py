@@ -1,10 +1,10 @@
-"""`alignkit quickstart`: the whole loop on the built-in task in under a minute on a laptop CPU.
+"""`alignkit quickstart`: the whole loop on the built-in task in about a minute on a laptop CPU.
 
-Builds the tiny model, runs SFT on the built-in review task, labels on-policy pairs (the SFT policy's
-own samples, best-worst of k under the oracle: `alignkit pairs`), runs DPO from the SFT model, then
-evaluates the untrained, SFT and DPO policies on held-out prompts with `alignkit eval`'s machinery:
-gold reward, oracle win rate against SFT, KL to SFT, EOS and repetition rates.
-Later algorithms add their rows to the same table.
+Builds the tiny model, runs SFT on the built-in review task, labels on-policy pairs (best-worst of k SFT
+samples under the oracle: `alignkit pairs`), runs DPO from the SFT model, fits a Q-probe on the SFT
+model's hidden states, then evaluates the untrained, SFT and DPO policies on held-out prompts with
+`alignkit eval`'s machinery (gold reward, oracle win rate against SFT, KL to SFT, EOS and repetition
+rates). The steps, the table and the outputs: docs/quickstart.md.
 """
 
 from __future__ import annotations
