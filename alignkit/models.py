@@ -1,20 +1,9 @@
-"""The one model loader: aliases, local directories, the built-in tiny model, dtype/device, LoRA.
+"""The one model loader: names and aliases, local directories, the built-in `tiny`, dtype/device, LoRA.
 
-Every trainer gets its model through here, so the safety policy lives in one place:
-
-* weights are only ever read from safetensors (`use_safetensors=True`); a checkpoint that ships only
-  pickled `.bin` weights is refused with a clear error (pickles can run arbitrary code);
-* `trust_remote_code` is off unless the user asks for it;
-* nothing is downloaded while offline: a name that is not a built-in, an alias of a cached model or a
-  local directory ends in ONE line telling the user to download it elsewhere and pass the directory.
-
-Names are resolved in this order (`resolve`): built-in (`tiny`, `minilm`) -> alias -> existing
-local directory -> hub id.
-
-The built-in `tiny` model is a 2-layer Llama with a byte-level BPE tokenizer trained in-process on
-the arena corpus (`alignkit.arena.tokenizer_corpus`). Its whitespace runs are tokens of their own
-(see `_tiny_tokenizer`), so `tok(prompt + JOIN) + tok(completion) == tok(prompt + JOIN + completion)`:
-prompt/completion boundaries never split a token, which keeps SFT/DPO masking exact.
+Every command loads its models here, so the safety policy lives in one place: safetensors only, no
+remote code unless asked, nothing downloaded while offline, and a directory that cannot be loaded
+(corrupt weights, unknown architecture, weights that do not fit config.json, no tokenizer) is one
+`UserError` naming it. Name resolution, the tiny model's recipe and the policy: docs/models.md.
 """
 
 from __future__ import annotations
@@ -126,11 +115,59 @@ def _fetch_error(name: str) -> UserError:
     )
 
 
-def _check_local_weights(path: Path) -> None:
-    """Refuse local checkpoints without safetensors weights before transformers tries pickles."""
-    if not (path / "config.json").is_file():
+def _first_line(err: BaseException) -> str:
+    return (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+
+
+def _check_config(path: Path) -> None:
+    """config.json must be a JSON object whose `model_type` this transformers knows (unless the
+    directory ships its own code, `auto_map`)."""
+    file = path / "config.json"
+    if not file.is_file():
         raise UserError(f"model directory '{path}' has no config.json: is it a Hugging Face model directory?")
+    try:
+        config = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        raise UserError(f"model directory '{path}': config.json is not valid JSON ({_first_line(err)})") from err
+    if not isinstance(config, dict):
+        raise UserError(f"model directory '{path}': config.json holds no JSON object")
+    model_type = config.get("model_type")
+    if model_type is None or "auto_map" in config:
+        return  # transformers decides (or the directory's own code does, with --trust-remote-code)
+    from transformers import CONFIG_MAPPING
+
+    if model_type not in CONFIG_MAPPING:
+        import transformers
+
+        raise UserError(
+            f"model directory '{path}': config.json has model_type '{model_type}', which transformers "
+            f"{transformers.__version__} does not know: fix config.json "
+            "or upgrade transformers"
+        )
+
+
+def _check_safetensors(path: Path) -> None:
+    """Every *.safetensors file must have a readable header that covers the whole file (a truncated or
+    garbage file fails here, before any model is built). Reads only the headers."""
+    from safetensors import safe_open
+
+    for file in sorted(path.glob("*.safetensors")):
+        try:
+            with safe_open(str(file), framework="pt"):
+                pass
+        except Exception as err:  # SafetensorError (no public class to catch), OSError
+            raise UserError(
+                f"model directory '{path}': {file.name} is not a complete safetensors file ({_first_line(err)}): "
+                "it is truncated or corrupt; save or copy it again"
+            ) from err
+
+
+def _check_local_weights(path: Path) -> None:
+    """Refuse a local model directory that cannot load, before any model is built: no or broken
+    config.json, an unknown architecture, no safetensors weights (pickles are refused), corrupt weights."""
+    _check_config(path)
     if any(path.glob("*.safetensors")) or any(path.glob("*.safetensors.index.json")):
+        _check_safetensors(path)
         return
     if any(path.glob("*.bin")) or any(path.glob("*.pt")) or any(path.glob("*.pth")):
         raise UserError(
@@ -138,6 +175,19 @@ def _check_local_weights(path: Path) -> None:
             "convert them to safetensors (model.save_pretrained(dir, safe_serialization=True))"
         )
     raise UserError(f"model directory '{path}' has no *.safetensors weights")
+
+
+# files one of which a saved tokenizer has (tokenizer.json for fast tokenizers, the others for slow ones)
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt",
+                    "spiece.model", "sentencepiece.bpe.model")
+
+
+def _check_tokenizer_files(path: Path) -> None:
+    if not any((path / f).is_file() for f in _TOKENIZER_FILES) and not any(path.glob("*.tiktoken")):
+        raise UserError(
+            f"model directory '{path}' has no tokenizer (no tokenizer.json or tokenizer_config.json): save the "
+            "tokenizer beside the weights (tokenizer.save_pretrained(dir))"
+        )
 
 
 def _from_pretrained(cls: Any, name: str, path: str, **kwargs: Any) -> Any:
@@ -152,16 +202,49 @@ def _from_pretrained(cls: Any, name: str, path: str, **kwargs: Any) -> Any:
                 "only if you trust its authors"
             ) from err
         if local:
-            raise
+            raise UserError(f"could not load model directory '{path}': {_first_line(err)}") from err
         raise _fetch_error(name) from err  # huggingface_hub's HFValidationError is a ValueError
     except OSError as err:
         if local:
-            raise UserError(f"could not load model directory '{path}': {str(err).splitlines()[0]}") from err
+            raise UserError(f"could not load model directory '{path}': {_first_line(err)}") from err
         if "safetensors" in str(err).lower() and "does not appear to have" in str(err):
             raise UserError(
                 f"model '{name}' has no safetensors weights on the hub; alignkit refuses pickled .bin weights"
             ) from err
         raise _fetch_error(name) from err
+    except Exception as err:
+        if type(err).__name__ == "SafetensorError":  # a corrupt file that slipped past _check_safetensors
+            raise UserError(f"model '{name}': its weights are not a complete safetensors file ({_first_line(err)})") \
+                from err
+        raise
+
+
+def _load_weights(cls: Any, name: str, path: str, new_head: bool = False, **kwargs: Any) -> Any:
+    """`_from_pretrained` for a model class, refusing weights that do not fit the config: a tensor whose
+    shape differs from the one config.json implies, or a backbone tensor missing from the checkpoint
+    (transformers would initialise either at random and carry on). `new_head`: the task head (whatever
+    lies outside the backbone, e.g. a reward model's `score`) may be missing and is newly initialised."""
+    model, info = _from_pretrained(
+        cls, name, path, output_loading_info=True, ignore_mismatched_sizes=True, **kwargs
+    )
+    what = f"model directory '{path}'" if Path(path).is_dir() else f"model '{name}'"
+    mismatched = list(info.get("mismatched_keys") or [])
+    if mismatched:
+        key, found, expected = sorted(mismatched)[0]
+        more = f" (and {len(mismatched) - 1} more)" if len(mismatched) > 1 else ""
+        raise UserError(
+            f"{what}: weights do not match its config.json: {key} is {list(found)} in the checkpoint but "
+            f"{list(expected)} by the config{more}; fix config.json or use the weights it was saved with"
+        )
+    prefix = getattr(model, "base_model_prefix", "") + "."
+    missing = sorted(k for k in info.get("missing_keys") or [] if not new_head or k.startswith(prefix))
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise UserError(
+            f"{what}: weights do not match its config.json: {missing[0]}{more} {'are' if more else 'is'} missing from the "
+            "checkpoint; fix config.json or use the weights it was saved with"
+        )
+    return model
 
 
 def _resolve_for_weights(name: str) -> str:
@@ -248,10 +331,19 @@ _TINY_BUILD_VERSION = 1  # bump when the build recipe changes, so old cache entr
 
 
 def _cache_root(cache_dir: Path | str | None) -> Path:
-    if cache_dir is not None:
-        return Path(cache_dir).expanduser()
     env = os.environ.get("ALIGNKIT_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "alignkit"
+    if cache_dir is not None:
+        root = Path(cache_dir).expanduser()
+    else:
+        root = Path(env).expanduser() if env else Path.home() / ".cache" / "alignkit"
+    for part in (root, *root.parents):  # the nearest existing one must be a directory
+        if part.exists():
+            if not part.is_dir():
+                source = " (ALIGNKIT_CACHE)" if cache_dir is None and env else ""
+                raise UserError(f"the alignkit cache '{root}'{source} cannot be used: {part} is a file, not a "
+                                "directory; set ALIGNKIT_CACHE to a directory")
+            break
+    return root
 
 
 def _tiny_tokenizer(corpus: list[str]) -> Any:
@@ -311,8 +403,12 @@ def build_tiny(cache_dir: Path | str | None = None, seed: int = 0) -> Path:
     final = tiny_dir(cache_dir, seed)
     if (final / "model.safetensors").is_file():
         return final
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=final.parent))
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=final.parent))
+    except OSError as err:
+        raise UserError(f"cannot build the tiny model in the alignkit cache '{final.parent}' ({err.strerror}): "
+                        "set ALIGNKIT_CACHE to a writable directory") from err
     try:
         backend = _tiny_tokenizer(tokenizer_corpus(seed))
         tokenizer = PreTrainedTokenizerFast(
@@ -393,6 +489,8 @@ def load_tokenizer(name: str, padding_side: str = "right", trust_remote_code: bo
     from transformers import AutoTokenizer
 
     path = resolve(name)
+    if Path(path).is_dir():
+        _check_tokenizer_files(Path(path))
     tokenizer = _from_pretrained(AutoTokenizer, name, path, trust_remote_code=trust_remote_code)
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
@@ -428,7 +526,7 @@ def load_causal_lm(
     path = _resolve_for_weights(name)
     base = _adapter_base(path)
     tokenizer = load_tokenizer(path, trust_remote_code=trust_remote_code)
-    model = _from_pretrained(
+    model = _load_weights(
         AutoModelForCausalLM,
         name,
         _resolve_for_weights(base) if base else path,
@@ -463,10 +561,11 @@ def load_sequence_classifier(
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # "newly initialized: score.weight" is expected for a reward head
     try:
-        model = _from_pretrained(
+        model = _load_weights(
             AutoModelForSequenceClassification,
             name,
             path,
+            new_head=True,
             num_labels=num_labels,
             pad_token_id=tokenizer.pad_token_id,
             dtype=choose_dtype(dtype, dev),
@@ -519,7 +618,7 @@ def load_encoder(
     dev = choose_device(device)
     path = _resolve_for_weights(name)
     tokenizer = load_tokenizer(path, trust_remote_code=trust_remote_code)
-    model = _from_pretrained(
+    model = _load_weights(
         AutoModel,
         name,
         path,
