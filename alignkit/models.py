@@ -680,6 +680,17 @@ def apply_lora(model: Any, spec: LoraSpec, task_type: str = "CAUSAL_LM") -> Any:
         raise UserError(f"lora.target_modules {spec.target_modules!r}: {str(err).splitlines()[0]}") from err
 
 
+def max_positions(model: Any) -> int | None:
+    """How many positions (prompt + completion tokens) the model can attend to, from its config
+    (`max_position_embeddings`, GPT-2's `n_positions`, ...); None when the config does not say."""
+    config = getattr(model, "config", model)
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None
+
+
 def trainable_parameters(model: torch.nn.Module) -> tuple[int, int]:
     """(trainable, total) parameter counts; print `100 * t / total` as the trainable %."""
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
