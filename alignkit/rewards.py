@@ -179,7 +179,7 @@ def load_scorer(
     if kind in ("gold", "function"):
         return FunctionScorer.from_spec(target)
     if kind == "mbpp":  # unit tests run in alignkit.sandbox: 1 if the program passes, else 0
-        from alignkit.sandbox import CodeScorer
+        from alignkit.code_reward import CodeScorer
 
         return CodeScorer.from_source(target)
     if kind == "ensemble":

@@ -1,7 +1,8 @@
 """The types every reward and preference judge shares: `Scores`, `Scorer`, `Preference`.
 
-A small module below `rewards.py` (learned reward models, functions, preferences) and `sandbox.py`
-(the code reward), so that each imports the types from here and neither imports the other for them.
+A small module below `rewards.py` / `reward_models.py` (learned reward models, functions,
+preferences) and `code_reward.py` (unit tests run in the sandbox), so that each imports the types
+from here and none imports another for them.
 Interfaces and spec strings: docs/rewards.md.
 """
 

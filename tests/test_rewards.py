@@ -365,8 +365,8 @@ def test_layering_rewards_and_sandbox_import_no_task_and_no_circle():
 
     code = (
         "import sys\n"
-        "import alignkit.sandbox\n"
-        "assert 'alignkit.rewards' not in sys.modules and 'torch' not in sys.modules, 'sandbox pulled in rewards'\n"
+        "import alignkit.code_reward\n"
+        "assert 'alignkit.rewards' not in sys.modules and 'torch' not in sys.modules, 'code reward pulled in rewards'\n"
         "import alignkit.rewards\n"
         "assert 'alignkit.arena' not in sys.modules, 'rewards imported the built-in task at import time'\n"
         "from alignkit.rewards import Preference, Scorer, Scores\n"

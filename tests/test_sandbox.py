@@ -1,4 +1,5 @@
-"""alignkit.sandbox: programs run out of process under limits and namespaces; Q-probe's code reward.
+"""alignkit.sandbox (programs run out of process under limits and namespaces) and alignkit.code_reward
+(Q-probe's code reward on top of it).
 
 Every adversarial program is bounded (a loop count, a sleep, a 1-2 s wall clock), so a broken
 sandbox costs seconds and a few GiB at most, never the machine. Where this host lacks a mechanism
@@ -21,16 +22,9 @@ from pathlib import Path
 import pytest
 
 from alignkit import data, sandbox
+from alignkit.code_reward import BODY_STOP, PROGRAM_STOP, CodeScorer, build_program, cut_at_stop
 from alignkit.errors import UserError
-from alignkit.sandbox import (
-    BODY_STOP,
-    PROGRAM_STOP,
-    CodeScorer,
-    Sandbox,
-    build_program,
-    cut_at_stop,
-    isolation,
-)
+from alignkit.sandbox import Sandbox, isolation
 
 MBPP = Path(__file__).parent / "fixtures" / "mbpp.jsonl"
 # Adversarial programs print their work dir first: every process they start carries HOME=<it>.
@@ -501,7 +495,8 @@ def test_not_root_without_read_only_mount_is_refused_unless_allowed(iso, monkeyp
 
 
 def test_code_scorer_retries_then_raises_on_sandbox_errors(monkeypatch):
-    from alignkit.sandbox import CodeScorer, Result
+    from alignkit.code_reward import CodeScorer
+    from alignkit.sandbox import Result
 
     calls = []
 
