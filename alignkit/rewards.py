@@ -213,8 +213,8 @@ class BTPreference:
     """Bradley–Terry on a Scorer's ensemble-mean reward: P(a ≻ b) = σ((r̄_a − r̄_b) / temperature)."""
 
     def __init__(self, scorer: Scorer, temperature: float = 1.0) -> None:
-        if not temperature > 0:
-            raise UserError(f"preference temperature must be > 0, got {temperature}")
+        if not (math.isfinite(temperature) and temperature > 0):
+            raise UserError(f"preference temperature must be a finite number > 0, got {temperature}")
         self.scorer, self.temperature = scorer, temperature
 
     def prob(self, prompts: list, a: list, b: list) -> torch.Tensor:
