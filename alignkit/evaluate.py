@@ -207,7 +207,7 @@ def evaluate_policies(
     dtype: str = "auto",
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Sample, score and compare policies; writes nothing. See the module docstring.
+    """Sample, score and compare policies; writes nothing. Definitions and choices: docs/eval.md.
 
     Returns {"policies": {name: metrics}, "settings": {...}, "samples": [one dict per sample]}.
     A baseline that is not one of `policies` gets a row of its own ("baseline").
