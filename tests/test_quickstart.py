@@ -57,3 +57,18 @@ def test_full_quickstart_sft_beats_untrained(tmp_path: Path, tiny_model_dir):
     assert pol["dpo"]["gold_mean"] > pol["sft"]["gold_mean"] and pol["dpo"]["win_rate"] > 0.5
     assert summary["qprobe"]["probe"] > summary["qprobe"]["base"]
     assert summary["wall_seconds"] < 240
+
+
+def test_quickstart_config_imports_without_torch():
+    # `alignkit --help`, `recipes validate` and `run --dry-run` read QuickstartConfig: it must not pull in torch
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from alignkit.quickstart import QuickstartConfig\n"
+        "QuickstartConfig()\n"
+        "assert 'torch' not in sys.modules and 'numpy' not in sys.modules\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
