@@ -474,10 +474,9 @@ def table(policies: dict[str, dict[str, Any]], settings: dict[str, Any], compact
 def plot(policies: dict[str, dict[str, Any]], settings: dict[str, Any], path: str | os.PathLike) -> Path:
     """Mean reward (± se) against KL to the reference (± se), one labelled point per policy; bars of
     mean reward per policy when there is no reference."""
-    import matplotlib
+    from alignkit.runs import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     names = list(policies)
     y = np.array([policies[n]["reward_mean"] for n in names])
@@ -503,8 +502,6 @@ def plot(policies: dict[str, dict[str, Any]], settings: dict[str, Any], path: st
 
 
 # The old names, until cli, quickstart and bench call the new ones (the lead removes these at merge).
-EvalConfig = PolicyEvalConfig
-evaluate = evaluate_policies
 
 __all__ = [
     "PolicyEvalConfig", "check_specs", "evaluate_policies", "hard_wins", "mean_se", "parse_policies", "plot", "run",

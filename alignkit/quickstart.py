@@ -172,7 +172,7 @@ def run(cfg: QuickstartConfig, progress: Any | None = None, console: Any | None 
                   "scoring with the gold reward and the oracle")
     t = time.perf_counter()
     ev = cfg.eval
-    result = evaluate.evaluate(
+    result = evaluate.evaluate_policies(
         policies, prompts, reward="gold", preference="oracle", baseline="sft", reference="sft", k=ev.k,
         max_new_tokens=ev.max_new_tokens, temperature=ev.temperature, seed=ev.seed, device=cfg.model.device,
         dtype=cfg.model.dtype,
@@ -262,13 +262,11 @@ def _row(m: dict[str, Any]) -> dict[str, Any]:
 
 
 def _plot(gold: dict[str, np.ndarray], path: Path) -> None:
-    import matplotlib
     import numpy as np
 
-    from alignkit.runs import save_figure
+    from alignkit.runs import pyplot, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(5.5, 3.4))
     bins = np.linspace(-2.5, 1.0, 36)

@@ -238,13 +238,6 @@ def test_a_broken_policy_directory_stops_eval_before_any_sampling(tiny_model_dir
     assert code == 2 and len(lines) == 1 and str(broken) in lines[0] and "safetensors" in lines[0], err
 
 
-def _has_writable_check() -> bool:
-    from alignkit import runs
-
-    return hasattr(runs, "check_writable")
-
-
-@pytest.mark.skipif(not _has_writable_check(), reason="needs runs.check_writable in RunDir.check (runs helper)")
 def test_an_output_dir_under_a_file_is_one_line_before_any_policy_is_loaded(tmp_path, monkeypatch, capsys) -> None:
     afile = tmp_path / "a-file"
     afile.write_text("mine")

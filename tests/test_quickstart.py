@@ -9,7 +9,7 @@ import pytest
 
 from alignkit.cli import recipes_dir, validate_recipe
 from alignkit.quickstart import QuickstartConfig, run
-from alignkit.trainers import TRAINERS
+from alignkit.trainers import load
 
 
 def test_quickstart_small_writes_a_complete_run(tmp_path: Path, tiny_model_dir):
@@ -42,7 +42,7 @@ def test_tiny_recipes_run(name: str, tmp_path: Path, tiny_model_dir):
     cfg.data.max_samples = 128  # the recipe itself, made shorter
     if hasattr(cfg, "eval"):
         cfg.eval.ood_max_samples = 16
-    summary = TRAINERS[cfg.command][1](cfg)
+    summary = load(cfg.command)[1](cfg)
     assert summary["steps"] > 0 and Path(summary["output_dir"]).is_dir()
 
 

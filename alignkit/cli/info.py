@@ -11,12 +11,12 @@ from alignkit.cli.common import app, console
 @app.command("models")
 def models_cmd() -> None:
     """List the model aliases (the papers' models), the built-ins, and whether each is available here."""
-    from alignkit import models
+    from alignkit import model_names
 
     table = Table(title="alignkit models")
     for col in ("name", "source", "kind", "available", "notes"):
         table.add_column(col)
-    for row in models.list_models():
+    for row in model_names.list_models():
         table.add_row(row["name"], row["source"], row["kind"], "yes" if row["available"] else "no", row["notes"])
     console.print(table)
 

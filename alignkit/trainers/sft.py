@@ -1,4 +1,4 @@
-"""Supervised fine-tuning (step 1 of the RLHF pipeline, ALGORITHMS.md §0): cross-entropy on
+"""Supervised fine-tuning (step 1 of the RLHF pipeline): cross-entropy on
 demonstrations, through TRL's `SFTTrainer`, full fine-tuning or LoRA.
 
 Setup → train → save, top to bottom. Prompt/completion data is trained on the completion tokens only
