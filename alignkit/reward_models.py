@@ -51,8 +51,7 @@ def reward_texts(tokenizer: Any, prompts: Sequence, completions: Sequence) -> li
 
 def context_length(model: Any, max_length: int) -> int:
     """`max_length` capped at the model's position limit (longer inputs would index past it)."""
-    limit = getattr(model.config, "max_position_embeddings", None) or max_length
-    return min(max_length, limit)
+    return min(max_length, models.max_positions(model) or max_length)
 
 
 def encode(tokenizer: Any, texts: list[str], max_length: int, device: torch.device | str) -> dict[str, torch.Tensor]:

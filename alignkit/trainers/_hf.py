@@ -73,12 +73,14 @@ def begin(cfg: JobConfig) -> tuple[str, bool]:
 
 
 def cap_max_length(max_length: int, model, what: str = "train.max_length") -> int:
-    """`max_length` capped at the model's position limit (`max_position_embeddings`): longer sequences
+    """`max_length` capped at the model's position limit (`models.max_positions`): longer sequences
     would index past the position table. One warning line when it caps."""
-    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
-    if not isinstance(limit, int) or limit <= 0 or max_length <= limit:
-        return max_length
     from alignkit.launch import rank_info
+    from alignkit.models import max_positions
+
+    limit = max_positions(model)
+    if limit is None or max_length <= limit:
+        return max_length
 
     if rank_info()["is_main"]:
         print(f"warning: {what}={max_length} is beyond the model's {limit} positions: using {limit}",
