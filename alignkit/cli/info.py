@@ -45,7 +45,7 @@ def env() -> None:
                           f"{'yes' if torch.cuda.is_bf16_supported() else 'no'}")
     else:
         table.add_row("gpu", "none (training runs on CPU in fp32)")
-    for extra, module in (("vllm", "vllm"), ("deepspeed", "deepspeed"), ("pairrm", "llm_blender")):
+    for extra, module in (("deepspeed", "deepspeed"), ("pairrm", "llm_blender")):
         found = importlib.util.find_spec(module) is not None
         table.add_row(
             escape(f"extra [{extra}]"),
