@@ -1,47 +1,13 @@
 """The built-in task ("arena"): short reviews, a gold reward, and a preference oracle.
 
-Every alignment algorithm in alignkit can be measured for real on a laptop with this task:
-
-* **Prompts** are openings of short film / product reviews built from templates with slots,
-  e.g. ``"review : i watched this film last weekend . "`` (2,556 distinct prompts).
-* **Completions** are 1–3 short sentences from a small grammar (a few hundred words) whose
-  vocabulary holds 40 clearly positive and 40 clearly negative VADER words (|valence| ≥ 1.5),
-  positive/negative verbs, sentiment-free nouns and adjectives, intensifiers ("very", "really")
-  and the negation "not", e.g. ``"the acting was very good and the story was honest ."``.
-* **Gold reward** (what the experiments report; never shown to a learner directly)::
-
-      gold = sentiment − repetition − disfluency − eos_penalty − length_penalty
-      sentiment      = VADER compound score of the completion, in [−1, 1]
-      repetition     = REP_WEIGHT · (repeated content words / content words)
-      disfluency     = FLUENCY_WEIGHT · (adjacent word pairs the grammar never emits / word pairs)
-      eos_penalty    = EOS_PENALTY if the generation hit max tokens without EOS, else 0
-      length_penalty = LENGTH_WEIGHT · max(0, words − MAX_WORDS)
-
-  A content word is a word not in ``STOP_WORDS``; a repeated one already occurred earlier in the
-  same completion. The repetition term is the reward-hacking trap studied by UP-RLHF (ALGORITHMS.md
-  §0–1): a learned proxy that likes positive words rates ``"great great great great great"`` highly,
-  but gold rates it clearly below a plain mildly-positive review. The disfluency term closes the
-  other obvious hack, a list of *different* positive words ("great superb lovely ..."), which has no
-  repetition but is not a sentence: word pairs (bigrams) the grammar cannot produce are penalised.
-* **Preference oracle**: ``P(a ≻ b) = σ((gold(a) − gold(b)) / τ)``; labels are Bernoulli draws of
-  it (annotator noise), ``τ = TAU`` by default.
-
-Conventions (also in ``TASK``):
-
-* Prompts end with ``" . "`` (a trailing space) and completions have no leading space, so the full
-  text is ``prompt + completion`` (``JOIN = ""``), exactly how TRL's trainers concatenate a prompt
-  and its completion and how generation feeds the prompt to the model: no separator is ever added
-  or lost at the boundary.
-* Completions carry **no EOS token**: the SFT trainer appends ``tokenizer.eos_token``; generation
-  reports ``finished`` (EOS emitted before max tokens), which the gold reward takes into account.
-* All text is lowercase, words and punctuation separated by single spaces.
-* Every builder is deterministic in ``seed`` and returns ``list[dict]`` rows in alignkit's canonical
-  column layout (``prompt``/``completion``, ``prompt``/``chosen``/``rejected``, ``…/label``,
-  ``…/reward``), ready for ``datasets.Dataset.from_list``.
-
-Deviation from UP-RLHF: the paper's gold reward models are GPT-J-6B (TL;DR) and SteamSHP-XL (HH);
-here the gold reward is a transparent formula so that over-optimisation can be measured exactly and
-cheaply (10k completions score in well under a second or two).
+Prompts open short film / product reviews; completions are 1-3 sentences from a small grammar. The gold
+reward (VADER sentiment - repetition - disfluency - EOS and length penalties) is a transparent formula,
+so reward over-optimisation (UP-RLHF, arXiv 2401.00243) can be measured exactly; the oracle is
+P(a > b) = sigmoid((gold(a) - gold(b)) / tau). Builders return rows in alignkit's canonical columns,
+deterministic in `seed`; the text conventions (prompt + completion with no separator, no EOS in
+completions, lowercase) are in `TASK`. Other modules reach it through the `builtin:` data sources, the
+`gold` scorer and the `oracle` preference. Formula, worked examples, the reward hacks it exposes and how
+it differs from UP-RLHF's learned gold models: docs/arena.md.
 """
 
 from __future__ import annotations

@@ -1,44 +1,9 @@
-"""`alignkit eval`: sample K completions per prompt from each policy and report reward, win rate, KL.
+"""`alignkit eval`: sample K completions per prompt from each policy; report reward, win rate, KL.
 
-Shared by every trainer: a run directory, a model directory, a LoRA adapter directory, an alias or
-`tiny` is a policy (anything `models.load_causal_lm` takes). Metrics, per policy (docs/eval.md):
-
-* reward r under a Scorer (`rewards.load_scorer`, default the arena's gold reward): mean, sd
-  (ddof = 1) over the n·k samples, and the standard error of the mean.
-* win rate against a baseline policy under a Preference (`rewards.load_preference`, default the
-  arena oracle). Sample j of prompt i of the policy is paired with sample j of prompt i of the
-  baseline; each model samples from its own random stream (`sample_seed`), so the pairs are
-  independent draws, as the win rate E_{y~π, y'~b} P(y ≻ y') needs. Expected win rate = mean P(policy ≻ baseline);
-  hard win rate = mean of 1[P > 0.5] + ½·1[P = 0.5]. The baseline's own row pairs the baseline with
-  its own samples (computed, not assumed: exactly 0.5 for Bradley–Terry / oracle preferences).
-* KL(π ‖ π_ref), k1 estimator: mean over samples y ~ π of log π(y|x) − log π_ref(y|x), summed over
-  the completion tokens INCLUDING the EOS token when the sample finished (the EOS is an outcome of
-  π too). log π comes from generation itself (`generation.generate(return_logprobs=True)`, the
-  logits `generate` already computed: no second forward of the policy); log π_ref from ONE
-  teacher-forced batched forward of the reference over the same prompt ids + completion ids (+ EOS).
-  It is unbiased for the KL between the two models' distributions over completions truncated at
-  `max_new_tokens` ONLY when the samples come from π itself: temperature 1, top-p 1, top-k off, no
-  logits processors. Otherwise (e.g. temperature 0.7) it estimates E_{y~π_T}[log π − log π_ref],
-  not a KL, and the summary says so (`settings.warnings`). k1 is unbiased but not per-sample
-  non-negative: a small negative value is noise. Policy and reference must share a vocabulary.
-* mean completion length in tokens (EOS excluded), EOS rate (share of samples that ended with EOS
-  within `max_new_tokens`), repetition rate (`arena.repetition_rate`, mean over samples).
-
-Choices:
-* Standard errors treat the PROMPT as the independent unit (the k samples of one prompt share it):
-  SE = sd over prompts of the per-prompt mean / √n_prompts. With one prompt, the sd over its k
-  samples / √k (conditional on that prompt). A value that cannot be estimated is `null`.
-* Each model is loaded once and freed before the next one is loaded. The reference is loaded last,
-  so that every policy's samples exist when its forward runs; a reference that is also a policy
-  (or the baseline) is sampled and then scores everyone, itself included. Every policy is sampled
-  once; the baseline's samples are reused for every pairing.
-* `reference=None` means "the baseline" (if any); `"none"` turns KL off even with a baseline.
-  `preference=None` (or `"none"`) or no baseline turns the win rate off.
-* Each model spec samples with its own seed, `seed + crc32(spec) mod 1000003` (`sample_seed`):
-  reproducible for a given seed, and independent across models. (Common random numbers — one seed
-  for all — would couple a policy's sample j with the baseline's sample j and bias the win rate
-  toward ½ for similar policies.) A model named twice (same spec) is sampled once and its samples
-  are shared.
+A policy is anything `models.load_causal_lm` loads (run dir, model dir, adapter dir, alias, `tiny`).
+`evaluate_policies` samples and scores (writes nothing); `run` checks the inputs, then writes the run
+directory. Metric definitions, standard errors, pairing, the k1 KL estimate and its assumptions,
+seeds and model loading order: docs/eval.md.
 """
 
 from __future__ import annotations
@@ -61,7 +26,7 @@ from alignkit.errors import UserError
 OFF = "none"  # `--reference none` / `--preference none`
 
 
-class EvalConfig(Block):
+class PolicyEvalConfig(Block):
     """`alignkit eval`: the resolved settings written to config.yaml."""
 
     command: Literal["eval"] = "eval"
@@ -83,7 +48,7 @@ class EvalConfig(Block):
     temperature: float = Field(1.0, ge=0.0, description="sampling temperature (0: greedy); KL is exact at 1")
     top_p: float = Field(1.0, gt=0.0, le=1.0, description="nucleus sampling; KL is exact at 1")
     batch_size: int = Field(32, ge=1, description="sequences (prompts x k) per generate / reference forward")
-    seed: int = Field(0, description="sampling seed (and seed of the built-in prompts)")
+    seed: int = Field(0, ge=0, description="sampling seed (and seed of the built-in prompts)")
     device: str = Field("auto", description="auto, cpu, cuda, cuda:N")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="auto: bf16 on a capable GPU, fp32 on CPU"
@@ -91,7 +56,7 @@ class EvalConfig(Block):
     output: OutputSection = Field(default_factory=OutputSection)
 
     @model_validator(mode="after")
-    def _check(self) -> EvalConfig:
+    def _check(self) -> PolicyEvalConfig:
         if not self.policies:
             raise ValueError("policies: no policies to evaluate: pass at least one POLICY (SPEC or NAME=SPEC)")
         empty = [n for n, s in self.policies.items() if not str(n).strip() or not str(s).strip()]
@@ -214,7 +179,17 @@ def _release_memory() -> None:
         torch.cuda.empty_cache()
 
 
-def evaluate(
+def check_specs(reward: str, preference: str | None) -> None:
+    """The reward and preference specs, checked without loading a model (a `module:function` is imported):
+    call before any sampling. The preference is checked even when no baseline will use it."""
+    from alignkit import rewards
+
+    rewards.check_scorer_spec(reward)
+    if preference not in (None, "", OFF):
+        rewards.check_preference_spec(preference)
+
+
+def evaluate_policies(
     policies: dict[str, str],
     prompts: list,
     *,
@@ -232,14 +207,15 @@ def evaluate(
     dtype: str = "auto",
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Sample, score and compare policies; writes nothing. See the module docstring.
+    """Sample, score and compare policies; writes nothing. Definitions and choices: docs/eval.md.
 
     Returns {"policies": {name: metrics}, "settings": {...}, "samples": [one dict per sample]}.
     A baseline that is not one of `policies` gets a row of its own ("baseline").
     """
-    from alignkit import arena, generation, models, rewards
+    from alignkit import generation, models, rewards
 
     generation.check_settings(k, max_new_tokens, temperature, top_p, batch_size)
+    check_specs(reward, preference)
     if not policies:
         raise UserError("no policies to evaluate: pass at least one POLICY (a run dir, model dir or tiny)")
     prompts = list(prompts)
@@ -275,7 +251,8 @@ def evaluate(
     samples: dict[str, list[generation.Sample]] = {}
     ids: dict[str, list[list[int]]] = {}  # prompt ids per spec (policy's tokenizer)
     timing: dict[str, dict[str, float]] = {}
-    sampler_warnings: list[str] = []
+    sampler_warnings: list[str] = []  # the sampler is not π itself: the KL is not exact
+    capped: list[str] = []  # max_new_tokens lowered to fit a model's positions
     ref_lp: dict[str, np.ndarray] = {}
     order = [s for s in specs if s != ref_spec] + ([ref_spec] if ref_spec else [])
     for spec in order:
@@ -290,6 +267,9 @@ def evaluate(
                 return_logprobs=bool(ref_spec),
             )
             ids[spec] = generation.prompt_ids(tok, prompts)
+            if stats["max_new_tokens"] < max_new_tokens:
+                capped.append(f"{spec}: max_new_tokens capped at {stats['max_new_tokens']} to fit the model's "
+                              "positions")
             shaped = _logit_processors(model)
             if ref_spec and shaped:  # the sampler is not π itself: log π from the raw logits is not its log-prob
                 sampler_warnings.append(f"{spec}: its generation_config sets {', '.join(shaped)}, so samples do not "
@@ -309,6 +289,8 @@ def evaluate(
         _release_memory()
 
     # ---- metrics per row
+    from alignkit.arena import repetition_rate  # a text statistic of the built-in task, used for every policy
+
     n_prompts = len(prompts)
     rep_prompts = [p for p in prompts for _ in range(k)]
     base = samples[base_spec] if base_name else None
@@ -336,7 +318,7 @@ def evaluate(
             m["kl"], m["kl_se"] = mean_se(lp - ref, n_prompts, k)
         m["mean_length"] = float(np.mean([s.n_tokens for s in ss]))
         m["eos_rate"] = float(np.mean(finished))
-        m["repetition_rate"] = float(arena.repetition_rate(texts).mean())
+        m["repetition_rate"] = float(repetition_rate(texts).mean())
         m["samples_per_s"] = timing[spec].get("samples_per_s")
         results[name] = m
         for i, s in enumerate(ss):
@@ -348,7 +330,7 @@ def evaluate(
                 "ref_logprob": None if ref is None else float(ref[i]),
             })
 
-    warnings = list(sampler_warnings)
+    warnings = capped + sampler_warnings
     if ref_spec and (temperature != 1.0 or top_p != 1.0):
         warnings.append(
             f"KL is estimated from samples at temperature {temperature:g}, top-p {top_p:g}, not from the policy "
@@ -387,8 +369,9 @@ def _say(msg: str) -> None:
 # --------------------------------------------------------------------------- the command
 
 
-def run(cfg: EvalConfig, progress: Any | None = None, console: Any | None = None) -> dict[str, Any]:
-    """`alignkit eval`: validate, evaluate, then write the run directory; returns the summary.
+def run(cfg: PolicyEvalConfig, progress: Any | None = None, console: Any | None = None) -> dict[str, Any]:
+    """`alignkit eval`: check the output directory and the specs, evaluate, then write the run directory;
+    returns the summary.
 
     `progress` (a rich Progress, as trainers get) is accepted for the common run() signature; when one
     is given, generation's own progress bar is turned off (one live display at a time).
@@ -405,9 +388,10 @@ def run(cfg: EvalConfig, progress: Any | None = None, console: Any | None = None
     console = console or Console()
     t0 = time.perf_counter()
     out = Path(cfg.output.dir or default_dir("eval"))
-    RunDir.check(out, cfg.output.overwrite, resume=False)
+    RunDir.check(out, cfg.output.overwrite, resume=False)  # before any work: the output can be written
+    check_specs(cfg.reward, cfg.preference)
     ds, _ = data.load(cfg.prompts, kind="prompts", max_samples=cfg.max_samples, seed=cfg.seed)
-    result = evaluate(
+    result = evaluate_policies(
         cfg.policies, list(ds["prompt"]), reward=cfg.reward, preference=cfg.preference, baseline=cfg.baseline,
         reference=cfg.reference, k=cfg.k, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
         top_p=cfg.top_p, batch_size=cfg.batch_size, seed=cfg.seed, device=cfg.device, dtype=cfg.dtype,
@@ -490,10 +474,9 @@ def table(policies: dict[str, dict[str, Any]], settings: dict[str, Any], compact
 def plot(policies: dict[str, dict[str, Any]], settings: dict[str, Any], path: str | os.PathLike) -> Path:
     """Mean reward (± se) against KL to the reference (± se), one labelled point per policy; bars of
     mean reward per policy when there is no reference."""
-    import matplotlib
+    from alignkit.runs import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     names = list(policies)
     y = np.array([policies[n]["reward_mean"] for n in names])
@@ -518,4 +501,9 @@ def plot(policies: dict[str, dict[str, Any]], settings: dict[str, Any], path: st
     return save_figure(fig, path)
 
 
-__all__ = ["EvalConfig", "evaluate", "hard_wins", "mean_se", "parse_policies", "plot", "run", "sequence_logprobs"]
+# The old names, until cli, quickstart and bench call the new ones (the lead removes these at merge).
+
+__all__ = [
+    "PolicyEvalConfig", "check_specs", "evaluate_policies", "hard_wins", "mean_se", "parse_policies", "plot", "run",
+    "sequence_logprobs",
+]

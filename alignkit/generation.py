@@ -1,50 +1,28 @@
-"""Sampling: K completions per prompt, batched, seeded, with optional hidden-state capture.
+"""Sampling: K completions per prompt, batched and seeded, with optional log-probs and hidden-state capture.
 
-Conventions
-* The model input for a plain-text prompt is `prompt + join` (default `alignkit.arena.JOIN`) and the
-  completion is what follows; `Sample.prompt` keeps the prompt as given. A chat prompt (a list of
-  `{"role", "content"}` messages, or a string with `chat=True`) goes through the tokenizer's chat
-  template with the generation prompt added, and `Sample.prompt` holds the rendered text.
-* Results are prompt-major: `samples[i * k + j]` is sample `j` of prompt `i`.
-* `batch_size` counts sequences (prompts x k). Sampling is reproducible for a given
-  (seed, batch_size): batch `b` runs under `torch.manual_seed(seed + b)` inside a forked RNG, so the
-  caller's random stream is left untouched.
-* `temperature == 0` or `do_sample=False` is greedy decoding. `top_k` defaults to 0 (off), unlike
-  transformers' default of 50, so `temperature=1, top_p=1` samples from the model's distribution.
-* `capture_layer=L` fills `Sample.embedding` with the hidden state of layer `L` (indexing as in
-  `output_hidden_states`: 0 = embeddings, -1 = last layer) at the last token of prompt + completion,
-  i.e. the input position a forward pass over that sequence would give (Q-probe's feature). A forward
-  hook on that one layer keeps only its last position at each step (decoder-only models with
-  `.model.layers` / `.model.norm`; other architectures fall back to `output_hidden_states`, which
-  keeps every layer at every step). Because
-  that token is only fed back to the model on the *next* step, capture generates one extra token,
-  which is discarded.
-* `return_logprobs=True` fills `Sample.logprob` with log π(y | x) of the sampled completion under the
-  model's RAW logits (log-softmax before temperature / top-p / any logits processor), summed over the
-  completion tokens plus the EOS token when the sample finished, padding excluded. It comes from the
-  logits `generate` already computes (`output_logits=True`), so no second forward pass is needed; the
-  per-token values are gathered from the (B, steps, V) logits in one vectorised call.
-  `Sample.eos_token_id` records which EOS id ended a finished sample (a model may have several).
-* Timing: pass `stats={}` and it is filled with n_samples, seconds, samples_per_s, tokens_per_s.
+`generate` is what every command samples with (generate, pairs, eval, qprobe collect). Conventions
+(prompt formats, prompt-major order, seeding, greedy decoding, `capture_layer`, `return_logprobs`,
+the cap on `max_new_tokens`): docs/models.md#generation.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 
 from alignkit.errors import UserError
 
-try:  # the built-in task defines how a prompt and its completion are joined
-    from alignkit.arena import JOIN as DEFAULT_JOIN
-except ImportError:  # pragma: no cover - arena is part of the package; this is only a fallback
-    DEFAULT_JOIN = " "
+# The model input of a plain prompt is `prompt + join`: nothing in between by default, as TRL's trainers
+# concatenate prompt and completion (the built-in task's `arena.JOIN` is the same, tested).
+DEFAULT_JOIN = ""
 
 Prompt = str | list[dict[str, str]]
 
@@ -59,7 +37,7 @@ class Sample:
     token_ids: list[int] = field(default_factory=list, repr=False)  # the completion's ids, EOS excluded
     embedding: torch.Tensor | None = field(default=None, repr=False)  # see capture_layer
     logprob: float | None = None  # see return_logprobs: log π(completion, + EOS if finished | prompt)
-    eos_token_id: int | None = field(default=None, repr=False)  # the EOS id emitted when finished (hf)
+    eos_token_id: int | None = field(default=None, repr=False)  # the EOS id emitted when finished
 
     def to_json(self) -> dict[str, Any]:
         row = {k: v for k, v in asdict(self).items() if k not in ("token_ids", "embedding", "eos_token_id")}
@@ -77,9 +55,9 @@ def check_settings(k: int = 1, max_new_tokens: int = 1, temperature: float = 1.0
         raise UserError(f"--max-new-tokens must be at least 1 (got {max_new_tokens})")
     if batch_size < 1:
         raise UserError(f"--batch-size must be at least 1 (got {batch_size})")
-    if temperature < 0:
-        raise UserError(f"--temperature must be >= 0 (got {temperature})")
-    if not 0 < top_p <= 1:
+    if not math.isfinite(temperature) or temperature < 0:
+        raise UserError(f"--temperature must be a finite number >= 0 (got {temperature})")
+    if not (math.isfinite(top_p) and 0 < top_p <= 1):
         raise UserError(f"--top-p must be in (0, 1] (got {top_p})")
 
 
@@ -118,33 +96,22 @@ def generate(
     join: str = DEFAULT_JOIN,
     chat: bool = False,
     capture_layer: int | None = None,
-    backend: Literal["hf", "vllm"] = "hf",
     stats: dict[str, float] | None = None,
     return_logprobs: bool = False,
 ) -> list[Sample]:
-    """K samples for each prompt (prompt-major order). See the module docstring for conventions."""
-    if k < 1 or max_new_tokens < 1 or batch_size < 1:
-        raise UserError(
-            f"k, max_new_tokens and batch_size must be >= 1 (got {k}, {max_new_tokens}, {batch_size})"
-        )
-    if temperature < 0 or not 0 < top_p <= 1:
-        raise UserError(f"temperature must be >= 0 and top_p in (0, 1] (got {temperature}, {top_p})")
-    if backend == "vllm":
-        if capture_layer is not None:
-            raise UserError("capture_layer needs the hf backend (vLLM does not return hidden states)")
-        if return_logprobs:
-            raise UserError("return_logprobs needs the hf backend")
-        return _generate_vllm(model, prompts, k, max_new_tokens, temperature, top_p, top_k, seed, join, stats)
-    if backend != "hf":
-        raise UserError(f"generation backend '{backend}' is unknown: use hf or vllm")
+    """K samples for each prompt (prompt-major order); conventions in docs/models.md#generation.
 
+    `max_new_tokens` is capped, with one warning line on stderr, so that the longest prompt plus its
+    completion fits the model's positions; `stats["max_new_tokens"]` holds the value used."""
+    check_settings(k, max_new_tokens, temperature, top_p, batch_size)
     texts = [format_prompt(tokenizer, p, chat=chat, join=join) for p in prompts]
     shown = [p if isinstance(p, str) and not chat else t for p, t in zip(prompts, texts, strict=True)]
     encoded = prompt_ids(tokenizer, prompts, chat=chat, join=join, texts=texts)
+    extra = 1 if capture_layer is not None else 0
+    max_new_tokens = fit_new_tokens(model, encoded, max_new_tokens, extra)
     greedy = temperature == 0 or not do_sample
     eos_ids = _eos_ids(model, tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
-    extra = 1 if capture_layer is not None else 0
     gen_kwargs: dict[str, Any] = {
         "max_new_tokens": max_new_tokens + extra,
         "do_sample": not greedy,
@@ -219,8 +186,34 @@ def generate(
             seconds=seconds,
             samples_per_s=len(samples) / max(seconds, 1e-9),
             tokens_per_s=n_tokens_total / max(seconds, 1e-9),
+            max_new_tokens=max_new_tokens,
         )
     return samples
+
+
+def fit_new_tokens(model: Any, prompt_ids: list[list[int]], max_new_tokens: int, extra: int = 0) -> int:
+    """`max_new_tokens` capped so that the longest prompt + completion (+ `extra` steps) fits the model's
+    positions (`models.max_positions`). Capping, rather than refusing, is what transformers users know
+    from truncation to `model_max_length`; past its positions a model with learned position embeddings
+    (OPT, GPT-2) fails with an index error and a rotary one samples junk. One warning line when it caps;
+    a prompt that leaves no room at all is a UserError."""
+    from alignkit.models import max_positions
+
+    limit = max_positions(model)
+    if limit is None or not prompt_ids:
+        return max_new_tokens
+    longest = max(range(len(prompt_ids)), key=lambda i: len(prompt_ids[i]))
+    room = limit - len(prompt_ids[longest]) - extra
+    if room < 1:
+        raise UserError(
+            f"prompt {longest} is {len(prompt_ids[longest])} tokens long: the model attends to {limit} positions, "
+            "which leaves no room for a completion; shorten the prompts"
+        )
+    if max_new_tokens > room:
+        print(f"warning: max_new_tokens={max_new_tokens} is beyond the model's {limit} positions (the longest "
+              f"prompt has {len(prompt_ids[longest])} tokens): using {room}", file=sys.stderr)
+        return room
+    return max_new_tokens
 
 
 def _split_completions(
@@ -365,45 +358,3 @@ def write_jsonl(samples: list[Sample], path: str | Path) -> Path:
             f.write(json.dumps(s.to_json(), ensure_ascii=False) + "\n")
     os.replace(tmp, path)
     return path
-
-
-# --------------------------------------------------------------------------- vLLM (GPU only, untested on CPU)
-
-
-def _generate_vllm(
-    model: Any,
-    prompts: list[Prompt],
-    k: int,
-    max_new_tokens: int,
-    temperature: float,
-    top_p: float,
-    top_k: int,
-    seed: int,
-    join: str,
-    stats: dict[str, float] | None,
-) -> list[Sample]:
-    """UNTESTED in CI (no GPU): `model` is a `vllm.LLM` or a model directory / hub id to load into one.
-    Plain string prompts only (apply the chat template yourself); greedy when temperature == 0."""
-    try:
-        import vllm
-    except ImportError as err:
-        raise UserError("vLLM is not installed: pip install 'alignkit[vllm]' (GPU only)") from err
-    if not all(isinstance(p, str) for p in prompts):
-        raise UserError("the vllm backend takes plain string prompts; render chat prompts first")
-    llm = model if isinstance(model, vllm.LLM) else vllm.LLM(model=str(model), seed=seed)
-    params = vllm.SamplingParams(
-        n=k, temperature=temperature, top_p=top_p, top_k=top_k or -1, max_tokens=max_new_tokens, seed=seed
-    )
-    start = time.perf_counter()
-    outputs = llm.generate([p + join for p in prompts], params)
-    eos = llm.get_tokenizer().eos_token_id
-    samples = []
-    for p, o in zip(prompts, outputs, strict=True):
-        for j, c in enumerate(o.outputs):
-            ids = [t for t in c.token_ids if t != eos]  # vLLM may keep the EOS in token_ids
-            finished = c.finish_reason == "stop"
-            samples.append(Sample(p, c.text, finished, len(ids), j, token_ids=ids))
-    if stats is not None:
-        seconds = time.perf_counter() - start
-        stats.update(n_samples=len(samples), seconds=seconds, samples_per_s=len(samples) / max(seconds, 1e-9))
-    return samples

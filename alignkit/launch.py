@@ -1,27 +1,11 @@
 """The one multi-process / multi-GPU launcher: re-run the same command through `accelerate launch`.
 
-`alignkit sft ... --num-processes 2` (any training command) calls `maybe_relaunch(argv, ...)` first.
-Outside a launch it runs `accelerate launch --config_file <trl config> --num_processes N
---mixed_precision no -m alignkit.cli <argv>`, prints that one line, streams the ranks' output and
-returns the exit code of the first rank that failed (0 when all succeeded). Inside a launched child
-it returns None and the command just runs. The child's argv is the parent's argv, verbatim.
-
-Why the flags that are passed (everything is printed in the `launching:` line, nothing is hidden):
-- `--config_file`: the configs TRL ships (`trl/accelerate_configs/*.yaml`), used as they are.
-- `--num_processes N`: those files say 8; the user's `--num-processes` wins, explicitly.
-- `--mixed_precision no`: the files say bf16, and accelerate exports that to the children as
-  ACCELERATE_MIXED_PRECISION, which transformers' Trainer then applies (bf16 autocast) even when the
-  recipe never asked for it. Precision is the trainer's decision, so a 2-process run computes in the
-  same precision as a 1-process run. Pass `mixed_precision=` to choose otherwise.
-- CPU (no CUDA): `ACCELERATE_USE_CPU=true` in the children's environment. accelerate's own `--cpu`
-  flag is NOT used: with accelerate 1.15 it selects the simple launcher, which starts ONE process
-  and ignores `--num_processes` without a word. The torchrun launcher (chosen by the config's
-  `distributed_type: MULTI_GPU`) plus ACCELERATE_USE_CPU gives N gloo ranks (MULTI_CPU);
-  without that variable each rank would train alone, unaware of the others (world size 1).
-
-Deviation from `accelerate launch` on the command line: the launcher runs in this process (the same
-parser and `launch_command` the `accelerate` CLI uses), so that a rank's exit code (2 for a
-UserError) comes back as our exit code instead of torchrun's generic 1 and its traceback.
+A training command with `--num-processes N` calls `maybe_relaunch(argv, ...)` first. Outside a launch it
+runs `accelerate launch --config_file <TRL's config> --num_processes N --mixed_precision no -m
+alignkit.cli <argv>` (printed as one `launching:` line; on CPU with ACCELERATE_USE_CPU=true for N gloo
+ranks) in this process, streams the ranks' output and returns the exit code of the first rank that
+failed, so a rank's UserError still exits 2. Inside a launched child it returns None. Why each flag is
+passed: docs/launch.md.
 """
 
 from __future__ import annotations

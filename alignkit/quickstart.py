@@ -1,23 +1,24 @@
-"""`alignkit quickstart`: the whole loop on the built-in task in under a minute on a laptop CPU.
+"""`alignkit quickstart`: the whole loop on the built-in task in about a minute on a laptop CPU.
 
-Builds the tiny model, runs SFT on the built-in review task, labels on-policy pairs (the SFT policy's
-own samples, best-worst of k under the oracle: `alignkit pairs`), runs DPO from the SFT model, then
-evaluates the untrained, SFT and DPO policies on held-out prompts with `alignkit eval`'s machinery:
-gold reward, oracle win rate against SFT, KL to SFT, EOS and repetition rates.
-Later algorithms add their rows to the same table.
+Builds the tiny model, runs SFT on the built-in review task, labels on-policy pairs (best-worst of k SFT
+samples under the oracle: `alignkit pairs`), runs DPO from the SFT model, fits a Q-probe on the SFT
+model's hidden states, then evaluates the untrained, SFT and DPO policies on held-out prompts with
+`alignkit eval`'s machinery (gold reward, oracle win rate against SFT, KL to SFT, EOS and repetition
+rates). The steps, the table and the outputs: docs/quickstart.md.
 """
 
 from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
-import numpy as np
-import torch
 from pydantic import Field, model_validator
 
 from alignkit.config import Block, DataSection, JobConfig, TrainSection
+
+if TYPE_CHECKING:  # the config classes import without torch or numpy: `--help` and `--dry-run` stay fast
+    import numpy as np
 
 
 class QuickstartEval(Block):
@@ -100,6 +101,7 @@ def heldout_prompts(sft_cfg: Any, n: int, seed: int) -> list[str]:
 
 def run(cfg: QuickstartConfig, progress: Any | None = None, console: Any | None = None) -> dict[str, Any]:
     import datasets
+    import numpy as np
     from rich.console import Console
 
     from alignkit import data, evaluate, models, pairs
@@ -170,7 +172,7 @@ def run(cfg: QuickstartConfig, progress: Any | None = None, console: Any | None 
                   "scoring with the gold reward and the oracle")
     t = time.perf_counter()
     ev = cfg.eval
-    result = evaluate.evaluate(
+    result = evaluate.evaluate_policies(
         policies, prompts, reward="gold", preference="oracle", baseline="sft", reference="sft", k=ev.k,
         max_new_tokens=ev.max_new_tokens, temperature=ev.temperature, seed=ev.seed, device=cfg.model.device,
         dtype=cfg.model.dtype,
@@ -209,6 +211,8 @@ def _qprobe_step(cfg: QuickstartConfig, sft_dir: str, held_out: list[str], run_d
     """Collect features of the SFT model on training and held-out prompts, fit a probe on the gold reward, and
     compute the probe policy's expected gold reward over chunks of k held-out samples (argmax, as the paper)."""
     import json
+
+    import torch
 
     from alignkit import data
     from alignkit.trainers import qprobe
@@ -258,10 +262,11 @@ def _row(m: dict[str, Any]) -> dict[str, Any]:
 
 
 def _plot(gold: dict[str, np.ndarray], path: Path) -> None:
-    import matplotlib
+    import numpy as np
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from alignkit.runs import pyplot, save_figure
+
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(5.5, 3.4))
     bins = np.linspace(-2.5, 1.0, 36)
@@ -271,6 +276,4 @@ def _plot(gold: dict[str, np.ndarray], path: Path) -> None:
     ax.set_ylabel("samples")
     ax.set_title("built-in task: gold reward of samples")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)

@@ -1,499 +1,53 @@
 """The one reward / preference wrapper: every trainer and evaluator scores through here.
 
-* `Scorer.score(prompts, completions, finished) -> Scores` gives the (ensemble-mean) reward, its
-  uncertainty (UP-RLHF eq. 13: population std over members; zeros for one model) and the per-member
-  rewards. Implementations: `RewardModelScorer` (one sequence-classification reward model),
-  `EnsembleScorer` (a `RewardEnsemble`), `FunctionScorer` (a Python function, or the built-in gold
-  reward). `load_scorer(spec)` turns a CLI string into one.
-* `Preference.prob(prompts, a, b)` / `.matrix(prompt, candidates)` give P(a ≻ b) and SPPO's K×K
-  preference matrix (ALGORITHMS.md §3): `BTPreference` (Bradley–Terry on any scorer),
-  `OraclePreference` (the arena oracle), `PairRMPreference` (llm-blender's PairRM, optional extra).
-* `RewardEnsemble`: UP-RLHF's N LoRA members on ONE frozen sequence-classification base (§1a). Each
-  member has its own LoRA weights and its own copy of the scalar head (peft `modules_to_save` for
-  task type SEQ_CLS). Members are seeded differently, so their A matrices differ; B starts at zero,
-  so all members score identically (uncertainty 0) until trained — expected, not a bug.
-
-Reward-model input text. Plain strings: `prompt + completion`, no separator (the arena's prompts end
-with a space; TRL's RewardTrainer concatenates the same way). Conversations (message lists): the
-tokenizer's chat template over prompt messages + completion messages. A text longer than
-`max_length` tokens is truncated from the LEFT: the start of the prompt is dropped first, so the end
-of the completion — the last token, where the sequence-classification head reads the reward — is
-always kept. `max_length` is capped at the model's `max_position_embeddings`. Batches are padded on
-the right; transformers' `*ForSequenceClassification` pools the rightmost token that is not
-`pad_token_id` (which `models.load_sequence_classifier` sets).
-
-Deviations / choices:
-* The ensemble always runs with dropout OFF (base and LoRA dropout, in both modes), as TRL's
-  RewardTrainer does by default (`disable_dropout=True`). peft refuses mixed-adapter batches in
-  training mode, and one convention for both modes keeps "mixed" and "loop" numerically identical;
-  `LoraSpec.dropout` therefore has no effect on an ensemble. Autograd is unaffected by eval mode.
-* All members' heads start as copies of the base's (freshly initialised) head: only the LoRA A
-  matrices differ at step 0.
-* Scores are returned as float32 CPU tensors whatever the model's device and dtype.
+Scorers: `RewardModelScorer` (one sequence-classification reward model), `EnsembleScorer` (a
+`RewardEnsemble`: UP-RLHF's N LoRA members on one frozen base, eq. 12; uncertainty = std over
+members, eq. 13) and `FunctionScorer` (a Python function, or the built-in `gold` reward).
+Preferences: `BTPreference` (Bradley–Terry on any scorer), `OraclePreference` (the built-in oracle),
+`PairRMPreference` (SPPO's judge, optional extra). The types are those of `alignkit.scoring`.
+`load_scorer` / `load_preference` turn a CLI spec into one; `check_scorer_spec` /
+`check_preference_spec` validate a spec without loading any model. Reward-model input text,
+truncation, the ensemble's modes, offsets and choices (dropout off): docs/rewards.md.
 """
 
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import inspect
 import json
-import time
-from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+import math
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Any, Literal
 
 import numpy as np
 import torch
 
-from alignkit import arena, models
+from alignkit import models
 from alignkit.errors import UserError
+from alignkit.reward_models import (
+    REWARD_CONFIG,
+    EnsembleScorer,
+    RewardEnsemble,
+    RewardModelScorer,
+    encode,
+    reward_texts,
+)
+from alignkit.scoring import Preference, Scorer, Scores, checked_scores
 
-try:  # the pure maths lives in losses.py (eq. 13); inline fallback while that module is absent
-    from alignkit.losses import uncertainty
-except ImportError:  # pragma: no cover
-
-    def uncertainty(member_rewards: torch.Tensor) -> torch.Tensor:
-        return member_rewards.std(dim=0, correction=0)
-
-
-Mode = Literal["mixed", "loop"]
 SCORER_FORMS = (
     "a run directory of `alignkit rm` or `alignkit rm-ensemble`, a reward-model directory (config.json + "
     "*.safetensors, or a peft SEQ_CLS adapter), an ensemble directory (ensemble.json), 'gold', 'mbpp:SOURCE' "
     "(unit tests of MBPP-style rows, run sandboxed), or 'module:function'"
 )
-
-
-# --------------------------------------------------------------------------- interfaces
-
-
-@dataclass
-class Scores:
-    mean: torch.Tensor  # (B,) reward: the ensemble mean r̄ (UP-RLHF eq. 13 context)
-    uncertainty: torch.Tensor  # (B,) population std over members (eq. 13); zeros for one model
-    members: torch.Tensor  # (N, B) per-member rewards; (1, B) for one model
-
-    @classmethod
-    def from_members(cls, members: torch.Tensor) -> Scores:
-        members = members.detach().float().cpu()
-        return cls(mean=members.mean(0), uncertainty=uncertainty(members), members=members)
-
-
-class Scorer(Protocol):
-    def score(self, prompts: list, completions: list, finished: list[bool] | None = None) -> Scores: ...
-
-
-class Preference(Protocol):
-    def prob(self, prompts: list, a: list, b: list) -> torch.Tensor: ...  # (B,) P(a ≻ b | prompt)
-
-    def matrix(self, prompt: Any, candidates: list) -> torch.Tensor: ...  # (K, K) P[i, j] = P(y_i ≻ y_j)
-
-    # (N, K, K): one matrix per prompt, K candidates each, in as few model calls as the judge allows
-    def matrices(self, prompts: list, candidates: list[list]) -> torch.Tensor: ...
-
-
-# --------------------------------------------------------------------------- text and tokens
-
-
-def reward_texts(tokenizer: Any, prompts: Sequence, completions: Sequence) -> list[str]:
-    """The reward-model input of each (prompt, completion): `prompt + completion` for strings, the
-    chat template over prompt + completion messages for conversations (a plain string on one side
-    becomes a user / assistant message)."""
-    from alignkit.data import apply_chat_template_if_any
-
-    if len(prompts) != len(completions):
-        raise ValueError(f"{len(prompts)} prompts but {len(completions)} completions")
-    texts = []
-    for p, c in zip(prompts, completions):
-        if isinstance(p, str) and isinstance(c, str):
-            texts.append(p + c)
-            continue
-        p = [{"role": "user", "content": p}] if isinstance(p, str) else list(p)
-        c = [{"role": "assistant", "content": c}] if isinstance(c, str) else list(c)
-        texts.append(apply_chat_template_if_any(tokenizer, p + c, add_generation_prompt=False))
-    return texts
-
-
-def context_length(model: Any, max_length: int) -> int:
-    """`max_length` capped at the model's position limit (longer inputs would index past it)."""
-    limit = getattr(model.config, "max_position_embeddings", None) or max_length
-    return min(max_length, limit)
-
-
-def encode(tokenizer: Any, texts: list[str], max_length: int, device: torch.device | str) -> dict[str, torch.Tensor]:
-    """ONE batched tokenizer call: right padding, left truncation (keeps the completion's end)."""
-    bos = getattr(tokenizer, "bos_token", None)
-    # a chat template that already writes BOS must not get a second one from the tokenizer
-    add_special = not (bos and texts and all(t.startswith(bos) for t in texts))
-    sides = tokenizer.padding_side, tokenizer.truncation_side
-    tokenizer.padding_side, tokenizer.truncation_side = "right", "left"
-    try:
-        batch = tokenizer(
-            texts,
-            padding=True,
-            truncation=True,
-            max_length=max_length,
-            add_special_tokens=add_special,
-            return_tensors="pt",
-        )
-    finally:
-        tokenizer.padding_side, tokenizer.truncation_side = sides
-    return {"input_ids": batch["input_ids"].to(device), "attention_mask": batch["attention_mask"].to(device)}
-
-
-def _device_of(model: torch.nn.Module) -> torch.device:
-    return next(model.parameters()).device
-
-
-# --------------------------------------------------------------------------- the LoRA ensemble
-
-
-def _set_requires_grad_from(params: list[torch.nn.Parameter], flags: list[bool]) -> None:
-    for p, flag in zip(params, flags):
-        p.requires_grad_(flag)
-
-
-class RewardEnsemble(torch.nn.Module):
-    """N LoRA reward members with their own heads on one frozen base (UP-RLHF §1a).
-
-    `forward(input_ids, attention_mask, mode)` -> (N, B) member rewards, differentiable w.r.t. every
-    member's LoRA weights and head in both modes:
-
-    * "mixed": ONE forward of the batch repeated N times with peft's `adapter_names=` (member n
-      scores rows n·B … n·B+B−1). peft allows this only in eval mode, which is how the ensemble
-      always runs (dropout off, see the module docstring); gradients still flow to every member.
-    * "loop": N forwards, one per member, after `set_adapter` (which freezes the inactive members:
-      the members' requires_grad flags are saved before and restored after).
-    """
-
-    def __init__(self, model: Any, tokenizer: Any, info: dict[str, Any], max_length: int = 512) -> None:
-        super().__init__()
-        self.model = model  # a peft PeftModel holding adapters m0..m{N-1}
-        self.tokenizer = tokenizer
-        self.info = info  # what ensemble.json records
-        self.names: list[str] = list(info["members"])
-        self.max_length = context_length(model, max_length)
-
-    # -- construction -------------------------------------------------------------------------------
-    @classmethod
-    def build(
-        cls,
-        base: str,
-        n_members: int = 5,
-        lora: models.LoraSpec | None = None,
-        seeds: Sequence[int] | None = None,
-        dtype: str = "auto",
-        device: str = "auto",
-        trust_remote_code: bool = False,
-        max_length: int = 512,
-    ) -> RewardEnsemble:
-        """A fresh ensemble of `n_members` LoRA members on `base` (member n seeded with seeds[n], default n)."""
-        from peft import get_peft_model
-
-        if n_members < 2:
-            raise UserError(
-                f"a reward ensemble needs n_members >= 2, got {n_members} (use `alignkit rm` for one model)"
-            )
-        seeds = list(range(n_members)) if seeds is None else [int(s) for s in seeds]
-        if len(seeds) != n_members:
-            raise UserError(f"ensemble seeds: got {len(seeds)} seeds for {n_members} members")
-        lora = lora or models.LoraSpec()
-        model, tokenizer = models.load_sequence_classifier(
-            base, num_labels=1, dtype=dtype, device=device, trust_remote_code=trust_remote_code
-        )
-        model.requires_grad_(False)  # the base stays frozen; only LoRA weights and member heads train
-        names = [f"m{n}" for n in range(n_members)]
-        config = lora.to_peft("SEQ_CLS")
-        for name, seed in zip(names, seeds):
-            with torch.random.fork_rng(devices=[]):  # LoRA A is initialised on CPU, then moved
-                torch.manual_seed(seed)
-                try:
-                    if name == names[0]:
-                        model = get_peft_model(model, config, adapter_name=name)
-                    else:
-                        model.add_adapter(name, config)
-                except ValueError as err:
-                    raise UserError(f"lora.target_modules {lora.target_modules!r}: {str(err).splitlines()[0]}") from err
-        info = {
-            "format": "alignkit-reward-ensemble/1",
-            "base": base,
-            "base_path": models.resolve(base),
-            "n_members": n_members,
-            "members": names,
-            "seeds": seeds,
-            "lora": asdict(lora),
-            "dropout": "disabled (eval mode in every forward, as TRL's disable_dropout)",
-            "max_length": max_length,
-            "metadata": {},
-        }
-        ensemble = cls(model, tokenizer, info, max_length)
-        ensemble.set_trainable(True)
-        return ensemble
-
-    def member_parameters(self) -> list[torch.nn.Parameter]:
-        """Every member's LoRA weights and head copy (the ensemble's trainable parameters)."""
-        keys = [f".{n}." for n in self.names]
-        return [
-            p
-            for name, p in self.model.named_parameters()
-            if ("lora_" in name or "modules_to_save" in name) and any(k in name for k in keys)
-        ]
-
-    def set_trainable(self, flag: bool = True) -> None:
-        for p in self.member_parameters():
-            p.requires_grad_(flag)
-
-    # -- forward ------------------------------------------------------------------------------------
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, mode: Mode = "mixed") -> torch.Tensor:
-        n, b = len(self.names), input_ids.shape[0]
-        was_training = self.model.training
-        self.model.eval()  # dropout off in both modes; peft requires eval mode for adapter_names
-        try:
-            if mode == "mixed":
-                names = [name for name in self.names for _ in range(b)]
-                out = self.model(
-                    input_ids=input_ids.repeat(n, 1), attention_mask=attention_mask.repeat(n, 1), adapter_names=names
-                )
-                return out.logits.view(n, b)
-            if mode == "loop":
-                params = self.member_parameters()
-                flags = [p.requires_grad for p in params]
-                rows = []
-                try:
-                    for name in self.names:
-                        self.model.set_adapter(name)
-                        _set_requires_grad_from(params, flags)  # set_adapter froze the other members
-                        rows.append(self.model(input_ids=input_ids, attention_mask=attention_mask).logits.view(b))
-                finally:
-                    self.model.set_adapter(self.names[0])
-                    _set_requires_grad_from(params, flags)
-                return torch.stack(rows)
-            raise ValueError(f"mode must be 'mixed' or 'loop', got {mode!r}")
-        finally:
-            self.model.train(was_training)
-
-    @torch.no_grad()
-    def score(
-        self, prompts: Sequence, completions: Sequence, mode: Mode = "mixed", batch_size: int = 32
-    ) -> torch.Tensor:
-        """(N, B) member rewards of (prompt, completion) pairs, batched, no gradients, float32 on CPU."""
-        texts = reward_texts(self.tokenizer, prompts, completions)
-        out = [
-            self(**self.encode(texts[i : i + batch_size]), mode=mode).float().cpu()
-            for i in range(0, len(texts), batch_size)
-        ]
-        return torch.cat(out, dim=1) if out else torch.empty(len(self.names), 0)
-
-    def encode(self, texts: list[str]) -> dict[str, torch.Tensor]:
-        return encode(self.tokenizer, texts, self.max_length, _device_of(self.model))
-
-    # -- introspection ------------------------------------------------------------------------------
-    def lora_A_by_module(self) -> list[list[torch.Tensor]]:
-        """For each LoRA-adapted module m, [A_1^(m), …, A_N^(m)] (each r × d_in), the live parameters
-        (for the NNM diversity loss, UP-RLHF eq. 12)."""
-        from peft.tuners.lora import LoraLayer
-
-        out = []
-        for module in self.model.modules():
-            if isinstance(module, LoraLayer) and all(n in module.lora_A for n in self.names):
-                out.append([module.lora_A[n].weight for n in self.names])
-        return out
-
-    def trainable_parameters(self) -> tuple[int, int]:
-        return models.trainable_parameters(self.model)
-
-    # -- disk ---------------------------------------------------------------------------------------
-    def save(self, directory: str | Path, metadata: dict[str, Any] | None = None) -> Path:
-        """`dir/members/m{n}/` (standard peft adapters), `dir/ensemble.json` and the tokenizer."""
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        # peft writes every adapter not called "default" to <dir>/<adapter name>/
-        self.model.save_pretrained(directory / "members", selected_adapters=self.names, safe_serialization=True)
-        self.tokenizer.save_pretrained(directory)
-        self.info = {**self.info, "metadata": {**self.info.get("metadata", {}), **(metadata or {})}}
-        (directory / "ensemble.json").write_text(json.dumps(self.info, indent=2, default=str))
-        return directory
-
-    @classmethod
-    def load(
-        cls,
-        directory: str | Path,
-        dtype: str = "auto",
-        device: str = "auto",
-        base: str | None = None,
-        trust_remote_code: bool = False,
-        max_length: int | None = None,
-    ) -> RewardEnsemble:
-        """Rebuild a saved ensemble on its base (or on `base`, which must be the same model)."""
-        from peft import PeftModel
-
-        directory = Path(directory)
-        meta_file = directory / "ensemble.json"
-        if not meta_file.is_file():
-            raise UserError(f"'{directory}' is not a reward ensemble: it has no ensemble.json")
-        info = json.loads(meta_file.read_text())
-        if base is None:  # the name as given ("tiny") first: it re-resolves on another machine / cache
-            base = info["base"]
-            if not Path(models.resolve(base)).exists() and Path(info["base_path"]).is_dir():
-                base = info["base_path"]
-        same_name = base in (info["base"], info["base_path"])
-        accepted = {base, models.resolve(base)} | ({info["base"], info["base_path"]} if same_name else set())
-        accepted |= {str(Path(a).expanduser().resolve()) for a in list(accepted) if Path(a).expanduser().exists()}
-        for name in info["members"]:
-            member = directory / "members" / name
-            cfg = member / "adapter_config.json"
-            if not cfg.is_file() or not (member / "adapter_model.safetensors").is_file():
-                raise UserError(
-                    f"ensemble member '{member}' is missing adapter_config.json / adapter_model.safetensors"
-                )
-            trained_on = json.loads(cfg.read_text()).get("base_model_name_or_path")
-            if trained_on and trained_on not in accepted and str(Path(trained_on).resolve()) not in accepted:
-                raise UserError(f"ensemble member '{member}' was trained on base '{trained_on}', not on '{base}'")
-
-        model, _ = models.load_sequence_classifier(
-            base, num_labels=1, dtype=dtype, device=device, trust_remote_code=trust_remote_code
-        )
-        tokenizer = models.load_tokenizer(str(directory), trust_remote_code=trust_remote_code)
-        model.requires_grad_(False)
-        for i, name in enumerate(info["members"]):
-            member = directory / "members" / name
-            try:
-                if i == 0:
-                    model = PeftModel.from_pretrained(model, member, adapter_name=name, is_trainable=True)
-                else:
-                    model.load_adapter(member, adapter_name=name, is_trainable=True)
-            except (RuntimeError, ValueError, KeyError) as err:
-                raise UserError(
-                    f"ensemble member '{member}' does not fit base '{base}': {str(err).strip().splitlines()[0][:200]}"
-                ) from err
-        model.to(models.choose_device(device))
-        ensemble = cls(model, tokenizer, info, max_length or info.get("max_length", 512))
-        ensemble.set_trainable(True)
-        return ensemble
-
-
-# --------------------------------------------------------------------------- scorers
-
-
-class RewardModelScorer:
-    """One sequence-classification reward model (num_labels = 1): members (1, B), uncertainty 0."""
-
-    def __init__(self, model: Any, tokenizer: Any, batch_size: int = 32, max_length: int = 512) -> None:
-        if getattr(model.config, "num_labels", 1) != 1:
-            raise UserError(f"a reward model has one output (num_labels=1), this one has {model.config.num_labels}")
-        self.model = model.eval()
-        self.tokenizer = tokenizer
-        self.batch_size = batch_size
-        self.max_length = context_length(model, max_length)
-
-    @classmethod
-    def from_dir(
-        cls, path: str | Path, dtype: str = "auto", device: str = "auto", trust_remote_code: bool = False, **kw: Any
-    ) -> RewardModelScorer:
-        """A saved reward model: a model directory (config.json + safetensors), an `alignkit rm` run
-        directory (its `model/`), or a peft SEQ_CLS adapter directory (merged into its base)."""
-        path = Path(path)
-        if (path / "summary.json").is_file() and (path / "model").is_dir():
-            path = path / "model"
-        if (path / REWARD_CONFIG).is_file():  # score with the length it was trained with
-            kw.setdefault("max_length", json.loads((path / REWARD_CONFIG).read_text())["max_length"])
-        adapter_cfg = path / "adapter_config.json"
-        if not adapter_cfg.is_file():
-            model, tok = models.load_sequence_classifier(
-                str(path), num_labels=1, dtype=dtype, device=device, trust_remote_code=trust_remote_code
-            )
-            return cls(model, tok, **kw)
-        from peft import PeftModel
-
-        task = json.loads(adapter_cfg.read_text()).get("task_type")
-        if task != "SEQ_CLS":
-            raise UserError(f"adapter '{path}' has task_type {task!r}: a reward model adapter must be SEQ_CLS")
-        base = models._adapter_base(str(path))
-        model, tok = models.load_sequence_classifier(
-            base, num_labels=1, dtype=dtype, device=device, trust_remote_code=trust_remote_code
-        )
-        if (path / "tokenizer_config.json").is_file():  # the tokenizer saved with the adapter wins
-            tok = models.load_tokenizer(str(path), trust_remote_code=trust_remote_code)
-        try:
-            model = PeftModel.from_pretrained(model, path).merge_and_unload()
-        except (RuntimeError, ValueError, KeyError) as err:
-            raise UserError(
-                f"adapter '{path}' does not fit base '{base}': {str(err).strip().splitlines()[0][:200]}"
-            ) from err
-        return cls(model, tok, **kw)
-
-    @torch.no_grad()
-    def score(self, prompts: list, completions: list, finished: list[bool] | None = None) -> Scores:
-        del finished  # a learned reward model sees only the text
-        texts = reward_texts(self.tokenizer, prompts, completions)
-        device = _device_of(self.model)
-        out = [
-            self.model(**encode(self.tokenizer, texts[i : i + self.batch_size], self.max_length, device))
-            .logits.view(-1)
-            .float()
-            .cpu()
-            for i in range(0, len(texts), self.batch_size)
-        ]
-        return Scores.from_members((torch.cat(out) if out else torch.empty(0)).unsqueeze(0))
-
-
-class EnsembleScorer:
-    """A `RewardEnsemble` as a Scorer. mode "auto" times both modes on the first batch (after one
-    warm-up forward) and keeps the faster one for the rest of the scorer's life (`timings`, `mode`)."""
-
-    def __init__(self, ensemble: RewardEnsemble, mode: Literal["auto", "mixed", "loop"] = "auto", batch_size: int = 32):
-        if mode not in ("auto", "mixed", "loop"):
-            raise UserError(f"ensemble scoring mode '{mode}' is unknown: use auto, mixed or loop")
-        self.ensemble = ensemble
-        self.mode = mode
-        self.batch_size = batch_size
-        self.timings: dict[str, float] = {}  # seconds for the first batch, per mode ("auto" only)
-
-    @torch.no_grad()
-    def _choose(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        rewards = self.ensemble(**batch, mode="mixed")  # warm-up (first-call allocations), result kept
-        cuda = batch["input_ids"].is_cuda
-        for mode in ("loop", "mixed"):
-            if cuda:
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-            self.ensemble(**batch, mode=mode)
-            if cuda:
-                torch.cuda.synchronize()
-            self.timings[mode] = time.perf_counter() - start
-        self.mode = min(self.timings, key=self.timings.get)
-        return rewards
-
-    @torch.no_grad()
-    def score(self, prompts: list, completions: list, finished: list[bool] | None = None) -> Scores:
-        del finished
-        texts = reward_texts(self.ensemble.tokenizer, prompts, completions)
-        out = []
-        for i in range(0, len(texts), self.batch_size):
-            batch = self.ensemble.encode(texts[i : i + self.batch_size])
-            rewards = self._choose(batch) if self.mode == "auto" else self.ensemble(**batch, mode=self.mode)
-            out.append(rewards.float().cpu())
-        members = torch.cat(out, dim=1) if out else torch.empty(len(self.ensemble.names), 0)
-        return Scores.from_members(members - self.offsets()[:, None])
-
-    def offsets(self) -> torch.Tensor:
-        """(N,) per-member reward offsets removed before mean and std (zeros if none were saved).
-
-        Bradley–Terry is shift-invariant, so each member's reward carries an arbitrary constant;
-        left in, the spread of those constants dominates the std over members (eq. 13) and hides
-        the disagreement the uncertainty is meant to measure. `alignkit rm-ensemble` records each
-        member's mean reward on its training completions as `member_offsets` in ensemble.json.
-        """
-        saved = self.ensemble.info.get("member_offsets")
-        if saved is None:
-            return torch.zeros(len(self.ensemble.names))
-        return torch.tensor(saved, dtype=torch.float32)
+PREFERENCE_FORMS = f"'oracle', 'pairrm', 'oracle:TAU' (TAU > 0) or a scorer: {SCORER_FORMS}"
 
 
 class FunctionScorer:
     """A Python reward function `fn(prompts, completions, finished)` or `fn(prompts, completions)`
-    returning B floats (arity detected from the signature)."""
+    returning one number per completion (arity read from the signature). A function that raises, or
+    returns NaN, inf or the wrong count, ends in one `UserError` naming it."""
 
     def __init__(self, fn: Callable[..., Any], name: str) -> None:
         self.fn, self.name = fn, name
@@ -508,75 +62,132 @@ class FunctionScorer:
 
     @classmethod
     def from_spec(cls, spec: str) -> FunctionScorer:
+        """`gold` (the built-in task's gold reward) or `module:function`."""
         if spec == "gold":
             return cls(_gold, "gold")
-        module_name, _, fn_name = spec.partition(":")
-        try:
-            module = importlib.import_module(module_name)
-        except ImportError as err:
-            raise UserError(f"reward function '{spec}': cannot import module '{module_name}' ({err})") from err
-        fn = getattr(module, fn_name, None)
-        if not callable(fn):
-            raise UserError(f"reward function '{spec}': module '{module_name}' has no function '{fn_name}'")
-        return cls(fn, spec)
+        return cls(_import_function(spec), spec)
 
     def score(self, prompts: list, completions: list, finished: list[bool] | None = None) -> Scores:
         args = (list(prompts), list(completions)) + ((finished,) if self.takes_finished else ())
+        source = f"reward function '{self.name}'"
         try:
-            values = torch.as_tensor(np.asarray(self.fn(*args), dtype=np.float64).reshape(-1))
+            out = self.fn(*args)
+        except UserError:
+            raise
+        except Exception as err:
+            if self.fn is _gold:  # alignkit's own code: a bug, not bad input
+                raise
+            raise UserError(f"{source} raised {type(err).__name__}: {_first_line(err)}") from err
+        if isinstance(out, torch.Tensor):
+            out = out.detach().cpu().double().numpy()
+        try:
+            values = np.asarray(out, dtype=np.float64).reshape(1, -1)
         except (TypeError, ValueError) as err:
-            raise UserError(f"reward function '{self.name}' must return a list of floats: {err}") from err
-        if values.shape[0] != len(completions):
-            raise UserError(f"reward function '{self.name}' returned {values.shape[0]} values for {len(completions)}")
-        return Scores.from_members(values.unsqueeze(0))
+            raise UserError(f"{source} must return a list of numbers, one per completion: {_first_line(err)}") from err
+        return checked_scores(torch.from_numpy(values), len(completions), source)
 
 
 def _gold(prompts: list, completions: list, finished: list[bool] | None) -> np.ndarray:
+    from alignkit import arena
+
     return arena.gold_reward(completions, finished, prompts)
+
+
+def _first_line(err: BaseException) -> str:
+    return (str(err).strip().splitlines() or [""])[0][:200]
+
+
+def _import_function(spec: str) -> Callable[..., Any]:
+    """`module:function` -> the function; a module that cannot be imported, or has no such function, is
+    one `UserError`."""
+    module_name, _, fn_name = spec.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as err:  # ImportError, or whatever the user's module raises while it is imported
+        hint = ""
+        if module_name.endswith(".py"):
+            hint = f"; give the module's name ({module_name[:-3]}), not its file, with its folder on PYTHONPATH"
+        raise UserError(
+            f"reward function '{spec}': cannot import module '{module_name}' ({type(err).__name__}: "
+            f"{_first_line(err)}){hint}"
+        ) from err
+    fn = getattr(module, fn_name, None)
+    if not callable(fn):
+        raise UserError(f"reward function '{spec}': module '{module_name}' has no function '{fn_name}'")
+    return fn
 
 
 def _is_identifier_path(text: str) -> bool:
     return bool(text) and all(part.isidentifier() for part in text.split("."))
 
 
-REWARD_CONFIG = "alignkit_reward.json"  # written next to an `alignkit rm` model: {"max_length": ...}
+ScorerKind = Literal["gold", "mbpp", "function", "ensemble", "model"]
+
+
+def _parse_scorer_spec(spec: str) -> tuple[ScorerKind, str]:
+    """(kind, target) of a scorer spec, checked without loading a model: the target is the data source
+    (mbpp), `module:function` (imported now, so a missing one is reported before any work) or the
+    directory to load (ensemble, model)."""
+    spec = str(spec).strip()
+    if spec == "gold":
+        return "gold", spec
+    if spec.startswith("mbpp:"):
+        source = spec.partition(":")[2].strip()
+        if not source:
+            raise UserError("reward 'mbpp:' names no data: use mbpp:SOURCE, e.g. mbpp:tests/fixtures/mbpp.jsonl")
+        return "mbpp", source
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        for ensemble in (path, path / "model", path / "ensemble"):
+            if (ensemble / "ensemble.json").is_file():
+                return "ensemble", str(ensemble)
+        summary = path / "summary.json"
+        if summary.is_file() and (path / "model").is_dir():
+            try:
+                command = json.loads(summary.read_text()).get("command")
+            except (OSError, ValueError, AttributeError) as err:
+                raise UserError(f"'{summary}' is not a readable run summary ({_first_line(err)})") from err
+            if command not in (None, "rm"):
+                raise UserError(f"'{spec}' is a run directory of `alignkit {command}`, not a reward model run (rm)")
+            return "model", str(path / "model")
+        if (path / "config.json").is_file() or (path / "adapter_config.json").is_file():
+            return "model", str(path)
+        raise UserError(f"directory '{spec}' holds no reward model: expected {SCORER_FORMS}")
+    module_name, sep, fn_name = spec.partition(":")
+    if sep and _is_identifier_path(module_name) and fn_name.isidentifier():
+        _import_function(spec)
+        return "function", spec
+    if path.exists():
+        raise UserError(f"reward '{spec}' is a file: expected {SCORER_FORMS}")
+    if "/" in spec:
+        raise UserError(f"reward '{spec}': no such directory (expected {SCORER_FORMS})")
+    raise UserError(f"reward '{spec}' is not understood: expected {SCORER_FORMS}")
+
+
+def check_scorer_spec(spec: str) -> None:
+    """Raise one `UserError` when `spec` cannot name a scorer. Cheap: reads a few files and imports a
+    `module:function`'s module, loads no model; call it before sampling."""
+    _parse_scorer_spec(spec)
 
 
 def load_scorer(
     spec: str, device: str = "auto", dtype: str = "auto", batch_size: int = 32, trust_remote_code: bool = False
 ) -> Scorer:
-    """`gold`, `module:function`, an ensemble / `alignkit rm-ensemble` dir, an `alignkit rm` run dir
-    or a reward-model directory -> a Scorer."""
-    spec = str(spec).strip()
-    if spec == "gold":
-        return FunctionScorer.from_spec("gold")
-    if spec.startswith("mbpp:"):  # unit tests run in alignkit.sandbox: 1 if the program passes, else 0
-        from alignkit.sandbox import CodeScorer
+    """`gold`, `module:function`, `mbpp:SOURCE`, an ensemble / `alignkit rm-ensemble` dir, an `alignkit rm`
+    run dir or a reward-model directory -> a Scorer."""
+    kind, target = _parse_scorer_spec(spec)
+    if kind in ("gold", "function"):
+        return FunctionScorer.from_spec(target)
+    if kind == "mbpp":  # unit tests run in alignkit.sandbox: 1 if the program passes, else 0
+        from alignkit.code_reward import CodeScorer
 
-        return CodeScorer.from_source(spec.partition(":")[2])
-    path = Path(spec).expanduser()
-    if path.is_dir():
-        for ens in (path, path / "model", path / "ensemble"):
-            if (ens / "ensemble.json").is_file():
-                ensemble = RewardEnsemble.load(ens, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
-                return EnsembleScorer(ensemble, batch_size=batch_size)
-        summary = path / "summary.json"
-        if summary.is_file() and (path / "model").is_dir():
-            command = json.loads(summary.read_text()).get("command")
-            if command not in (None, "rm"):
-                raise UserError(f"'{spec}' is a run directory of `alignkit {command}`, not a reward model run (rm)")
-            return RewardModelScorer.from_dir(
-                path / "model", dtype=dtype, device=device, batch_size=batch_size, trust_remote_code=trust_remote_code
-            )
-        if (path / "config.json").is_file() or (path / "adapter_config.json").is_file():
-            return RewardModelScorer.from_dir(
-                path, dtype=dtype, device=device, batch_size=batch_size, trust_remote_code=trust_remote_code
-            )
-        raise UserError(f"directory '{spec}' holds no reward model: expected {SCORER_FORMS}")
-    module_name, sep, fn_name = spec.partition(":")
-    if sep and _is_identifier_path(module_name) and fn_name.isidentifier():
-        return FunctionScorer.from_spec(spec)
-    raise UserError(f"reward '{spec}' is not understood: expected {SCORER_FORMS}")
+        return CodeScorer.from_source(target)
+    if kind == "ensemble":
+        ensemble = RewardEnsemble.load(target, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+        return EnsembleScorer(ensemble, batch_size=batch_size)
+    return RewardModelScorer.from_dir(
+        target, dtype=dtype, device=device, batch_size=batch_size, trust_remote_code=trust_remote_code
+    )
 
 
 # --------------------------------------------------------------------------- preferences
@@ -602,8 +213,8 @@ class BTPreference:
     """Bradley–Terry on a Scorer's ensemble-mean reward: P(a ≻ b) = σ((r̄_a − r̄_b) / temperature)."""
 
     def __init__(self, scorer: Scorer, temperature: float = 1.0) -> None:
-        if not temperature > 0:
-            raise UserError(f"preference temperature must be > 0, got {temperature}")
+        if not (math.isfinite(temperature) and temperature > 0):
+            raise UserError(f"preference temperature must be a finite number > 0, got {temperature}")
         self.scorer, self.temperature = scorer, temperature
 
     def prob(self, prompts: list, a: list, b: list) -> torch.Tensor:
@@ -623,14 +234,20 @@ class BTPreference:
 
 
 class OraclePreference:
-    """The arena's oracle: P(a ≻ b) = σ((gold(a) − gold(b)) / τ) (`arena.oracle_prob`)."""
+    """The built-in task's oracle: P(a ≻ b) = σ((gold(a) − gold(b)) / τ) (`arena.oracle_prob`); τ
+    defaults to `arena.TAU`."""
 
-    def __init__(self, tau: float = arena.TAU) -> None:
-        if not tau > 0:
-            raise UserError(f"oracle tau must be > 0, got {tau}")
+    def __init__(self, tau: float | None = None) -> None:
+        from alignkit import arena
+
+        tau = arena.TAU if tau is None else tau
+        if not (math.isfinite(tau) and tau > 0):
+            raise UserError(f"oracle tau must be a finite number > 0, got {tau}")
         self.tau = tau
 
     def prob(self, prompts: list, a: list, b: list) -> torch.Tensor:
+        from alignkit import arena
+
         del prompts
         return torch.as_tensor(arena.oracle_prob(a, b, tau=self.tau)).float()
 
@@ -638,6 +255,8 @@ class OraclePreference:
         return self.matrices([prompt], [candidates])[0]
 
     def matrices(self, prompts: list, candidates: list[list]) -> torch.Tensor:
+        from alignkit import arena
+
         k = _same_k(prompts, candidates)
         gold = torch.as_tensor(arena.gold_reward([c for cs in candidates for c in cs]))
         return _outer_prob(gold.view(len(prompts), k), self.tau)
@@ -649,14 +268,14 @@ class PairRMPreference:
     `prob`: σ(logit) of `blender.compare(..., return_logits=True)` (`compare_conversations` for
     message lists). `matrix` follows the SPPO reference code: PairRM's full comparison gives one score
     per candidate, s_i = mean_j (L[i, j] − L[j, i]) (`blender.rank(..., return_scores=True)`), then
-    P[i, j] = σ(s_i − s_j), diagonal 0.5 (ALGORITHMS.md §3).
+    P[i, j] = σ(s_i − s_j), diagonal 0.5 (docs/rewards.md, "PairRM").
     """
 
     def __init__(self, model: str = "llm-blender/PairRM", device: str = "auto", batch_size: int = 8) -> None:
         try:
             import llm_blender
         except ImportError as err:
-            raise UserError("PairRM needs the optional llm-blender package: pip install 'alignkit[pairrm]'") from err
+            raise UserError(PAIRRM_MISSING) from err
         self.blender = llm_blender.Blender()
         self.blender.loadranker(model, device=str(models.choose_device(device)))
         self.batch_size = batch_size
@@ -684,24 +303,56 @@ class PairRMPreference:
         return _outer_prob(torch.as_tensor(np.asarray(scores, dtype=np.float64)))
 
 
+PAIRRM_MISSING = "PairRM needs the optional llm-blender package: pip install 'alignkit[pairrm]'"
+PreferenceKind = Literal["oracle", "pairrm", "scorer"]
+
+
+def _parse_preference_spec(spec: str) -> tuple[PreferenceKind, Any]:
+    """(kind, value) of a preference spec, checked without loading a model: the oracle's τ (None: the
+    default), nothing for pairrm, the scorer spec for Bradley–Terry on a scorer."""
+    spec = str(spec).strip()
+    if spec == "oracle":
+        return "oracle", None
+    if spec.startswith("oracle:"):
+        text = spec.partition(":")[2].strip()
+        try:
+            tau = float(text)
+        except ValueError:
+            tau = math.nan
+        if not (math.isfinite(tau) and tau > 0):
+            from alignkit.arena import TAU
+
+            raise UserError(f"preference '{spec}': TAU in oracle:TAU must be a number > 0, e.g. oracle:{TAU}")
+        return "oracle", tau
+    if spec == "pairrm":
+        if importlib.util.find_spec("llm_blender") is None:
+            raise UserError(PAIRRM_MISSING)
+        return "pairrm", None
+    module_name, sep, _ = spec.partition(":")
+    if spec != "gold" and not Path(spec).expanduser().is_dir() and not (sep and _is_identifier_path(module_name)):
+        raise UserError(f"preference '{spec}' is not understood: expected {PREFERENCE_FORMS}")
+    _parse_scorer_spec(spec)
+    return "scorer", spec
+
+
+def check_preference_spec(spec: str) -> None:
+    """Raise one `UserError` when `spec` cannot name a preference (e.g. `oracle:abc`). Cheap: loads no
+    model; call it before sampling, whether or not the preference will be used."""
+    _parse_preference_spec(spec)
+
+
 def load_preference(spec: str, device: str = "auto") -> Preference:
     """`oracle` (or `oracle:TAU`), `pairrm`, or any scorer spec (-> Bradley–Terry on its mean reward)."""
-    spec = str(spec).strip()
-    if spec == "oracle" or spec.startswith("oracle:"):
-        tau = spec.partition(":")[2]
-        try:
-            return OraclePreference(float(tau)) if tau else OraclePreference()
-        except ValueError as err:
-            raise UserError(f"preference '{spec}': oracle:TAU needs a number, e.g. oracle:{arena.TAU}") from err
-    if spec == "pairrm":
+    kind, value = _parse_preference_spec(spec)
+    if kind == "oracle":
+        return OraclePreference(value)
+    if kind == "pairrm":
         return PairRMPreference(device=device)
-    module_name, sep, fn_name = spec.partition(":")
-    if spec != "gold" and not Path(spec).expanduser().is_dir() and not (sep and _is_identifier_path(module_name)):
-        raise UserError(f"preference '{spec}' is not understood: expected 'oracle', 'pairrm' or {SCORER_FORMS}")
-    return BTPreference(load_scorer(spec, device=device))
+    return BTPreference(load_scorer(value, device=device))
 
 
-__all__ = [
+__all__ = [  # the learned reward models (alignkit.reward_models) and the shared types are reachable from here
+    "REWARD_CONFIG",
     "BTPreference",
     "EnsembleScorer",
     "FunctionScorer",
@@ -712,6 +363,8 @@ __all__ = [
     "RewardModelScorer",
     "Scorer",
     "Scores",
+    "check_preference_spec",
+    "check_scorer_spec",
     "encode",
     "load_preference",
     "load_scorer",

@@ -80,7 +80,7 @@ def atomic_write_text(path: Path, text: str) -> None:
 # ------------------------------------------------------------------------------------ checks
 
 
-def check_writable(final: Path) -> None:
+def check_writable(final: Path, flag: str = "--output-dir") -> None:
     """Refuse an output path alignkit cannot create: a path component that is a regular file, or a
     parent directory it cannot write to. Probed by creating (and removing) a temporary file, since
     `os.access` answers yes to root even on a read-only mount."""
@@ -89,13 +89,12 @@ def check_writable(final: Path) -> None:
     while not parent.exists():
         parent = parent.parent
     if not parent.is_dir():
-        raise UserError(f"{final}: {parent} is a file, not a directory: choose another --output-dir")
+        raise UserError(f"{flag} {final}: {parent} is a file, not a directory: choose another {flag}")
     try:
-        fd, probe = tempfile.mkstemp(prefix=".alignkit-probe-", dir=parent)
-        os.close(fd)
-        os.unlink(probe)
+        with tempfile.TemporaryFile(prefix=".alignkit-probe-", dir=parent):
+            pass
     except OSError as exc:
-        raise UserError(f"{final}: cannot write in {parent} ({exc.strerror}): choose another --output-dir") from None
+        raise UserError(f"{flag} {final}: cannot write in {parent} ({exc.strerror}): choose another {flag}") from None
 
 
 def check_resume(partial: Path, config_yaml: str) -> None:

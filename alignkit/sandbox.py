@@ -1,89 +1,11 @@
-"""Run untrusted Python programs (MBPP-style unit tests) out of process: Q-probe's code reward.
+"""Run untrusted Python programs out of process, under limits and namespaces.
 
-ALGORITHMS.md §4: program = prompt + completion cut at a stop sequence + "\\n" + the task's `assert`
-lines; reward 1 if it runs without error within 3 s, else 0. `CodeScorer` is that reward behind the
-`Scorer` protocol; `run_program` / `Sandbox.run` / `Sandbox.run_many` run programs; `build_program`
-assembles them. Linux only.
-
-Nothing is ever executed in this process. Each program is written to `main.py` in a fresh work dir
-and run as `python -I -S -B main.py` by a launcher (`_launcher_main`, a separate `python -I -S -B -c`
-with the caller's privileges) that sets up the mechanisms below, forks the program and reports its
-wait status on a private pipe. Process tree: caller -> launcher -> init (PID 1 of the new PID
-namespace, only reaps) -> program.
-
-What the sandbox does, mechanism by mechanism (all checked by tests/test_sandbox.py):
-
-* Fresh interpreter: `-I` (PYTHON* variables ignored, no user site, script dir not on sys.path),
-  `-S` (no site-packages; `site_packages=True` runs the venv's interpreter with them), `-B`. A
-  minimal environment (PATH, HOME = TMPDIR = the work dir, LANG, LC_ALL): none of the caller's
-  variables. stdin is /dev/null; stdout and stderr are captured, the last `max_output` bytes of each
-  kept.
-* Wall clock (`timeout`, default 3 s, counted from the launcher's start, so it includes the 30-80 ms
-  of start-up): on expiry the launcher's process group is SIGKILLed, which kills init and with it the
-  whole PID namespace.
-* setrlimit, per process: RLIMIT_CPU (ceil(timeout) + 1 s of CPU: SIGXCPU, SIGKILL 1 s later; a
-  backstop behind the wall clock), RLIMIT_AS (`memory_mb`, 512 MiB: allocations raise MemoryError),
-  RLIMIT_FSIZE (`file_size_mb`, 16 MiB: writes fail with EFBIG, Python ignores SIGXFSZ),
-  RLIMIT_NOFILE (`max_files`, 64), RLIMIT_NPROC (`max_procs`, 16: fork fails with EAGAIN; it counts
-  every process AND thread of the uid), RLIMIT_CORE 0. Limits are only ever lowered. They bind each
-  process, not the sandbox: its processes together may hold `max_procs` x `memory_mb` of address
-  space and `max_procs` CPUs until the wall clock ends them. There is no cgroup.
-* Network namespace (CLONE_NEWNET): only a loopback interface, and it is down: no route anywhere,
-  not even 127.0.0.1, no abstract unix socket shared with the host. Where no network namespace can
-  be made the sandbox REFUSES to run (status "error", reason in stderr) unless `allow_network=True`;
-  `CodeScorer` raises `UserError` at construction instead of scoring everything 0.
-* PID namespace (CLONE_NEWPID) with its own read-only /proc: host processes, their command lines and
-  environments are invisible. The program is not PID 1 (a namespace's init ignores signals it has no
-  handler for, SIGXCPU included); when it exits or is killed, init exits and the kernel kills
-  everything left in the namespace, daemons that called setsid() included.
-  IPC namespace (CLONE_NEWIPC): no System V IPC or POSIX message queue shared with the host.
-  Not used: UTS (the hostname is visible), time, cgroup namespaces.
-* Mount namespace (CLONE_NEWNS, propagation private): every mount is made read-only and nosuid,
-  recursively (mount_setattr, Linux >= 5.12); only the work dir (a bind mount) is writable. That
-  covers /tmp, /dev/shm and every other world-writable directory; device nodes (/dev/null) still
-  work. Reads are NOT restricted beyond file permissions: every world-readable file (/etc/passwd,
-  world-readable checkouts and data sets, the host's /sys) can be read. As root, a directory that
-  stops the sandbox uid on the way to the interpreter (pyenv under a 0700 /root) is covered with an
-  empty tmpfs into which only the interpreter prefix is bound back, which also hides the rest of it.
-* Privileges. As root (CI): the program runs as an unprivileged uid, gid = the same number, no
-  supplementary groups (setgroups([]), setresgid, setresuid: every capability is dropped) and
-  PR_SET_NO_NEW_PRIVS, so file permissions and RLIMIT_NPROC bind it; it cannot signal or ptrace init
-  or the launcher. RLIMIT_NPROC counts ALL processes of a uid, so each concurrent sandbox gets its
-  own uid, `uid_base + slot` (1990000000 + …, no passwd entry; a slot is held by an flock in
-  /run/alignkit-sandbox or $TMPDIR/alignkit-sandbox-<euid>, so alignkit processes on one host never
-  share one), and after a timeout every process still owned by it is SIGKILLed. A fixed `uid=` (e.g.
-  65534, nobody) is shared with the rest of the host: its RLIMIT_NPROC counts their processes too,
-  and it is never swept. The work dir is owned by the sandbox uid, mode 0700, removed afterwards.
-  Not root: an unprivileged user namespace (CLONE_NEWUSER, the caller's uid mapped to itself)
-  carries the other namespaces; the program has no capabilities, runs as the caller's uid (it can
-  read what the caller can read), and RLIMIT_NPROC counts only its processes in that namespace.
-  No user namespace either: no namespace at all (so refused unless `allow_network=True`), the
-  caller's uid, RLIMIT_NPROC counting all the caller's processes, and a daemon that called setsid()
-  can outlive the run.
-* Lifetime: launcher, init and program get PR_SET_PDEATHSIG(SIGKILL), so a killed trainer leaves no
-  sandbox running.
-
-`isolation()` probes once per process which of these the host allows; `Result.missing` lists what
-was not applied and why. What the sandbox does NOT protect against: it is defence in depth against
-buggy or reward-hacking generated code, NOT a security boundary like a VM or gVisor. The program
-shares the host kernel (a kernel bug escapes all of the above), there is no seccomp filter (every
-syscall is allowed), world-readable files are readable, total memory and CPU of one sandbox are
-bounded only through the per-process limits, and timing side channels are open. Reward hacking in
-the program's own text is not prevented: an object whose `__eq__` returns True passes
-`assert f(x) == y`. `CodeScorer` does catch a program that exits 0 before its asserts ran (exit(0),
-os._exit(0)): it appends a random marker printed after the asserts and counts a pass only with the
-marker in stdout (a program that reads its own source could still forge it).
-
-Stop sequences (`cut_at_stop`). The reference cuts at "\\nclass", "\\ndef", "\\n#", "\\nif", "\\nprint",
-"\\nassert", '\\n\"\"\"' (`BODY_STOP`), for a prompt that ends inside the function and a completion that
-is its body. Here a stop that begins with "\\n" cuts only where it starts a new top-level statement
-of prompt + completion (found with `tokenize`): not inside a string, brackets or after a backslash,
-and a column-0 comment only when the next code line is at column 0 too (a column-0 comment inside a
-body does not end the function). Where the text cannot be tokenised (an unterminated string, a bad
-dedent) every match from there on counts. Other stops cut at their first occurrence. alignkit's
-MBPP rows (data.MBPP_TEMPLATE) hold a prose prompt and a whole program as completion: for them the
-program is the completion alone (`include_prompt=False`, the default of `CodeScorer.from_source`)
-with `PROGRAM_STOP`, since "\\ndef" would cut off every function after the first.
+`run_program` / `Sandbox.run` / `Sandbox.run_many` run programs and return a `Result` (passed, failed,
+timeout, memory, killed, error). Nothing runs in this process: a separate interpreter
+(`_sandbox_launcher.py`) sets up namespaces, a read-only mount, rlimits and a dedicated uid, then runs
+the program; `isolation()` says which of these the host allows. Defence in depth, not a security
+boundary; Linux only. The code reward built on it is `alignkit.code_reward`. Every mechanism, its
+limits and weaker hosts: docs/sandbox.md.
 """
 
 from __future__ import annotations
@@ -91,12 +13,9 @@ from __future__ import annotations
 import ast
 import contextlib
 import fcntl
-import functools
-import inspect
-import io
+import marshal
 import math
 import os
-import secrets
 import selectors
 import shutil
 import signal
@@ -105,24 +24,14 @@ import sys
 import tempfile
 import threading
 import time
-import tokenize
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 from alignkit.errors import UserError
 
-if TYPE_CHECKING:  # importing rewards pulls in torch; score() imports it when called
-    from alignkit.rewards import Scores
-
 Status = Literal["passed", "failed", "timeout", "memory", "killed", "error"]
-
-# Q-probe reference stop words: the completion is a function body that follows the prompt.
-BODY_STOP = ("\nclass", "\ndef", "\n#", "\nif", "\nprint", "\nassert", '\n"""')
-# The completion is a whole program (alignkit's MBPP rows): stop at test scaffolding, not at "def".
-PROGRAM_STOP = ("\nassert", "\nprint", "\nif __name__", "\n```", "[DONE]")
-DEFAULT_STOP = BODY_STOP
 
 # Dedicated uids, one per concurrent sandbox: above systemd's container range (524288-1879048191),
 # below 2**31. Nothing else on a normal host uses them.
@@ -152,268 +61,16 @@ class Isolation:
     error: str | None = None  # the sandbox cannot run programs at all
 
 
-# --------------------------------------------------------------------------- building programs
-
-
-def build_program(
-    prompt: str,
-    completion: str,
-    tests: Sequence[str],
-    stop: Sequence[str] = DEFAULT_STOP,
-    *,
-    include_prompt: bool = True,
-    setup: str = "",
-    sentinel: str | None = None,
-) -> str:
-    """prompt + completion cut at the first stop + "\\n" + setup + the assert lines (+ a line that
-    writes `sentinel` to stdout once every assert has passed)."""
-    prefix = prompt if include_prompt else ""
-    body = prefix + cut_at_stop(completion, stop, prefix)
-    parts = [body, setup, *tests]
-    if sentinel is not None:
-        parts.append(f"__import__('os').write(1, {(sentinel + chr(10)).encode()!r})")
-    return "\n".join(p for p in parts if p) + "\n"
-
-
-def cut_at_stop(completion: str, stop: Sequence[str], prefix: str = "") -> str:
-    """`completion` up to its first stop sequence; "\\n…" stops count only where they start a new
-    top-level statement of `prefix + completion` (module docstring)."""
-    cut = len(completion)
-    line_stops: list[int] = []  # completion offsets of "\n" that begin a matched line stop
-    for s in stop:
-        if not s:
-            continue
-        if not s.startswith("\n"):
-            i = completion.find(s)
-            cut = min(cut, i) if i >= 0 else cut
-            continue
-        i = completion.find(s)
-        while 0 <= i < cut:
-            line_stops.append(i)
-            i = completion.find(s, i + 1)
-    candidates = sorted(i for i in set(line_stops) if i < cut)
-    if candidates:
-        starts, fail = _statement_starts(prefix + completion)
-        base = len(prefix) + 1  # offset of the character after the "\n"
-        for i in candidates:
-            if base + i >= fail or base + i in starts:
-                return completion[:i]
-    return completion[:cut]
-
-
-_SKIP = (tokenize.COMMENT, tokenize.NL, tokenize.NEWLINE, tokenize.INDENT, tokenize.DEDENT)
-
-
-def _statement_starts(text: str) -> tuple[set[int], int]:
-    """(line-start offsets where a new top-level statement or a column-0 comment followed by one
-    begins, offset from which the text could not be tokenised)."""
-    line_start = [0] + [i + 1 for i, ch in enumerate(text) if ch == "\n"]
-    starts: set[int] = set()
-    pending: list[int] = []  # column-0 comments waiting for the next code token
-    depth, prev, fail = 0, None, len(text) + 1
-    try:
-        for tok in tokenize.generate_tokens(io.StringIO(text).readline):
-            off = line_start[tok.start[0] - 1] + tok.start[1] if tok.start[0] <= len(line_start) else len(text)
-            if tok.type in (tokenize.INDENT, tokenize.DEDENT):
-                continue
-            new_line = tok.start[1] == 0 and depth == 0 and prev in (None, tokenize.NEWLINE, tokenize.NL)
-            if tok.type == tokenize.COMMENT:
-                if new_line:
-                    pending.append(off)
-            elif tok.type not in _SKIP:  # code (or ENDMARKER): decides the pending comments
-                if tok.start[1] == 0 or tok.type == tokenize.ENDMARKER:
-                    starts.update(pending)
-                    if new_line:
-                        starts.add(off)
-                pending = []
-            if tok.type == tokenize.OP and tok.string in ("(", "[", "{"):
-                depth += 1
-            elif tok.type == tokenize.OP and tok.string in (")", "]", "}"):
-                depth = max(0, depth - 1)
-            prev = tok.type
-    except tokenize.TokenError as err:
-        row, col = err.args[1] if len(err.args) > 1 else (len(line_start), 0)
-        fail = line_start[min(row, len(line_start)) - 1] + col
-        starts.update(pending)
-    except (IndentationError, SyntaxError) as err:
-        fail = line_start[min(err.lineno or len(line_start), len(line_start)) - 1]
-        starts.update(pending)
-    return starts, fail
-
-
 # --------------------------------------------------------------------------- the launcher
 
 
-def _launcher_main(cfg: dict) -> None:  # pragma: no cover - runs in the child interpreter
-    """Namespaces, mounts, limits, privilege drop, fork + exec of the program, report of its status.
-
-    Runs in a fresh `python -I -S -B -c` as the caller (root or not); stdlib only and self-contained,
-    because its source is shipped with `inspect.getsource`. Process tree: launcher -> [PID 1 of the new
-    PID namespace, which reaps ->] program. Reports one dict literal per line on `cfg["status_fd"]`:
-    {"error", "step"} on failure, else {"pid"} (the launcher's child) then {"wait", "maxrss_kb", "cpu"}.
-    """
-    import ctypes
-    import os
-    import resource
-    import signal
-
-    status_fd = cfg["status_fd"]
-    os.set_inheritable(status_fd, False)  # the program never sees it
-    os.umask(0o022)  # directories made for the interpreter below must be traversable
-
-    def report(**fields):
-        os.write(status_fd, (repr(fields) + "\n").encode())  # a literal: no json import (8 ms)
-
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.mount.argtypes = (ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p)
-    libc.prctl.argtypes = (ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong)
-    libc.unshare.argtypes = (ctypes.c_int,)
-    libc.syscall.restype = ctypes.c_long
-
-    class MountAttr(ctypes.Structure):
-        _fields_ = [(n, ctypes.c_uint64) for n in ("attr_set", "attr_clr", "propagation", "userns_fd")]
-
-    def check(ret, what):
-        if ret < 0:
-            err = ctypes.get_errno()
-            raise OSError(err, f"{what}: {os.strerror(err)}")
-
-    def mount(src, target, fstype, flags, data=None):
-        enc = [x.encode() if isinstance(x, str) else x for x in (src, target, fstype, data)]
-        check(libc.mount(enc[0], enc[1], enc[2], flags, enc[3]), f"mount {target}")
-
-    def mount_setattr(path, recursive, attr_set, attr_clr=0):
-        attr = MountAttr(attr_set, attr_clr, 0, 0)
-        flags = 0x8000 if recursive else 0  # AT_RECURSIVE
-        ret = libc.syscall(442, ctypes.c_int(-100), path.encode(), ctypes.c_uint(flags),  # mount_setattr
-                           ctypes.byref(attr), ctypes.c_size_t(ctypes.sizeof(attr)))
-        check(ret, f"mount_setattr {path}")
-
-    def traversable(path, uid, gid):
-        st = os.stat(path)
-        bits = 0o100 if st.st_uid == uid else 0o010 if st.st_gid == gid else 0o001
-        return bool(st.st_mode & bits)
-
-    PR_SET_PDEATHSIG, PR_SET_NO_NEW_PRIVS = 1, 38
-    MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_BIND, MS_REC, MS_PRIVATE = 1, 2, 4, 8, 4096, 16384, 1 << 18
-    RDONLY, NOSUID, NODEV = 0x1, 0x2, 0x4  # MOUNT_ATTR_*
-    FLAGS = {"net": 0x40000000, "ipc": 0x08000000, "mount": 0x00020000, "pid": 0x20000000}
-    mode, want, uid, gid, workdir = cfg["mode"], set(cfg["want"]), cfg["uid"], cfg["gid"], cfg["workdir"]
-
-    step = "pdeathsig"
-    try:
-        check(libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0), "prctl")
-        if os.getppid() != cfg["parent"]:
-            os._exit(1)
-        if mode == "userns":
-            step = "userns"
-            outer_uid, outer_gid = os.getuid(), os.getgid()
-            check(libc.unshare(0x10000000), "unshare(CLONE_NEWUSER)")
-            for name, text in (("setgroups", "deny"), ("uid_map", f"{uid} {outer_uid} 1"),
-                               ("gid_map", f"{gid} {outer_gid} 1")):
-                with open(f"/proc/self/{name}", "w") as f:
-                    f.write(text)
-        for name in ("net", "ipc", "mount", "pid"):
-            if name in want:
-                step = name
-                check(libc.unshare(FLAGS[name]), f"unshare({name})")
-        if "mount" in want:
-            step = "mount"
-            mount(None, "/", None, MS_REC | MS_PRIVATE)
-            # Directories that stop the sandbox uid on the way to the interpreter (a 0700 /root under
-            # pyenv): cover the top-most one with a tmpfs and bind the needed paths back into it.
-            blocked = {}
-            for path in cfg["expose"]:
-                parts = path.strip("/").split("/")
-                for i in range(1, len(parts)):
-                    anc = "/" + "/".join(parts[:i])
-                    if not traversable(anc, uid, gid):
-                        blocked[path] = anc
-                        break
-            tops = sorted(set(blocked.values()), key=len)
-            tops = [t for t in tops if not any(t.startswith(o + "/") for o in tops)]
-            fds = {p: os.open(p, os.O_PATH | os.O_DIRECTORY) for p in blocked}
-            for top in tops:
-                mount("tmpfs", top, "tmpfs", MS_NOSUID | MS_NODEV, "mode=0755,size=1m")
-            for path, fd in fds.items():
-                os.makedirs(path, mode=0o755, exist_ok=True)
-                mount(f"/proc/self/fd/{fd}", path, None, MS_BIND | MS_REC)
-                os.close(fd)
-            mount(workdir, workdir, None, MS_BIND)  # its own mount, made writable again below
-            if "readonly" in want:
-                step = "readonly"
-                mount_setattr("/", True, RDONLY | NOSUID)
-                mount_setattr(workdir, False, NOSUID | NODEV, RDONLY)
-    except Exception as err:  # any failure here is the sandbox's, reported with its step
-        report(error=f"{type(err).__name__}: {err}" if not isinstance(err, OSError) else str(err), step=step)
-        os._exit(1)
-
-    def start_program():  # in a fresh child: limits, credentials, exec; never returns
-        step = "rlimits"
-        try:
-            for name, (soft, hard) in cfg["limits"].items():  # only ever lowered: clamp to the current hard limit
-                res = getattr(resource, name)
-                cap = resource.getrlimit(res)[1]
-                if cap != resource.RLIM_INFINITY:
-                    soft, hard = min(soft, cap), min(hard, cap)
-                resource.setrlimit(res, (soft, hard))
-            step = "credentials"
-            if mode == "root":
-                os.setgroups([])
-                os.setresgid(gid, gid, gid)
-                os.setresuid(uid, uid, uid)
-            step = "prctl"
-            check(libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "prctl(NO_NEW_PRIVS)")
-            check(libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0), "prctl(PDEATHSIG)")  # reset by setuid
-            step = "exec"
-            os.chdir(workdir)
-            os.execve(cfg["argv"][0], cfg["argv"], cfg["env"])
-        except BaseException as err:  # anything before exec is a sandbox failure
-            report(error=f"{type(err).__name__}: {err}", step=step)
-        os._exit(127)
-
-    def wait_for(pid):  # reap every child (orphans included) until `pid` exits; report its status
-        while True:
-            got, wait_status, usage = os.wait4(-1, 0)
-            if got == pid:
-                report(wait=wait_status, maxrss_kb=usage.ru_maxrss, cpu=usage.ru_utime + usage.ru_stime)
-                return
-
-    pid = os.fork()
-    if pid == 0:
-        if "pid" not in want:
-            start_program()
-        # PID 1 of the new namespace (still the caller's uid). The program must not be PID 1 itself: a
-        # namespace's init ignores every signal it has no handler for, SIGXCPU from RLIMIT_CPU included.
-        # When this process exits, the kernel kills whatever is left in the namespace.
-        try:
-            check(libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0), "prctl(PDEATHSIG)")
-            if "mount" in want:
-                mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC | MS_RDONLY)
-        except OSError as err:  # no fresh /proc: the probe then runs without a PID namespace
-            report(error=str(err), step="pid")
-            os._exit(127)
-        child = os.fork()
-        if child == 0:
-            start_program()
-        wait_for(child)
-        os._exit(0)
-    report(pid=pid)
-    if "pid" in want:
-        os.waitpid(pid, 0)  # PID 1 reports the program's status
-    else:
-        wait_for(pid)
-    os._exit(0)
+_LAUNCHER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_sandbox_launcher.py")
 
 
-@functools.cache
-def _launcher_function() -> str:
-    return inspect.getsource(_launcher_main)
-
-
-def _launcher_source(cfg: dict) -> str:
-    """The launcher's `-c` program: its function and a call with `cfg` written as a Python literal."""
-    return f"{_launcher_function()}\n_launcher_main({cfg!r})\n"
+def _launcher_argv(cfg: dict) -> list[str]:
+    """`python -I -S -B _sandbox_launcher.py <cfg>`: the settings as hex-encoded marshal data (the
+    launcher runs this very interpreter, so the marshal format matches)."""
+    return [os.path.realpath(sys.executable), "-I", "-S", "-B", _LAUNCHER, marshal.dumps(cfg).hex()]
 
 
 # --------------------------------------------------------------------------- uids, processes
@@ -532,7 +189,7 @@ class _Tail:
 
 @dataclass(frozen=True)
 class Sandbox:
-    """Settings for running programs; `run(code)` / `run_many(codes)` (module docstring)."""
+    """Settings for running programs; `run(code)` / `run_many(codes)` (docs/sandbox.md)."""
 
     timeout: float = 3.0  # wall-clock seconds, launcher start to end (Q-probe: 3 s)
     memory_mb: int = 512  # RLIMIT_AS per process
@@ -661,7 +318,7 @@ class Sandbox:
         start = time.monotonic()
         try:
             proc = subprocess.Popen(
-                [os.path.realpath(sys.executable), "-I", "-S", "-B", "-c", _launcher_source(cfg)],
+                _launcher_argv(cfg),
                 stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=workdir, env=env,
                 start_new_session=True, close_fds=True, pass_fds=(status_w,),
             )
@@ -799,118 +456,9 @@ def _probe() -> Isolation:
     return Isolation(plans[-1][0], frozenset(), missing, error=error)  # type: ignore[arg-type]
 
 
-# --------------------------------------------------------------------------- the scorer
-
-
-@dataclass(frozen=True)
-class Task:
-    tests: tuple[str, ...]
-    setup: str = ""
-
-
 def run_program(code: str, timeout: float = 3.0, memory_mb: int = 512, **settings: Any) -> Result:
     """Run one program in the sandbox (`Sandbox` holds the other settings)."""
     return Sandbox(timeout=timeout, memory_mb=memory_mb, **settings).run(code)
 
 
-def run_programs(codes: Sequence[str], **settings: Any) -> list[Result]:
-    """Run many programs in parallel (`workers`, default the CPUs available)."""
-    return Sandbox(**settings).run_many(codes)
-
-
-class CodeScorer:
-    """Q-probe's code reward (ALGORITHMS.md §4) behind the `Scorer` protocol: 1.0 when
-    `build_program(prompt, completion, tests)` passes in the sandbox, else 0.0."""
-
-    def __init__(
-        self,
-        tasks: Mapping[str, Sequence[str]] | Iterable[Mapping[str, Any]],
-        *,
-        include_prompt: bool = True,
-        stop: Sequence[str] | None = None,
-        sandbox: Sandbox | None = None,
-    ) -> None:
-        self.tasks = _tasks(tasks)
-        if not self.tasks:
-            raise UserError("CodeScorer: no tasks given (expected prompt -> assert lines)")
-        self.include_prompt = include_prompt
-        self.stop = tuple(stop) if stop is not None else BODY_STOP if include_prompt else PROGRAM_STOP
-        self.sandbox = sandbox or Sandbox()
-        self.sandbox.check()  # refuse now, not with a batch of zeros later
-        self.last_results: list[Result] = []
-
-    @classmethod
-    def from_source(cls, source: str, split: str = "train", **kwargs: Any) -> CodeScorer:
-        """MBPP-style rows (prompt + test_list [+ test_setup_code]) from any `alignkit.data.load` source.
-        alignkit's MBPP prompt is prose, so the program is the completion alone by default."""
-        from alignkit import data
-
-        ds, _ = data.load(source, split=split)
-        if "test_list" not in ds.column_names or "prompt" not in ds.column_names:
-            raise UserError(f"'{source}': CodeScorer needs MBPP-style rows with 'prompt' and 'test_list' "
-                            f"columns (found: {', '.join(ds.column_names)})")
-        kwargs.setdefault("include_prompt", False)
-        return cls(ds, **kwargs)
-
-    def programs(self, prompts: Sequence, completions: Sequence, markers: Sequence[str] | None = None) -> list[str]:
-        """The programs `score` runs (with `markers`, each ends by printing its marker)."""
-        if len(prompts) != len(completions):
-            raise UserError(f"CodeScorer: {len(prompts)} prompts but {len(completions)} completions")
-        out = []
-        for i, (prompt, completion) in enumerate(zip(prompts, completions)):
-            task = self.tasks.get(prompt) if isinstance(prompt, str) else None
-            if task is None:
-                raise UserError(f"CodeScorer: no tests for prompt {str(prompt)[:80]!r}… "
-                                f"({len(self.tasks)} prompts known); score prompts from the scorer's own dataset")
-            out.append(build_program(prompt, completion, task.tests, self.stop,
-                                     include_prompt=self.include_prompt, setup=task.setup,
-                                     sentinel=markers[i] if markers else None))
-        return out
-
-    def score(self, prompts: list, completions: list, finished: list[bool] | None = None) -> Scores:
-        """`finished` is ignored: a truncated completion is run as it is (it usually fails to parse)."""
-        import torch
-
-        from alignkit.rewards import Scores
-
-        markers = [f"alignkit-tests-passed-{secrets.token_hex(12)}" for _ in prompts]
-        programs = self.programs(prompts, completions, markers)
-        self.last_results = self.sandbox.run_many(programs, markers)
-        again = [i for i, r in enumerate(self.last_results) if r.status == "error"]
-        if again:  # the SANDBOX failed (not the program), e.g. a transient fork failure: try those once more
-            for i, r in zip(again, self.sandbox.run_many([programs[i] for i in again], [markers[i] for i in again]),
-                            strict=True):
-                self.last_results[i] = r
-        broken = [r for r in self.last_results if r.status == "error"]
-        if broken:  # still failing: a 0 here would silently corrupt the labels
-            raise UserError(f"CodeScorer: the sandbox could not run {len(broken)} of {len(programs)} programs: "
-                            f"{broken[0].stderr.strip().splitlines()[-1] if broken[0].stderr.strip() else 'no reason'}")
-        passed = [float(r.passed) for r in self.last_results]
-        return Scores.from_members(torch.tensor([passed], dtype=torch.float32))
-
-
-def _tasks(tasks: Mapping[str, Sequence[str]] | Iterable[Mapping[str, Any]]) -> dict[str, Task]:
-    """prompt -> Task, from a mapping prompt -> assert lines or from rows (prompt, test_list, ...)."""
-    out: dict[str, Task] = {}
-    if isinstance(tasks, Mapping):
-        for prompt, tests in tasks.items():
-            lines = tuple(t for t in (tests.splitlines() if isinstance(tests, str) else tests) if t.strip())
-            if not isinstance(prompt, str) or not lines:  # no assert at all would pass every program
-                raise UserError(f"CodeScorer: prompt {str(prompt)[:60]!r} needs a text prompt and assert lines")
-            out[prompt] = Task(lines)
-        return out
-    for i, row in enumerate(tasks, start=1):
-        prompt, tests = row.get("prompt"), row.get("test_list")
-        if not isinstance(prompt, str) or not isinstance(tests, list | tuple) or not tests:
-            raise UserError(f"CodeScorer: row {i}: needs a text 'prompt' and a non-empty 'test_list'")
-        task = Task(tuple(tests), row.get("test_setup_code") or "")
-        if out.get(prompt, task) != task:
-            raise UserError(f"CodeScorer: row {i}: the same prompt appears with different tests")
-        out[prompt] = task
-    return out
-
-
-__all__ = [
-    "BODY_STOP", "DEFAULT_STOP", "PROGRAM_STOP", "CodeScorer", "Isolation", "Result", "Sandbox", "Task",
-    "build_program", "cut_at_stop", "isolation", "processes_of", "run_program", "run_programs",
-]
+__all__ = ["Isolation", "Result", "Sandbox", "isolation", "processes_of", "run_program"]

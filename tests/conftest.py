@@ -36,7 +36,7 @@ def tiny_model_dir(alignkit_cache):
 @pytest.fixture(scope="session")
 def sft_tiny_dir(tiny_model_dir, tmp_path_factory):
     """The tiny model after a short SFT on the built-in task: the backbone reward models start from
-    (ALGORITHMS.md §0: the RM is the SFT model with a scalar head)."""
+    (the RM is the SFT model with a scalar head, docs/algorithms/rm-ensemble.md)."""
     from alignkit.trainers import sft
 
     out = tmp_path_factory.mktemp("sft-base") / "run"

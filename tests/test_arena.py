@@ -100,9 +100,9 @@ def test_scores_ten_thousand_quickly():
     texts = [r["completion"] for r in A.build_sft(10_000, seed=123)]
     A._compound.cache_clear()
     A._rep_counts.cache_clear()
-    t = time.perf_counter()
+    t = time.process_time()  # CPU time of this process: a busy shared machine does not fail the test
     g = A.gold_reward(texts)
-    assert time.perf_counter() - t < 3.0 and g.shape == (10_000,)
+    assert time.process_time() - t < 3.0 and g.shape == (10_000,)
 
 
 # --- oracle -------------------------------------------------------------------------------------

@@ -159,7 +159,7 @@ def test_models_and_env(monkeypatch, capsys):
     code, out, _ = _run(["models"], monkeypatch, capsys)
     assert code == 0 and "mistral-7b" in out and "pairrm" in out and "tiny" in out
     code, out, _ = _run(["env"], monkeypatch, capsys)
-    assert code == 0 and "torch" in out and "vllm" in out
+    assert code == 0 and "torch" in out and "deepspeed" in out
 
 
 def test_generate_writes_jsonl(monkeypatch, capsys, tmp_path, tiny_model_dir):

@@ -284,7 +284,5 @@ def test_validating_every_recipe_does_not_import_torch():
     assert not _imports_torch(_cli(["recipes", "validate"]))
 
 
-@pytest.mark.xfail(reason="needs models.describe_source in a module that does not import torch (see the report)",
-                   strict=False)
 def test_a_dry_run_does_not_import_torch():
     assert not _imports_torch(_cli(["run", "sft-tiny", "--dry-run"]))

@@ -11,7 +11,16 @@ from helpers import run_cli
 
 from alignkit.arena import build_prompts
 from alignkit.errors import UserError
-from alignkit.evaluate import EvalConfig, evaluate, hard_wins, mean_se, parse_policies, plot, run, sequence_logprobs
+from alignkit.evaluate import (
+    PolicyEvalConfig,
+    evaluate_policies,
+    hard_wins,
+    mean_se,
+    parse_policies,
+    plot,
+    run,
+    sequence_logprobs,
+)
 from alignkit.generation import generate, prompt_ids
 from alignkit.models import load_causal_lm
 
@@ -66,7 +75,7 @@ def test_estimators_by_hand() -> None:
 
 @pytest.fixture(scope="module")
 def sft_vs_tiny(sft_tiny_dir, tiny_model_dir, prompts) -> dict:
-    return evaluate({"sft": str(sft_tiny_dir), "tiny": str(tiny_model_dir)}, prompts, baseline="tiny", k=2,
+    return evaluate_policies({"sft": str(sft_tiny_dir), "tiny": str(tiny_model_dir)}, prompts, baseline="tiny", k=2,
                     max_new_tokens=24, device="cpu", progress=False)
 
 
@@ -91,7 +100,7 @@ def test_sft_beats_untrained_on_reward_and_win_rate(sft_vs_tiny) -> None:
 
 def test_run_writes_the_run_directory_and_refuses_an_existing_one(sft_tiny_dir, tmp_path) -> None:
     out = tmp_path / "ev"
-    cfg = EvalConfig(policies={"sft": str(sft_tiny_dir), "tiny": "tiny"}, max_samples=4, k=2, max_new_tokens=8,
+    cfg = PolicyEvalConfig(policies={"sft": str(sft_tiny_dir), "tiny": "tiny"}, max_samples=4, k=2, max_new_tokens=8,
                      baseline="tiny", device="cpu", output={"dir": str(out)})
     summary = run(cfg, progress=False)
     assert summary["output_dir"] == str(out)
@@ -119,13 +128,13 @@ def test_plot_without_reference_draws_bars(tmp_path) -> None:
 
 def test_api_rejects_bad_input(prompts) -> None:
     with pytest.raises(UserError, match="no policies"):
-        evaluate({}, prompts, progress=False)
+        evaluate_policies({}, prompts, progress=False)
     with pytest.raises(UserError, match="--k must be at least 1"):
-        evaluate({"tiny": "tiny"}, prompts, k=0, progress=False)
+        evaluate_policies({"tiny": "tiny"}, prompts, k=0, progress=False)
     with pytest.raises(UserError, match="no prompts"):
-        evaluate({"tiny": "tiny"}, [], progress=False)
+        evaluate_policies({"tiny": "tiny"}, [], progress=False)
     with pytest.raises(UserError, match="does not exist"):
-        evaluate({"x": "/nonexistent/model"}, prompts, progress=False)
+        evaluate_policies({"x": "/nonexistent/model"}, prompts, progress=False)
 
 
 _cli = run_cli
@@ -176,10 +185,73 @@ def test_a_checkpoint_that_reshapes_sampling_makes_the_kl_inexact(tiny_model_dir
     shaped = tmp_path / "shaped"
     model.save_pretrained(shaped)
     tok.save_pretrained(shaped)
-    plain = evaluate({"tiny": str(tiny_model_dir)}, prompts[:2], baseline=str(tiny_model_dir), k=2,
+    plain = evaluate_policies({"tiny": str(tiny_model_dir)}, prompts[:2], baseline=str(tiny_model_dir), k=2,
                      max_new_tokens=4, progress=False)
     assert plain["settings"]["kl_exact_in_expectation"] and not plain["settings"]["warnings"]
-    res = evaluate({"shaped": str(shaped)}, prompts[:2], baseline=str(tiny_model_dir), k=2, max_new_tokens=4,
+    res = evaluate_policies({"shaped": str(shaped)}, prompts[:2], baseline=str(tiny_model_dir), k=2, max_new_tokens=4,
                    progress=False)
     assert not res["settings"]["kl_exact_in_expectation"]
     assert any("repetition_penalty=1.3" in w for w in res["settings"]["warnings"])
+
+
+def _refuse_models(monkeypatch) -> None:
+    """Make loading any policy fail loudly: what is checked must be checked before that."""
+    from alignkit import models
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("a policy was loaded before the inputs were checked")
+
+    monkeypatch.setattr(models, "load_causal_lm", no_model)
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--preference", "oracle:abc"], "preference 'oracle:abc'"),  # no baseline uses it: still checked
+        (["--preference", "oracle:-1"], "preference 'oracle:-1'"),
+        (["--preference", "no_such_module_x:judge"], "cannot import module 'no_such_module_x'"),
+        (["--reward", "no_such_module_x:reward"], "cannot import module 'no_such_module_x'"),
+        (["--reward", "json:no_such_function"], "module 'json' has no function 'no_such_function'"),
+        (["--seed", "-1"], "seed"),
+    ],
+)
+def test_bad_specs_and_seed_are_one_line_before_any_policy_is_loaded(extra, message, tmp_path, monkeypatch,
+                                                                     capsys) -> None:
+    _refuse_models(monkeypatch)
+    out = tmp_path / "ev"
+    code, _, err = _cli(["eval", "tiny", "--max-samples", "2", "-o", str(out), *extra], monkeypatch, capsys)
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2 and len(lines) == 1 and message in lines[0] and "Traceback" not in err, err
+    assert not out.exists() and not out.with_name("ev.partial").exists()
+
+
+def test_a_broken_policy_directory_stops_eval_before_any_sampling(tiny_model_dir, tmp_path, monkeypatch,
+                                                                  capsys) -> None:
+    import shutil
+
+    broken = shutil.copytree(tiny_model_dir, tmp_path / "broken")
+    (broken / "model.safetensors").write_bytes(b"garbage")
+    _refuse_models(monkeypatch)
+    code, _, err = _cli(["eval", "tiny", str(broken), "--max-samples", "2", "-o", str(tmp_path / "ev")],
+                        monkeypatch, capsys)
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2 and len(lines) == 1 and str(broken) in lines[0] and "safetensors" in lines[0], err
+
+
+def test_an_output_dir_under_a_file_is_one_line_before_any_policy_is_loaded(tmp_path, monkeypatch, capsys) -> None:
+    afile = tmp_path / "a-file"
+    afile.write_text("mine")
+    _refuse_models(monkeypatch)
+    code, _, err = _cli(["eval", "tiny", "--max-samples", "2", "-o", str(afile / "ev")], monkeypatch, capsys)
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2 and len(lines) == 1 and "Traceback" not in err and str(afile) in lines[0], err
+    assert afile.read_text() == "mine"
+
+
+def test_max_new_tokens_beyond_the_positions_is_capped_and_said(tiny_model_dir, prompts, capsys) -> None:
+    res = evaluate_policies({"tiny": str(tiny_model_dir)}, prompts[:1], k=1, max_new_tokens=300, temperature=0,
+                            device="cpu", progress=False)
+    assert "beyond the model's 256 positions" in capsys.readouterr().err
+    (warning,) = res["settings"]["warnings"]
+    assert "max_new_tokens capped at" in warning
+    assert res["policies"]["tiny"]["mean_length"] < 256

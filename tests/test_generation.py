@@ -7,10 +7,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import run_cli
 
 from alignkit.arena import JOIN, build_prompts
 from alignkit.errors import UserError
-from alignkit.generation import format_prompt, generate, write_jsonl
+from alignkit.generation import check_settings, format_prompt, generate, prompt_ids, write_jsonl
 from alignkit.models import load_causal_lm
 
 
@@ -118,21 +119,61 @@ def test_write_jsonl_is_atomic(tiny, prompts, tmp_path: Path) -> None:
     assert [p.name for p in path.parent.iterdir()] == ["samples.jsonl"]
 
 
-def test_bad_arguments_and_missing_vllm(tiny, prompts) -> None:
-    with pytest.raises(UserError, match="k, max_new_tokens"):
-        generate(*tiny, prompts, k=0, progress=False)
-    with pytest.raises(UserError, match="capture_layer needs the hf backend"):
-        generate(*tiny, prompts, backend="vllm", capture_layer=-1, progress=False)
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"k": 0}, "--k must be at least 1"),
+        ({"temperature": float("nan")}, r"--temperature must be a finite number >= 0 \(got nan\)"),
+        ({"temperature": float("inf")}, r"--temperature must be a finite number >= 0 \(got inf\)"),
+        ({"top_p": float("nan")}, r"--top-p must be in \(0, 1\] \(got nan\)"),
+    ],
+)
+def test_bad_settings_are_one_line_before_sampling(tiny, prompts, settings, message) -> None:
+    with pytest.raises(UserError, match=message):
+        check_settings(**settings)
+    with pytest.raises(UserError, match=message):
+        generate(*tiny, prompts, progress=False, **settings)
 
 
-def test_missing_vllm_is_a_user_error(prompts) -> None:
-    try:
-        import vllm  # noqa: F401
-    except ImportError:
-        with pytest.raises(UserError, match=r"vLLM is not installed: pip install 'alignkit\[vllm\]'"):
-            generate("tiny", None, prompts, backend="vllm", progress=False)
-    else:
-        pytest.skip("vllm is installed")
+def test_temperature_nan_on_the_cli_is_one_line(tmp_path, monkeypatch, capsys) -> None:
+    out = tmp_path / "s.jsonl"
+    code, _, err = run_cli(["generate", "-m", "tiny", "-p", "builtin:prompts", "--max-samples", "2", "--out", str(out),
+                            "--temperature", "nan"], monkeypatch, capsys)
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2 and len(lines) == 1 and "temperature" in lines[0] and "Traceback" not in err, err
+    assert not out.exists()
+
+
+def test_max_new_tokens_is_capped_to_the_models_positions(tiny, prompts, capsys) -> None:
+    model, tok = tiny
+    limit = model.config.max_position_embeddings  # 256
+    longest = max(len(ids) for ids in prompt_ids(tok, prompts[:2]))
+    stats: dict = {}
+    out = generate(model, tok, prompts[:2], k=1, max_new_tokens=limit + 50, temperature=0, stats=stats,
+                   progress=False)
+    room = limit - longest
+    warning = capsys.readouterr().err
+    assert f"max_new_tokens={limit + 50} is beyond the model's {limit} positions" in warning
+    assert f"using {room}" in warning and len(warning.strip().splitlines()) == 1
+    assert stats["max_new_tokens"] == room and all(s.n_tokens <= room for s in out)
+    assert max(s.n_tokens for s in out) == room  # the untrained model never stops: it used every position
+    fits = generate(model, tok, prompts[:2], k=1, max_new_tokens=4, temperature=0, stats=stats, progress=False)
+    assert stats["max_new_tokens"] == 4 and not capsys.readouterr().err and len(fits) == 2
+    with pytest.raises(UserError, match=rf"prompt 1 is \d+ tokens long: the model attends to {limit} positions"):
+        generate(model, tok, [prompts[0], "word " * limit], k=1, max_new_tokens=4, progress=False)
+
+
+def test_the_default_join_is_the_builtin_tasks_and_the_task_is_not_imported() -> None:
+    import subprocess
+    import sys
+
+    from alignkit import arena, generation
+
+    assert generation.DEFAULT_JOIN == arena.JOIN
+    code = ("import sys, alignkit.models, alignkit.generation, alignkit.evaluate; "
+            "sys.exit('alignkit.arena' in sys.modules)")
+    assert subprocess.run([sys.executable, "-c", code], timeout=120).returncode == 0
+    assert not hasattr(generation, "_generate_vllm")
 
 
 @pytest.mark.parametrize("layer", [0, 1, 2, -1, -2, -3])

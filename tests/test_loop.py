@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-from alignkit.errors import UserError
-from alignkit.trainers.loop import CHECKPOINTS, COMPLETE, STATE_FILE, Loop, NonFiniteError, latest_checkpoint
+from alignkit.errors import TrainingDiverged, UserError
+from alignkit.trainers.loop import CHECKPOINTS, COMPLETE, STATE_FILE, Loop, latest_checkpoint
 
 STEPS, SAVE_EVERY = 12, 4
 
@@ -136,7 +136,7 @@ def test_non_finite_loss_or_weights_stop_the_run(tmp_path, what) -> None:
     model = torch.nn.Linear(3, 1)
     loop = Loop.open(tmp_path / "n", overwrite=False, resume=False, config_yaml="", total=5, desc="toy",
                      progress=False)
-    with pytest.raises(NonFiniteError) as err, loop:
+    with pytest.raises(TrainingDiverged) as err, loop:
         loop.guard(torch.tensor(1.5), model)  # finite: nothing happens
         loop.advance()
         if what == "loss":
@@ -148,5 +148,5 @@ def test_non_finite_loss_or_weights_stop_the_run(tmp_path, what) -> None:
         loop.finish({})
     msg = str(err.value)
     assert isinstance(err.value, UserError) and "\n" not in msg  # the CLI prints it as one line, exit 2
-    assert "toy diverged in step 2 of 5" in msg and ("loss is nan" in msg if what == "loss" else "'weight'" in msg)
+    assert "toy diverged at step 2 of 5" in msg and ("loss is nan" in msg if what == "loss" else "'weight'" in msg)
     assert not (tmp_path / "n").exists() and not (tmp_path / "n.partial" / "summary.json").exists()

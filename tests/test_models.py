@@ -153,3 +153,13 @@ def test_dtype_and_device_rules() -> None:
         assert choose_device("auto").type == "cpu"
         with pytest.raises(UserError, match="no CUDA GPU"):
             choose_device("cuda")
+
+
+def test_max_positions_reads_the_config_names_in_use() -> None:
+    from types import SimpleNamespace
+
+    from alignkit.models import max_positions
+
+    assert max_positions(SimpleNamespace(config=SimpleNamespace(max_position_embeddings=256))) == 256
+    assert max_positions(SimpleNamespace(n_positions=1024)) == 1024  # GPT-2 names it so; a bare config works too
+    assert max_positions(SimpleNamespace(config=SimpleNamespace())) is None  # unknown: nothing is capped

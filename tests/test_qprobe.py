@@ -377,7 +377,7 @@ def test_a_diverging_fit_stops_and_leaves_no_finished_run(bad, tmp_path, monkeyp
                         monkeypatch, capsys)
     lines = [x for x in err.strip().splitlines() if x.strip()]
     assert code == 2 and len(lines) == 1 and "Traceback" not in err, err
-    assert "qprobe fit diverged in epoch" in lines[0] and "lower the learning rate" in lines[0]
+    assert "qprobe fit diverged at epoch" in lines[0] and "lower the learning rate" in lines[0]
     assert not out.exists()  # nothing that looks finished: no DIR, no summary, no probe
     partial = tmp_path / "diverged.partial"
     assert not (partial / "summary.json").exists() and not (partial / Q.PROBE_FILE).exists()

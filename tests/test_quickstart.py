@@ -9,7 +9,7 @@ import pytest
 
 from alignkit.cli import recipes_dir, validate_recipe
 from alignkit.quickstart import QuickstartConfig, run
-from alignkit.trainers import TRAINERS
+from alignkit.trainers import load
 
 
 def test_quickstart_small_writes_a_complete_run(tmp_path: Path, tiny_model_dir):
@@ -42,7 +42,7 @@ def test_tiny_recipes_run(name: str, tmp_path: Path, tiny_model_dir):
     cfg.data.max_samples = 128  # the recipe itself, made shorter
     if hasattr(cfg, "eval"):
         cfg.eval.ood_max_samples = 16
-    summary = TRAINERS[cfg.command][1](cfg)
+    summary = load(cfg.command)[1](cfg)
     assert summary["steps"] > 0 and Path(summary["output_dir"]).is_dir()
 
 
@@ -57,3 +57,18 @@ def test_full_quickstart_sft_beats_untrained(tmp_path: Path, tiny_model_dir):
     assert pol["dpo"]["gold_mean"] > pol["sft"]["gold_mean"] and pol["dpo"]["win_rate"] > 0.5
     assert summary["qprobe"]["probe"] > summary["qprobe"]["base"]
     assert summary["wall_seconds"] < 240
+
+
+def test_quickstart_config_imports_without_torch():
+    # `alignkit --help`, `recipes validate` and `run --dry-run` read QuickstartConfig: it must not pull in torch
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from alignkit.quickstart import QuickstartConfig\n"
+        "QuickstartConfig()\n"
+        "assert 'torch' not in sys.modules and 'numpy' not in sys.modules\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr

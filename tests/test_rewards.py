@@ -19,6 +19,8 @@ from alignkit.rewards import (
     RewardEnsemble,
     RewardModelScorer,
     Scores,
+    check_preference_spec,
+    check_scorer_spec,
     load_preference,
     load_scorer,
 )
@@ -270,3 +272,106 @@ def test_encode_truncates_the_prompt_start_and_pads_right(tiny_model_dir):
     texts = [tok.decode(ids) for ids in batch["input_ids"]]
     assert texts[0] == "<bos>. the acting was very good ."  # BOS kept, the completion's end kept
     assert texts[1].startswith("<bos>hi<pad>") and batch["attention_mask"][1].sum() == 3
+
+
+@pytest.mark.parametrize("spec", ["oracle:abc", "oracle:", "oracle:-1", "oracle:0", "oracle:nan", "oracle:inf"])
+def test_malformed_oracle_spec_is_one_line_before_any_work(spec):
+    # checked on its own, whether or not a baseline will use it (`eval --preference oracle:abc`)
+    with pytest.raises(UserError, match=r"TAU in oracle:TAU must be a number > 0, e\.g\. oracle:0\.1") as err:
+        check_preference_spec(spec)
+    assert "\n" not in str(err.value)
+    with pytest.raises(UserError, match="oracle:TAU"):
+        load_preference(spec)
+    check_preference_spec("oracle")
+    check_preference_spec("oracle:0.25")
+
+
+def test_scorer_specs_are_checked_without_loading_a_model(tmp_path, monkeypatch):
+    (tmp_path / "spec_rewards.py").write_text("def two(prompts, completions):\n    return [0.0] * len(completions)\n")
+    (tmp_path / "broken_rewards.py").write_text("def f(:\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    rm = tmp_path / "rm"
+    rm.mkdir()
+    (rm / "config.json").write_text("{}")
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("a spec check must not load a model")
+
+    monkeypatch.setattr(models, "load_sequence_classifier", no_model)
+    for spec in ("gold", "spec_rewards:two", str(rm), "mbpp:tests/fixtures/mbpp.jsonl"):
+        check_scorer_spec(spec)
+        check_preference_spec(spec)
+    bad = {
+        "spec_rewards:nope": "module 'spec_rewards' has no function 'nope'",
+        "no_such_module_xyz:f": "cannot import module 'no_such_module_xyz'",
+        "broken_rewards:f": r"cannot import module 'broken_rewards' \(SyntaxError",
+        "spec_rewards.py:two": r"give the module's name \(spec_rewards\), not its file",
+        "mbpp:": "names no data",
+        str(tmp_path / "missing" / "rm"): "no such directory",
+        str(tmp_path / "spec_rewards.py"): "is a file",
+    }
+    for spec, message in bad.items():
+        with pytest.raises(UserError, match=message) as err:
+            check_scorer_spec(spec)
+        assert "\n" not in str(err.value)
+    with pytest.raises(UserError, match="has no function 'nope'"):
+        check_preference_spec("spec_rewards:nope")
+    for name in ("spec_rewards", "broken_rewards"):
+        sys.modules.pop(name, None)
+
+
+def test_reward_function_nan_wrong_count_or_exception_is_one_user_error(tmp_path, monkeypatch):
+    (tmp_path / "odd_rewards.py").write_text(
+        "import math\n"
+        "def nan(prompts, completions):\n    return [1.0, math.nan, 0.0][: len(completions)]\n"
+        "def inf(prompts, completions):\n    return [math.inf] * len(completions)\n"
+        "def short(prompts, completions):\n    return [1.0] * (len(completions) - 1)\n"
+        "def nothing(prompts, completions):\n    return None\n"
+        "def words(prompts, completions):\n    return ['good'] * len(completions)\n"
+        "def boom(prompts, completions):\n    return 1 / 0\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    prompts, completions = ["review : i saw it . "] * 3, ["good .", "bad .", "fine ."]
+    expected = {
+        "nan": r"'odd_rewards:nan' returned a score that is NaN, inf or beyond float32 for 1 of 3 completions "
+        r"\(the first: completion 2\)",
+        "inf": "for 3 of 3 completions",
+        "short": "'odd_rewards:short' returned 2 scores for 3 completions",
+        "nothing": "returned 1 scores for 3 completions",
+        "words": "must return a list of numbers",
+        "boom": "'odd_rewards:boom' raised ZeroDivisionError: division by zero",
+    }
+    for name, message in expected.items():
+        scorer = load_scorer(f"odd_rewards:{name}")
+        with pytest.raises(UserError, match=message) as err:
+            scorer.score(prompts, completions)
+        assert "\n" not in str(err.value)
+    sys.modules.pop("odd_rewards", None)
+
+
+def test_checked_scores_guards_every_scorer():
+    from alignkit.scoring import checked_scores
+
+    good = checked_scores(torch.tensor([[1.0, 2.0], [3.0, 4.0]]), 2, "x")
+    assert good.mean.tolist() == [2.0, 3.0] and good.uncertainty.tolist() == [1.0, 1.0]
+    with pytest.raises(UserError, match="reward model 'm' returned a score that is NaN"):
+        checked_scores(torch.tensor([[1.0, float("nan")]]), 2, "reward model 'm'")
+    with pytest.raises(UserError, match="returned 3 scores for 2 completions"):
+        checked_scores(torch.zeros(1, 3), 2, "reward model 'm'")
+
+
+def test_layering_rewards_and_sandbox_import_no_task_and_no_circle():
+    import subprocess
+
+    code = (
+        "import sys\n"
+        "import alignkit.code_reward\n"
+        "assert 'alignkit.rewards' not in sys.modules and 'torch' not in sys.modules, 'code reward pulled in rewards'\n"
+        "import alignkit.rewards\n"
+        "assert 'alignkit.arena' not in sys.modules, 'rewards imported the built-in task at import time'\n"
+        "from alignkit.rewards import Preference, Scorer, Scores\n"
+        "from alignkit import scoring\n"
+        "assert Scores is scoring.Scores and Scorer is scoring.Scorer and Preference is scoring.Preference\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr

@@ -1,4 +1,5 @@
-"""alignkit.sandbox: programs run out of process under limits and namespaces; Q-probe's code reward.
+"""alignkit.sandbox (programs run out of process under limits and namespaces) and alignkit.code_reward
+(Q-probe's code reward on top of it).
 
 Every adversarial program is bounded (a loop count, a sleep, a 1-2 s wall clock), so a broken
 sandbox costs seconds and a few GiB at most, never the machine. Where this host lacks a mechanism
@@ -21,16 +22,9 @@ from pathlib import Path
 import pytest
 
 from alignkit import data, sandbox
+from alignkit.code_reward import BODY_STOP, PROGRAM_STOP, CodeScorer, build_program, cut_at_stop
 from alignkit.errors import UserError
-from alignkit.sandbox import (
-    BODY_STOP,
-    PROGRAM_STOP,
-    CodeScorer,
-    Sandbox,
-    build_program,
-    cut_at_stop,
-    isolation,
-)
+from alignkit.sandbox import Sandbox, isolation
 
 MBPP = Path(__file__).parent / "fixtures" / "mbpp.jsonl"
 # Adversarial programs print their work dir first: every process they start carries HOME=<it>.
@@ -235,7 +229,9 @@ def test_cpu_time_limit(iso):
 
 
 @linux_only
-def test_huge_allocations_fail_with_memory_status(box):
+def test_huge_allocations_fail_with_memory_status(iso):
+    # a generous wall clock: touching 512 MiB takes 1-2 s on a loaded 2-core machine
+    box = Sandbox(timeout=10.0, allow_network="net" not in iso.available)
     at_once = box.run("x = bytearray(8 << 30)\n")  # 8 GiB, over RLIMIT_AS
     assert at_once.status == "memory" and not at_once.passed
     # growing: at most 48 x 64 MiB = 3 GiB actually touched if the limit were broken
@@ -499,7 +495,8 @@ def test_not_root_without_read_only_mount_is_refused_unless_allowed(iso, monkeyp
 
 
 def test_code_scorer_retries_then_raises_on_sandbox_errors(monkeypatch):
-    from alignkit.sandbox import CodeScorer, Result
+    from alignkit.code_reward import CodeScorer
+    from alignkit.sandbox import Result
 
     calls = []
 
@@ -512,3 +509,17 @@ def test_code_scorer_retries_then_raises_on_sandbox_errors(monkeypatch):
     with pytest.raises(UserError, match="could not run 1 of 1 programs"):
         scorer.score(["p"], ["x = 1\n"])
     assert calls == [1, 1]  # ran, retried once, then refused to score 0
+
+
+def test_launcher_is_a_standalone_stdlib_file_run_by_the_child():
+    """The launcher is a real file (`_sandbox_launcher.py`) the child interpreter runs with -I -S -B, not
+    source text shipped from this process: it may import the standard library only."""
+    import ast
+
+    argv = sandbox._launcher_argv({"status_fd": 3})
+    assert argv[1:4] == ["-I", "-S", "-B"] and Path(argv[4]).name == "_sandbox_launcher.py"
+    tree = ast.parse(Path(argv[4]).read_text())
+    imported = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    imported |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+    assert imported and imported <= set(sys.stdlib_module_names), imported - set(sys.stdlib_module_names)
+    assert not hasattr(sandbox, "_launcher_main")

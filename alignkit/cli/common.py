@@ -4,7 +4,6 @@ the same everywhere, the summary table, and the checks of an output file made be
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -14,6 +13,7 @@ from rich.table import Table
 from typer.core import TyperGroup
 
 from alignkit.errors import UserError
+from alignkit.runs import check_writable
 
 console = Console()
 err_console = Console(stderr=True)
@@ -88,13 +88,4 @@ def check_output_file(path: Path, overwrite: bool, flag: str = "--out") -> None:
         raise UserError(f"{flag} {path} is a directory: give a file path (e.g. {path / 'out.jsonl'})")
     if path.exists() and not overwrite:
         raise UserError(f"{path} already exists: pass --overwrite or choose another {flag}")
-    parent = path.parent
-    while not parent.exists() and parent != parent.parent:
-        parent = parent.parent
-    if not parent.is_dir():
-        raise UserError(f"{flag} {path}: {parent} is a file, not a directory: choose another {flag}")
-    try:
-        with tempfile.TemporaryFile(dir=parent):
-            pass
-    except OSError as exc:
-        raise UserError(f"{flag} {path}: cannot write in {parent} ({exc.strerror}): choose another {flag}") from None
+    check_writable(path, flag)

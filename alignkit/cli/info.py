@@ -11,12 +11,12 @@ from alignkit.cli.common import app, console
 @app.command("models")
 def models_cmd() -> None:
     """List the model aliases (the papers' models), the built-ins, and whether each is available here."""
-    from alignkit import models
+    from alignkit import model_names
 
     table = Table(title="alignkit models")
     for col in ("name", "source", "kind", "available", "notes"):
         table.add_column(col)
-    for row in models.list_models():
+    for row in model_names.list_models():
         table.add_row(row["name"], row["source"], row["kind"], "yes" if row["available"] else "no", row["notes"])
     console.print(table)
 
@@ -45,7 +45,7 @@ def env() -> None:
                           f"{'yes' if torch.cuda.is_bf16_supported() else 'no'}")
     else:
         table.add_row("gpu", "none (training runs on CPU in fp32)")
-    for extra, module in (("vllm", "vllm"), ("deepspeed", "deepspeed"), ("pairrm", "llm_blender")):
+    for extra, module in (("deepspeed", "deepspeed"), ("pairrm", "llm_blender")):
         found = importlib.util.find_spec(module) is not None
         table.add_row(
             escape(f"extra [{extra}]"),

@@ -52,7 +52,7 @@ def eval_cmd(
         "max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p, "batch_size": batch_size,
         "seed": seed, "dtype": dtype, "device": device, "output.dir": output_dir, "output.overwrite": overwrite,
     }
-    evaluate.run(build_config(evaluate.EvalConfig, {}, None, flags, origin="eval"))
+    evaluate.run(build_config(evaluate.PolicyEvalConfig, {}, None, flags, origin="eval"))
 
 
 # sampling options shared by generate and pairs

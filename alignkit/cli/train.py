@@ -64,11 +64,11 @@ def train(command: str, recipe: Path | str | None, sets: list[str] | None, flags
 
 
 def _print_plan(cfg: Any, config_yaml: str) -> None:
-    from alignkit import models
+    from alignkit import model_names
 
     console.print(f"[bold]plan[/bold]: alignkit {cfg.command} (nothing is downloaded or written)")
     try:
-        where = models.describe_source(cfg.model.name)
+        where = model_names.describe_source(cfg.model.name)
     except UserError as exc:
         where = f"unresolved: {exc}"
     console.print(f"  model  : {cfg.model.name} -> {where}")

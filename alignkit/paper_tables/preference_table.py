@@ -76,7 +76,7 @@ def pref_table(
             trained[name] = {"dir": s["output_dir"], "train_s": time.perf_counter() - t, "steps": s["steps"],
                              "beta": s["beta"], "last_loss": s.get("last_loss")}
         t = time.perf_counter()
-        ev = evaluate.evaluate({"sft": sft_model, **{n: j["dir"] for n, j in trained.items()}}, held_out,
+        ev = evaluate.evaluate_policies({"sft": sft_model, **{n: j["dir"] for n, j in trained.items()}}, held_out,
                                baseline="sft", reference="sft", k=eval_k, seed=seed, device="cpu", progress=False)
         timings["eval_s"] = time.perf_counter() - t
     rows_out = {}
@@ -103,10 +103,9 @@ def pref_table(
 def pref_plot(result: dict[str, Any], path: str | Path) -> Path:
     """Reward vs KL to SFT for `pref_table`'s result: the DPO β sweep as one line (β labelled), the other
     methods as their own markers, ± standard errors."""
-    import matplotlib
+    from alignkit.runs import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     pol = result["policies"]
     fig, ax = plt.subplots(figsize=(6.4, 4.0))

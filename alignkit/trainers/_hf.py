@@ -18,7 +18,7 @@ from typing import Any
 from transformers import TrainerCallback
 
 from alignkit.config import JobConfig
-from alignkit.errors import UserError
+from alignkit.errors import TrainingDiverged
 from alignkit.runs import RunDir, last_checkpoint
 
 
@@ -73,12 +73,14 @@ def begin(cfg: JobConfig) -> tuple[str, bool]:
 
 
 def cap_max_length(max_length: int, model, what: str = "train.max_length") -> int:
-    """`max_length` capped at the model's position limit (`max_position_embeddings`): longer sequences
+    """`max_length` capped at the model's position limit (`models.max_positions`): longer sequences
     would index past the position table. One warning line when it caps."""
-    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
-    if not isinstance(limit, int) or limit <= 0 or max_length <= limit:
-        return max_length
     from alignkit.launch import rank_info
+    from alignkit.models import max_positions
+
+    limit = max_positions(model)
+    if limit is None or max_length <= limit:
+        return max_length
 
     if rank_info()["is_main"]:
         print(f"warning: {what}={max_length} is beyond the model's {limit} positions: using {limit}",
@@ -142,16 +144,6 @@ class RunDirMetrics(TrainerCallback):
         self.run.log(row)
 
 
-class TrainingDiverged(UserError):
-    """The loss, a gradient norm or the weights became NaN/inf: the run is stopped, not finished."""
-
-    def __init__(self, step: int, what: str, value: Any, learning_rate: float):
-        self.step, self.what, self.value = step, what, value
-        super().__init__(
-            f"training diverged at step {step}: {what} is {value} (learning rate {learning_rate:g}): lower the "
-            "learning rate (--lr) and start again with --overwrite; no finished run was written")
-
-
 class DivergenceGuard(TrainerCallback):
     """Stops training at the first logged loss, gradient norm or eval loss that is not finite (every
     rank sees the same, already reduced values). `fit` adds it to every trainer."""
@@ -162,7 +154,7 @@ class DivergenceGuard(TrainerCallback):
         for key in self.KEYS:
             value = (logs or {}).get(key)
             if isinstance(value, (int, float)) and not math.isfinite(value):
-                raise TrainingDiverged(state.global_step, key, value, args.learning_rate)
+                raise TrainingDiverged(state.global_step, key, value, learning_rate=args.learning_rate)
 
 
 def check_weights(trainer) -> None:
@@ -173,7 +165,7 @@ def check_weights(trainer) -> None:
         for name, param in trainer.model.named_parameters():
             if param.requires_grad and param.numel() and not bool(torch.isfinite(param).all()):
                 raise TrainingDiverged(trainer.state.global_step, f"parameter {name}", "not finite",
-                                       trainer.args.learning_rate)
+                                       learning_rate=trainer.args.learning_rate)
 
 
 class ShardRecorder:

@@ -22,17 +22,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from alignkit.errors import UserError
+from alignkit.errors import TrainingDiverged, UserError
 from alignkit.launch import rank_info
 from alignkit.runs import RunDir, atomic_write_text
 
 CHECKPOINTS = "checkpoints"  # inside the run's work directory: checkpoints/step-N/
 STATE_FILE = "state.pt"
 COMPLETE = "COMPLETE"  # written last, before the rename: a step-N without it is never resumed from
-
-
-class NonFiniteError(UserError):
-    """The loss or the weights became NaN or infinite: the run stops, left unfinished in DIR.partial."""
 
 
 class Loop:
@@ -113,23 +109,21 @@ class Loop:
 
     # -- the non-finite guard ---------------------------------------------------------------------
     def guard(self, loss: float | torch.Tensor | None = None, *modules: torch.nn.Module) -> None:
-        """Stop the run (NonFiniteError: one line, exit 2, DIR.partial left unfinished) when `loss` or a
+        """Stop the run (TrainingDiverged: one line, exit 2, DIR.partial left unfinished) when `loss` or a
         parameter of `modules` is NaN or infinite. The loss check is cheap; call it every step. The
         weight check reads every parameter: call it at log intervals."""
         if loss is not None:
             value = float(loss.detach().float().mean()) if isinstance(loss, torch.Tensor) else float(loss)
             if not math.isfinite(value):
-                self._diverged(f"the loss is {value}")
+                self._diverged("the loss", value)
         for module in modules:
             for name, p in module.named_parameters():
                 if not bool(torch.isfinite(p.detach()).all()):
-                    self._diverged(f"parameter '{name}' holds NaN or infinite values")
+                    self._diverged(f"parameter '{name}'", "not finite")
 
-    def _diverged(self, what: str) -> None:
-        raise NonFiniteError(
-            f"{self.desc} diverged in {self.unit} {self.step + 1} of {self.total}: {what} (lower the learning rate); "
-            f"the unfinished run is left at {self.run.work}"
-        )
+    def _diverged(self, what: str, value: Any) -> None:
+        self.run.mark(diverged={"step": self.step + 1, "what": what, "value": str(value)})
+        raise TrainingDiverged(self.step + 1, what, value, desc=self.desc, unit=self.unit, total=self.total)
 
     # -- checkpoints ------------------------------------------------------------------------------
     def save(self, objects: dict[str, Any]) -> Path | None:
@@ -239,4 +233,4 @@ def _json_line(row: dict[str, Any]) -> str:
     return json.dumps(row) + "\n"
 
 
-__all__ = ["COMPLETE", "CHECKPOINTS", "Loop", "NonFiniteError", "STATE_FILE", "latest_checkpoint"]
+__all__ = ["COMPLETE", "CHECKPOINTS", "Loop", "STATE_FILE", "latest_checkpoint"]

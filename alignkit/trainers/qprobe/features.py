@@ -68,7 +68,7 @@ def hidden_features(
     tokens). Rows are right-padded, so positions are 0..len-1 as in an unpadded forward, and the state is
     read at each row's last real token. Sequences longer than the model's context keep their end.
     """
-    from alignkit import generation
+    from alignkit import generation, models
 
     if completion_ids is None:
         if completions is None:
@@ -76,7 +76,7 @@ def hidden_features(
         completion_ids = [tokenizer(c, add_special_tokens=False)["input_ids"] for c in completions]
     pids = generation.prompt_ids(tokenizer, list(prompts))
     seqs = [list(p) + list(c) for p, c in zip(pids, completion_ids, strict=True)]
-    limit = getattr(model.config, "max_position_embeddings", None)
+    limit = models.max_positions(model)
     if limit:
         seqs = [s[-limit:] for s in seqs]
     device = next(model.parameters()).device

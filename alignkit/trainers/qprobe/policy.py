@@ -287,10 +287,9 @@ def table(summary: dict[str, Any]) -> Any:
 
 def plot(summary: dict[str, Any], path: str | os.PathLike) -> Path:
     """Reward against k: one line per probe and β, plus base, greedy (if any) and best-of-k."""
-    import matplotlib
+    from alignkit.runs import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     ks = summary["settings"]["ks"]
     fig, ax = plt.subplots(figsize=(6, 4))
