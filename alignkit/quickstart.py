@@ -107,7 +107,7 @@ def run(cfg: QuickstartConfig, progress: Any | None = None, console: Any | None 
     from alignkit import data, evaluate, models, pairs
     from alignkit.config import to_yaml
     from alignkit.rewards import OraclePreference
-    from alignkit.runs import RunDir
+    from alignkit.runs import RunDir, run_readme
     from alignkit.trainers import preference, sft
 
     console = console or Console()
@@ -201,8 +201,9 @@ def run(cfg: QuickstartConfig, progress: Any | None = None, console: Any | None 
         "seconds": seconds,
         "wall_seconds": time.perf_counter() - t0,
     })
-    final = run_dir.finish(summary, readme="# quickstart\n\nSee summary.json and plots/ (gold_reward.png, "
-                                          "reward_vs_kl.png); pairs.jsonl holds the DPO step's on-policy pairs.\n")
+    final = run_dir.finish(summary, readme=run_readme(
+        "quickstart", "See summary.json and plots/ (gold_reward.png, reward_vs_kl.png); pairs.jsonl holds the DPO "
+        "step's on-policy pairs."))
     console.print(f"wall time {summary['wall_seconds']:.0f} s; results in {final}/")
     return {**summary, "output_dir": str(final)}
 

@@ -151,3 +151,23 @@ def test_train_eval_split_follows_the_data_section():
     assert (len(parts["train"]), len(parts["eval"])) == (15, 5)
     same = data.split(ds, (0.75, 0.25), 1, ("train", "eval"))
     assert all(parts[k]["prompt"][:] == same[k]["prompt"][:] for k in ("train", "eval"))
+
+
+def test_dpo_and_rm_count_the_pairs_trl_drops_as_too_long(tmp_path, tiny_model_dir):
+    """TRL's DPOTrainer drops pairs whose prompt fills max_length and RewardTrainer pairs with a side
+    longer than it, silently: alignkit counts them in summary.json (`dropped_rows`)."""
+    from alignkit.trainers import preference, reward
+
+    long_prompt = "the cable was great . " * 40
+    rows = [{"prompt": "review :", "chosen": f" good {i} .", "rejected": f" bad {i} ."} for i in range(6)]
+    rows += [{"prompt": long_prompt, "chosen": " good .", "rejected": " bad ."} for _ in range(2)]
+    src = tmp_path / "pairs.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    common = {"model": {"name": str(tiny_model_dir), "device": "cpu"}, "data": {"source": str(src)},
+              "train": {"max_length": 48, "max_steps": 1, "batch_size": 2, "save_steps": 0}}
+    dpo = preference.run(preference.DPOConfig(**common, output={"dir": str(tmp_path / "dpo")}))
+    assert dpo["dropped_rows"] == {"too_long": 2} and dpo["train_rows"] == 6
+    common["data"]["eval_fraction"] = 0.0
+    rm = reward.run(reward.RMConfig(**common, eval={"ood_source": None}, output={"dir": str(tmp_path / "rm")}))
+    assert rm["dropped_rows"] == {"pair_too_long": 2} and rm["train_pairs"] == 6
+    assert json.loads((tmp_path / "rm" / "summary.json").read_text())["dropped_rows"] == {"pair_too_long": 2}

@@ -1,4 +1,4 @@
-"""`alignkit data inspect/convert`: the shared dataset loader (alignkit/data.py) from the command line."""
+"""`alignkit data inspect/convert`: the shared dataset loader (the alignkit/data package) from the command line."""
 
 from __future__ import annotations
 

@@ -22,6 +22,10 @@ REASONS: dict[str, tuple[str, str]] = {
         "the prompt alone fills max_length tokens, no completion token is left to learn from",
         "raise --max-length or shorten the prompts",
     ),
+    "pair_too_long": (
+        "the prompt with its chosen or rejected reply is longer than max_length tokens",
+        "raise --max-length or shorten the rows",
+    ),
 }
 
 

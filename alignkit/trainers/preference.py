@@ -162,11 +162,11 @@ def _soft_sppo_trainer():
 # ------------------------------------------------------------------------------------- run
 
 
-def _pairs(cfg: DPOConfig) -> dict[str, Any]:
+def _pairs(cfg: DPOConfig, dropped: dict[str, int]) -> dict[str, Any]:
     from alignkit import data
     from alignkit.errors import UserError
 
-    ds, _ = data.load_source(cfg.data, expected=("pairwise",))
+    ds, _ = data.load_source(cfg.data, expected=("pairwise",), dropped=dropped)
     if "prompt" not in ds.column_names:
         raise UserError(f"{cfg.data.source}: dpo needs an explicit prompt column (--columns prompt=<col>)")
     if cfg.pref.loss == "sppo" and cfg.pref.preference is not None:
@@ -181,17 +181,17 @@ def _pairs(cfg: DPOConfig) -> dict[str, Any]:
         if probs is None or any(p is None or not 0.0 <= p <= 1.0 for p in probs):
             raise UserError(f"{cfg.data.source}: loss sppo needs a prob column in [0,1] (P(chosen ≻ rejected)) "
                             "or --preference SPEC to compute it; use --loss sppo-hard for hard labels")
-    return _split(cfg, ds)
+    return data.train_eval_split(ds, cfg.data)
 
 
-def _unpaired(cfg: KTOConfig) -> dict[str, Any]:
+def _unpaired(cfg: KTOConfig, dropped: dict[str, int]) -> dict[str, Any]:
     """Unpaired rows; pairwise data is unpaired by the shared loader (chosen → desirable, rejected → not)."""
     from alignkit import data
     from alignkit.errors import UserError
 
-    ds, kind = data.load_source(cfg.data, expected=("unpaired", "pairwise"))
+    ds, kind = data.load_source(cfg.data, expected=("unpaired", "pairwise"), dropped=dropped)
     # split BEFORE unpairing, so that a pair's two rows stay on one side of the train/eval split
-    splits = _split(cfg, ds)
+    splits = data.train_eval_split(ds, cfg.data)
     if kind == "pairwise":
         splits = {name: None if part is None else data.unpair(part) for name, part in splits.items()}
     labels = splits["train"]["label"]
@@ -203,15 +203,6 @@ def _unpaired(cfg: KTOConfig) -> dict[str, Any]:
     # each split once here (seeded) so that batches mix desirable and undesirable rows.
     return {name: None if part is None else part.shuffle(seed=cfg.train.seed).flatten_indices()
             for name, part in splits.items()}
-
-
-def _split(cfg: DPOConfig | KTOConfig, ds: Any) -> dict[str, Any]:
-    from alignkit import data
-
-    if cfg.data.eval_fraction > 0:
-        f = cfg.data.eval_fraction
-        return data.split(ds, (1 - f, f), cfg.data.seed, ("train", "eval"))
-    return {"train": ds, "eval": None}
 
 
 def _policy_and_reference(cfg: DPOConfig | KTOConfig, section: PrefSection | KTOSection) -> dict[str, Any]:
@@ -286,6 +277,7 @@ def run(cfg: DPOConfig, callbacks: list | None = None, progress: Any | None = No
     from trl import DPOTrainer
     from trl.trainer.dpo_trainer import DataCollatorForPreference
 
+    from alignkit import data
     from alignkit.config import to_yaml
     from alignkit.runs import RunDir
     from alignkit.trainers import _hf
@@ -293,7 +285,8 @@ def run(cfg: DPOConfig, callbacks: list | None = None, progress: Any | None = No
     out, is_main = _hf.begin(cfg)
 
     # -- setup: data and models are loaded (and validated) before anything is written -------------
-    splits = _pairs(cfg)
+    dropped: dict[str, int] = {}
+    splits = _pairs(cfg, dropped)
     set_seed(cfg.train.seed)  # LoRA A matrices are initialised from the global RNG
     setup = _policy_and_reference(cfg, cfg.pref)
     tokenizer = setup["tokenizer"]
@@ -317,9 +310,12 @@ def run(cfg: DPOConfig, callbacks: list | None = None, progress: Any | None = No
         train_dataset=splits["train"], eval_dataset=splits["eval"], processing_class=tokenizer,
         data_collator=collator, callbacks=[_hf.RunDirMetrics(run_dir, progress), *(callbacks or [])],
     )
+    # TRL drops the pairs whose prompt alone fills max_length: count them too
+    rows_in = len(splits["train"])
+    dropped |= data.note_dropped(cfg.data.source, rows_in, {"too_long": rows_in - len(trainer.train_dataset)})
     # -- train and save ----------------------------------------------------------------------------
     return _fit_and_finish(cfg, trainer, setup, run_dir, f"{cfg.pref.loss} {cfg.model.name}",
-                           {"loss": cfg.pref.loss, "beta": cfg.pref.beta})
+                           {"loss": cfg.pref.loss, "beta": cfg.pref.beta, "dropped_rows": dropped})
 
 
 def run_kto(cfg: KTOConfig, callbacks: list | None = None, progress: Any | None = None) -> dict[str, Any]:
@@ -335,7 +331,8 @@ def run_kto(cfg: KTOConfig, callbacks: list | None = None, progress: Any | None 
     out, is_main = _hf.begin(cfg)
 
     # -- setup ---------------------------------------------------------------------------------------
-    splits = _unpaired(cfg)
+    dropped: dict[str, int] = {}
+    splits = _unpaired(cfg, dropped)
     set_seed(cfg.train.seed)
     setup = _policy_and_reference(cfg, cfg.kto)
     run_dir = RunDir.open(out, cfg.output.overwrite, cfg.output.resume, to_yaml(cfg), is_main=is_main)
@@ -356,7 +353,7 @@ def run_kto(cfg: KTOConfig, callbacks: list | None = None, progress: Any | None 
     # -- train and save ----------------------------------------------------------------------------
     return _fit_and_finish(cfg, trainer, setup, run_dir, f"{k.loss} {cfg.model.name}",
                            {"loss": k.loss, "beta": k.beta, "desirable_weight": k.desirable_weight,
-                            "undesirable_weight": k.undesirable_weight})
+                            "undesirable_weight": k.undesirable_weight, "dropped_rows": dropped})
 
 
 def _readme(cfg: DPOConfig | KTOConfig, summary: dict[str, Any]) -> str:

@@ -112,15 +112,19 @@ class RMEnsembleConfig(RMConfig):
 # ------------------------------------------------------------------------------------ setup
 
 
-def _pairs(cfg: RMConfig):
+def _pairs(cfg: RMConfig, dropped: dict[str, int]):
     from alignkit import data
 
-    ds, _ = data.load_source(cfg.data, expected=("pairwise",))
-    if cfg.data.eval_fraction > 0:
-        f = cfg.data.eval_fraction
-        parts = data.split(ds, (1 - f, f), cfg.data.seed, ("train", "eval"))
-        return parts["train"], parts["eval"]
-    return ds, None
+    ds, _ = data.load_source(cfg.data, expected=("pairwise",), dropped=dropped)
+    parts = data.train_eval_split(ds, cfg.data)
+    return parts["train"], parts["eval"]
+
+
+def _count_too_long(cfg: RMConfig, dropped: dict[str, int], rows_in: int, trainer) -> None:
+    """TRL's RewardTrainer drops the pairs with a side longer than max_length: count them too."""
+    from alignkit import data
+
+    dropped |= data.note_dropped(cfg.data.source, rows_in, {"pair_too_long": rows_in - len(trainer.train_dataset)})
 
 
 def _ood(cfg: RMConfig):
@@ -199,7 +203,8 @@ def run(cfg: RMConfig, callbacks: list | None = None, progress: Any | None = Non
     out, is_main = _hf.begin(cfg)
 
     # -- setup ---------------------------------------------------------------------------------------
-    train_ds, eval_ds = _pairs(cfg)
+    dropped: dict[str, int] = {}
+    train_ds, eval_ds = _pairs(cfg, dropped)
     ood_ds = _ood(cfg)
     set_seed(cfg.train.seed)  # the new scalar head is initialised from the global RNG
     lora = models.LoraSpec(**cfg.model.lora.model_dump(exclude={"enabled"})) if cfg.model.lora.enabled else None
@@ -217,6 +222,7 @@ def run(cfg: RMConfig, callbacks: list | None = None, progress: Any | None = Non
         model=model, args=args, train_dataset=train_tokens,
         processing_class=tokenizer, callbacks=[_hf.RunDirMetrics(run_dir, progress), *(callbacks or [])],
     )
+    _count_too_long(cfg, dropped, len(train_ds), trainer)
 
     # -- train ---------------------------------------------------------------------------------------
     result, parallel = _hf.fit(trainer, run_dir)
@@ -227,7 +233,7 @@ def run(cfg: RMConfig, callbacks: list | None = None, progress: Any | None = Non
         (run_dir.path("model") / rewards.REWARD_CONFIG).write_text(json.dumps({"max_length": max_length}))
     summary: dict[str, Any] = {
         "command": cfg.command, "model": cfg.model.name, "train_pairs": len(trainer.train_dataset),
-        "pairs_dropped_too_long": len(train_ds) - len(trainer.train_dataset),
+        "dropped_rows": dropped,
         **_hf.training_summary(trainer, result, metrics, trainable, total),
         "lora": cfg.model.lora.enabled,
     }
@@ -408,7 +414,8 @@ def run_ensemble(cfg: RMEnsembleConfig, callbacks: list | None = None, progress:
     out, is_main = _hf.begin(cfg)
 
     # -- setup ---------------------------------------------------------------------------------------
-    train_ds, eval_ds = _pairs(cfg)
+    dropped: dict[str, int] = {}
+    train_ds, eval_ds = _pairs(cfg, dropped)
     ood_ds = _ood(cfg)
     ens = cfg.ensemble
     seeds = ens.seeds or [cfg.train.seed + n for n in range(ens.n_members)]
@@ -429,6 +436,7 @@ def run_ensemble(cfg: RMEnsembleConfig, callbacks: list | None = None, progress:
         train_dataset=train_tokens, processing_class=tokenizer,
         callbacks=[_hf.RunDirMetrics(run_dir, progress), *(callbacks or [])], ensemble=ensemble, ens=ens,
     )
+    _count_too_long(cfg, dropped, len(train_ds), trainer)
 
     # -- train ---------------------------------------------------------------------------------------
     result, parallel = _hf.fit(trainer, run_dir)
@@ -436,7 +444,7 @@ def run_ensemble(cfg: RMEnsembleConfig, callbacks: list | None = None, progress:
     # -- save + evaluate ---------------------------------------------------------------------------------
     summary: dict[str, Any] = {
         "command": cfg.command, "model": cfg.model.name, "train_pairs": len(trainer.train_dataset),
-        "pairs_dropped_too_long": len(train_ds) - len(trainer.train_dataset),
+        "dropped_rows": dropped,
         "n_members": ens.n_members, "lam": ens.lam, "member_loss": ens.member_loss, "seeds": seeds,
         **_hf.training_summary(trainer, result, run_dir.read_metrics(), trainable, total),
     }

@@ -99,11 +99,14 @@ def run(cfg: SFTConfig, callbacks: list | None = None, progress: Any | None = No
 
 
 def _readme(cfg: SFTConfig, summary: dict[str, Any]) -> str:
-    return (
-        f"# SFT run\n\nBase model: `{cfg.model.name}`; data: `{cfg.data.source}`; "
-        f"{'LoRA r=' + str(cfg.model.lora.r) if cfg.model.lora.enabled else 'full fine-tuning'}.\n\n"
-        f"Steps: {summary['steps']}, mean training loss {summary['train_loss']:.4f}.\n\n"
+    from alignkit.runs import run_readme
+
+    return run_readme(
+        "SFT run",
+        f"Base model: `{cfg.model.name}`; data: `{cfg.data.source}`; "
+        f"{'LoRA r=' + str(cfg.model.lora.r) if cfg.model.lora.enabled else 'full fine-tuning'}.",
+        f"Steps: {summary['steps']}, mean training loss {summary['train_loss']:.4f}.",
         "Load the policy with `alignkit generate --model <this dir>/model` or "
         "`AutoModelForCausalLM.from_pretrained('<this dir>/model')` "
-        "(LoRA runs save a peft adapter: `PeftModel.from_pretrained`).\n"
+        "(LoRA runs save a peft adapter: `PeftModel.from_pretrained`).",
     )
