@@ -35,11 +35,12 @@ $(STAMP): pyproject.toml
 quickstart: $(STAMP)
 	HF_HUB_OFFLINE=1 $(VENV)/bin/alignkit quickstart --overwrite
 
+# two workers (pytest-xdist, one math thread each: tests/conftest.py); the 15 slowest tests are listed
 test: $(STAMP)
-	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -n 2 --durations=15
 
 test-all: $(STAMP)
-	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m ""
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -n 2 --durations=15 -m ""
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check alignkit tests

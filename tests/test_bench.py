@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from typer.testing import CliRunner
 
 
+@pytest.mark.slow  # a 2-process launch or a benchmark: `make test-all`
 def test_sft_overhead_small_is_the_same_computation_as_raw_trl(tiny_model_dir):
     from alignkit import bench
 
@@ -33,6 +35,7 @@ def test_bench_cli_is_registered():
     assert out.exit_code == 0 and "sft" in out.output and "quickstart" in out.output
 
 
+@pytest.mark.slow  # a 2-process launch or a benchmark: `make test-all`
 def test_rm_table1_and_rm_scoring_small(tiny_model_dir):
     """Tiny sizes: every Table-1 row has every metric; the scoring bench reports positive rates."""
     from alignkit import bench

@@ -145,6 +145,7 @@ def test_precompute_and_explicit_reference(tmp_path: Path, tiny_model_dir, sft_t
     assert abs(_metrics(Path(summary["output_dir"]))[0]["loss"] - math.log(2)) > 1e-2
 
 
+@pytest.mark.slow  # a 2-process launch or a benchmark: `make test-all`
 @pytest.mark.parametrize("command", ["dpo", "kto"])
 def test_two_process_cpu_launch_splits_the_data(command, tmp_path: Path, tiny_model_dir, alignkit_cache):
     import os

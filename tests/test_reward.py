@@ -67,6 +67,7 @@ def _heldout(run: Path):
     return reward._pairs(cfg)[1], None
 
 
+@pytest.mark.slow  # 50 s: `make test-all`; the default run trains ensembles in the nnm and resume tests
 def test_ensemble_diverges_beats_chance_and_is_uncertain_out_of_distribution(tmp_path: Path, sft_tiny_dir):
     # member_loss "each" (independent BT per member): the option that makes the members' disagreement
     # a deep-ensemble uncertainty (docs/algorithms/rm-ensemble.md, member_loss)
@@ -141,6 +142,7 @@ def test_rm_refuses_non_pairwise_data(tmp_path: Path, tiny_model_dir):
     assert not list(tmp_path.iterdir())
 
 
+@pytest.mark.slow  # a 2-process launch or a benchmark: `make test-all`
 def test_rm_two_processes_on_cpu(tmp_path: Path, tiny_model_dir, alignkit_cache):
     out = tmp_path / "rm2"
     cmd = [sys.executable, "-m", "alignkit.cli", "rm", "--model", "tiny", "--max-samples", "160",  # 128 train pairs

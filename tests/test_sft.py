@@ -93,6 +93,7 @@ def test_lora_sft_saves_an_adapter_that_loads(tmp_path: Path, tiny_model_dir):
     assert any(diffs), "the merged adapter must change the base weights"
 
 
+@pytest.mark.slow  # a 2-process launch or a benchmark: `make test-all`
 def test_two_process_cpu_launch_splits_the_data(tmp_path: Path, tiny_model_dir, alignkit_cache):
     out = tmp_path / "ddp"
     cmd = [

@@ -162,7 +162,7 @@ def _soft_sppo_trainer():
 # ------------------------------------------------------------------------------------- run
 
 
-def _pairs(cfg: DPOConfig, dropped: dict[str, int]) -> dict[str, Any]:
+def _pairs(cfg: DPOConfig, dropped: dict[str, int] | None = None) -> dict[str, Any]:
     from alignkit import data
     from alignkit.errors import UserError
 
@@ -184,7 +184,7 @@ def _pairs(cfg: DPOConfig, dropped: dict[str, int]) -> dict[str, Any]:
     return data.train_eval_split(ds, cfg.data)
 
 
-def _unpaired(cfg: KTOConfig, dropped: dict[str, int]) -> dict[str, Any]:
+def _unpaired(cfg: KTOConfig, dropped: dict[str, int] | None = None) -> dict[str, Any]:
     """Unpaired rows; pairwise data is unpaired by the shared loader (chosen → desirable, rejected → not)."""
     from alignkit import data
     from alignkit.errors import UserError

@@ -112,7 +112,7 @@ class RMEnsembleConfig(RMConfig):
 # ------------------------------------------------------------------------------------ setup
 
 
-def _pairs(cfg: RMConfig, dropped: dict[str, int]):
+def _pairs(cfg: RMConfig, dropped: dict[str, int] | None = None):
     from alignkit import data
 
     ds, _ = data.load_source(cfg.data, expected=("pairwise",), dropped=dropped)
