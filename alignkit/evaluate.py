@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import gc
 import inspect
-import json
 import os
 import time
 from pathlib import Path
@@ -22,6 +21,7 @@ from pydantic import Field, model_validator
 
 from alignkit.config import Block, OutputSection
 from alignkit.errors import UserError
+from alignkit.runs import run_readme, strict_json
 
 OFF = "none"  # `--reference none` / `--preference none`
 
@@ -388,7 +388,7 @@ def run(cfg: PolicyEvalConfig, progress: Any | None = None, console: Any | None 
     console = console or Console()
     t0 = time.perf_counter()
     out = Path(cfg.output.dir or default_dir("eval"))
-    RunDir.check(out, cfg.output.overwrite, resume=False)  # before any work: the output can be written
+    RunDir.check(out, cfg.output.overwrite, resume=False, resumable=False)  # before any work: can it be written?
     check_specs(cfg.reward, cfg.preference)
     ds, _ = data.load(cfg.prompts, kind="prompts", max_samples=cfg.max_samples, seed=cfg.seed)
     result = evaluate_policies(
@@ -403,7 +403,7 @@ def run(cfg: PolicyEvalConfig, progress: Any | None = None, console: Any | None 
         run_dir.log({"policy": name, **m})
     atomic_write_text(
         run_dir.path("samples.jsonl"),
-        "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in result["samples"]),
+        "".join(strict_json(r, ensure_ascii=False) + "\n" for r in result["samples"]),
     )
     plot(result["policies"], settings, run_dir.path("plots", "reward_vs_kl.png"))
     console.print(table(result["policies"], settings))
@@ -418,12 +418,12 @@ def run(cfg: PolicyEvalConfig, progress: Any | None = None, console: Any | None 
     return {**summary, "output_dir": str(final)}
 
 
-_README = """# alignkit eval
-
-`summary.json`: per-policy metrics and the settings; `samples.jsonl`: one row per sample (policy,
-prompt, completion, reward, finished, logprob, ref_logprob, win_prob); `plots/reward_vs_kl.png`.
-Metric definitions: docs/eval.md.
-"""
+_README = run_readme(
+    "alignkit eval",
+    '`summary.json`: per-policy metrics and the settings; `samples.jsonl`: one row per sample (policy, '
+    'prompt, completion, reward, finished, logprob, ref_logprob, win_prob); `plots/reward_vs_kl.png`. '
+    'Metric definitions: docs/eval.md.',
+)
 
 
 def _pm(mean: float | None, se: float | None, fmt: str = "{:+.3f}") -> str:

@@ -7,7 +7,6 @@ the cap on `max_new_tokens`): docs/models.md#generation.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import sys
@@ -350,11 +349,13 @@ class _progress_bar:
 
 def write_jsonl(samples: list[Sample], path: str | Path) -> Path:
     """Write one JSON object per sample (no token ids / embeddings), atomically (tmp + os.replace)."""
+    from alignkit.runs import strict_json
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     with open(tmp, "w", encoding="utf-8") as f:
         for s in samples:
-            f.write(json.dumps(s.to_json(), ensure_ascii=False) + "\n")
+            f.write(strict_json(s.to_json(), ensure_ascii=False) + "\n")
     os.replace(tmp, path)
     return path

@@ -113,7 +113,7 @@ def run(cfg: QuickstartConfig, progress: Any | None = None, console: Any | None 
     console = console or Console()
     t0 = time.perf_counter()
     out = Path(cfg.output.dir or "runs/quickstart")  # a fixed default: `make quickstart` overwrites it
-    RunDir.check(out, cfg.output.overwrite, resume=False)
+    RunDir.check(out, cfg.output.overwrite, resume=False, resumable=False)
     steps = 3 + 2 * cfg.dpo.enabled + cfg.qprobe.enabled
     console.print(f"[bold]1/{steps}[/bold] building the tiny model (cached after the first time)")
     base_dir = models.resolve(cfg.model.name)

@@ -28,6 +28,8 @@ LOCK_SUFFIX = ".lock"
 MARKER = ".alignkit-run"  # JSON {command, created_at[, diverged]}: "this directory is alignkit's"
 # keys a checkpoint honours when they change on --resume (everything else is refused, see check_resume)
 RESUMABLE_KEYS = ("output.", "launch.", "model.device", "train.logging_steps", "train.save_steps")
+# the first word of the `command:` in the config.yaml of a run written before the marker existed
+OLD_RUN_COMMANDS = frozenset({"sft", "rm", "dpo", "kto", "quickstart", "eval", "qprobe"})
 
 
 def default_dir(command: str) -> Path:
@@ -39,15 +41,21 @@ def _nonempty(path: Path) -> bool:
 
 
 def is_run(path: Path) -> bool:
-    """Is `path` a directory alignkit wrote? It has the marker; runs finished before the marker
-    existed are recognised by their config.yaml + summary.json, interrupted ones by config.yaml +
-    metrics.jsonl."""
+    """Is `path` a directory alignkit wrote? It has the marker; runs written before the marker existed
+    are recognised by a config.yaml naming an alignkit command beside summary.json (finished) or
+    metrics.jsonl (interrupted)."""
     path = Path(path)
     if not path.is_dir():
         return False
     if (path / MARKER).is_file():
         return True
-    return (path / "config.yaml").is_file() and any((path / f).is_file() for f in ("summary.json", "metrics.jsonl"))
+    if not ((path / "config.yaml").is_file() and any((path / f).is_file() for f in ("summary.json", "metrics.jsonl"))):
+        return False
+    try:
+        command = (_yaml_tree((path / "config.yaml").read_text()) or {}).get("command")
+    except (OSError, UnicodeDecodeError):
+        return False
+    return isinstance(command, str) and command.replace("-", " ").split(" ")[0] in OLD_RUN_COMMANDS
 
 
 def strict_json(obj: Any, **kwargs: Any) -> str:
@@ -231,7 +239,8 @@ class RunDir:
 
     # -- life cycle -----------------------------------------------------------------------------
     @staticmethod
-    def check(final: Path, overwrite: bool, resume: bool, config_yaml: str | None = None) -> None:
+    def check(final: Path, overwrite: bool, resume: bool, config_yaml: str | None = None,
+              resumable: bool = True) -> None:
         """Refuse what the contract refuses, BEFORE any expensive work; writes nothing. An output path
         that cannot be written, a run another process holds, an existing DIR without --overwrite,
         --overwrite onto something that is not an alignkit run, --resume without DIR.partial or with
@@ -255,9 +264,9 @@ class RunDir:
         if _nonempty(final) and not overwrite:
             raise UserError(f"{final} already exists: pass --overwrite to replace it, or choose --output-dir")
         if _nonempty(partial) and not overwrite:
-            raise UserError(
-                f"an interrupted run is at {partial}: pass --resume to continue it or --overwrite to restart"
-            )
+            todo = ("pass --resume to continue it or --overwrite to restart" if resumable
+                    else "pass --overwrite to restart")
+            raise UserError(f"an interrupted run is at {partial}: {todo}")
         for path in (final, partial):
             if overwrite and _nonempty(path) and not is_run(path):
                 raise UserError(f"{path} is not an alignkit run (no {MARKER}): --overwrite replaces only runs; "
@@ -269,6 +278,7 @@ class RunDir:
     ) -> RunDir:
         final = Path(final)
         if is_main:  # the other ranks would see the main rank's fresh DIR.partial
+            check_writable(final)  # before the lock file is made beside the run
             RunLock.acquire(final)  # held until finish (or the process ends): one process per run
             try:
                 cls.check(final, overwrite, resume, config_yaml)
@@ -309,6 +319,20 @@ class RunDir:
             os.replace(self.work, self.final)
         RunLock.release(self.final)
         return self.final
+
+    def discard(self) -> None:
+        """Give up a fresh run that stopped before any work (e.g. no row was left): remove the DIR.partial
+        this process just made and release the lock, so that nothing is left that looks like a run.
+        A resumed run is never discarded."""
+        if self.is_main and not self.resumed:
+            shutil.rmtree(self.work, ignore_errors=True)  # ours: opened by this process, nothing trained
+            RunLock.release(self.final)
+
+    def truncate_metrics(self, step: int) -> None:
+        """On resume: keep metrics.jsonl's rows up to `step` (the checkpoint's), so no step is logged twice."""
+        if self.is_main:
+            kept = [m for m in self.read_metrics() if int(m.get("step", 0)) <= step]
+            atomic_write_text(self.work / "metrics.jsonl", "".join(strict_json(m) + "\n" for m in kept))
 
     def mark(self, **facts: Any) -> None:
         """Add facts to the marker of DIR.partial (e.g. `diverged={...}`), for whoever looks at it next."""
@@ -416,3 +440,16 @@ def save_figure(fig: Any, path: str | os.PathLike) -> Path:
 def run_readme(title: str, *paragraphs: str | None) -> str:
     """The README.md of a run directory: a title and the paragraphs that are given (None/"" skipped)."""
     return f"# {title}\n\n" + "\n\n".join(p for p in paragraphs if p) + "\n"
+
+
+def interrupt_hint(run: RunDir, where: str, checkpoint: str | None, resumable: bool = True,
+                   no_checkpoint: str = "") -> str:
+    """The one line printed on Ctrl-C: where the run stopped and how to go on (shared by the
+    transformers trainers and the explicit loops)."""
+    if not resumable:
+        return f"interrupted at {where}: the unfinished run is left at {run.work}; start again with --overwrite"
+    if checkpoint:
+        return (f"interrupted at {where}: resume with the same command plus --resume (it continues from "
+                f"{checkpoint} in {run.work})")
+    return (f"interrupted at {where}, before any checkpoint{no_checkpoint}: the same command plus --resume starts "
+            "it again from the beginning")

@@ -171,3 +171,17 @@ def test_dpo_and_rm_count_the_pairs_trl_drops_as_too_long(tmp_path, tiny_model_d
     rm = reward.run(reward.RMConfig(**common, eval={"ood_source": None}, output={"dir": str(tmp_path / "rm")}))
     assert rm["dropped_rows"] == {"pair_too_long": 2} and rm["train_pairs"] == 6
     assert json.loads((tmp_path / "rm" / "summary.json").read_text())["dropped_rows"] == {"pair_too_long": 2}
+
+
+def test_dpo_with_every_pair_too_long_leaves_nothing_behind(tmp_path, tiny_model_dir):
+    from alignkit.trainers import preference
+
+    rows = [{"prompt": "the cable was great . " * 40, "chosen": f" good {i} .", "rejected": " bad ."} for i in range(4)]
+    src = tmp_path / "pairs.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = preference.DPOConfig(model={"name": str(tiny_model_dir), "device": "cpu"}, data={"source": str(src)},
+                               train={"max_length": 48, "max_steps": 1, "batch_size": 2},
+                               output={"dir": str(tmp_path / "dpo")})
+    with pytest.raises(UserError, match="all 4 rows were dropped"):
+        preference.run(cfg)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pairs.jsonl"]  # no DIR, DIR.partial or DIR.lock

@@ -73,7 +73,7 @@ def test_resume_reproduces_an_uninterrupted_run_bit_exactly(tmp_path, capsys) ->
         _toy_run(tmp_path / "cut", stop_after=10)
     work = tmp_path / "cut.partial"
     assert not (tmp_path / "cut").exists() and latest_checkpoint(work).name == "step-8"
-    assert "interrupted after step 10 of 12" in capsys.readouterr().err
+    assert "interrupted at step 10 of 12: resume with the same command plus --resume" in capsys.readouterr().err
     # the resumed process starts from other RNG states and other weights: everything must come from the checkpoint
     resumed = _toy_run(tmp_path / "cut", resume=True, seed=99)
     assert torch.equal(whole["weight"], resumed["weight"]) and torch.equal(whole["bias"], resumed["bias"])

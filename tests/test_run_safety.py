@@ -74,6 +74,20 @@ def test_overwrite_accepts_runs_old_runs_and_empty_dirs_only(tmp_path: Path):
     (old / "summary.json").write_text("{}")
     RunDir.open(old, True, False, "command: sft\n").finish({})
     assert (old / MARKER).is_file() and json.loads((old / MARKER).read_text())["command"] == "sft"
+    other = tmp_path / "other-tool"  # another tool's experiment folder with the same file names
+    other.mkdir()
+    (other / "config.yaml").write_text("command: train_gpt\n")
+    (other / "metrics.jsonl").write_text("")
+    with pytest.raises(UserError, match="not an alignkit run"):
+        RunDir.check(other, overwrite=True, resume=False)
+
+
+def test_a_command_that_cannot_resume_is_told_to_overwrite(tmp_path: Path):
+    (tmp_path / "fit.partial").mkdir()
+    (tmp_path / "fit.partial" / MARKER).write_text("{}")
+    with pytest.raises(UserError, match="--overwrite to restart") as err:
+        RunDir.check(tmp_path / "fit", overwrite=False, resume=False, resumable=False)
+    assert "--resume" not in str(err.value)
 
 
 # ------------------------------------------------------------------------- two processes, one run

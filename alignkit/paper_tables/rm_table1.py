@@ -114,7 +114,7 @@ def rm_table1(
     """UP-RLHF Table 1 on the built-in task: full-FT RM vs LoRA ensembles (λ = 0 and λ > 0), per seed.
 
     Every row trains on the same `pairs` oracle-labelled `builtin:pairwise` pairs (split with data seed
-    0, so all rows and seeds share one held-out set) and is evaluated by `reward.evaluate`: held-out
+    0, so all rows and seeds share one held-out set) and is evaluated by `reward.evaluate_reward_model`: held-out
     accuracy, ECE as the paper defines it (eqs. 17–19), standard ECE of the same rescaled P(y_w ≻ y_l),
     mean uncertainty (eq. 13) on held-out completions vs `builtin:ood`, and the AUROC of uncertainty at
     telling them apart. `seeds` vary the training seed (head init, member seeds, data order). Rows:

@@ -299,7 +299,7 @@ def fit(trainer, run: RunDir):
         raise
     except KeyboardInterrupt:
         if run.is_main:
-            print(interrupt_hint(run, trainer.state.global_step, trainer.args.save_steps
+            print(_interrupt_hint(run, trainer.state.global_step, trainer.args.save_steps
                                  if trainer.args.save_strategy == "steps" else 0), file=sys.stderr, flush=True)
         raise
     result.metrics["resumed_from_step"] = int(Path(ckpt).name.split("-")[1]) if ckpt else 0
@@ -309,15 +309,13 @@ def fit(trainer, run: RunDir):
     return result, (gather_shards(recorder) if recorder else None)
 
 
-def interrupt_hint(run: RunDir, step: int, save_steps: int) -> str:
-    """The one line printed on Ctrl-C: where the run stopped and how to continue it."""
+def _interrupt_hint(run: RunDir, step: int, save_steps: int) -> str:
+    from alignkit.runs import interrupt_hint
+
     ckpt = last_checkpoint(run.work)
-    if ckpt:
-        return (f"interrupted at step {step}: resume with the same command plus --resume "
-                f"(it continues from the checkpoint of step {Path(ckpt).name.split('-')[1]} in {run.work})")
-    every = f"every {save_steps} steps" if save_steps else "never (train.save_steps=0)"
-    return (f"interrupted at step {step}, before any checkpoint (saved {every}): the same command plus --resume "
-            "starts it again from step 0")
+    every = f" (saved every {save_steps} steps)" if save_steps else " (train.save_steps=0: never saved)"
+    return interrupt_hint(run, f"step {step}", ckpt and f"the checkpoint of step {Path(ckpt).name.split('-')[1]}",
+                          no_checkpoint=every)
 
 
 def resume_checkpoint(run: RunDir) -> str | None:
@@ -328,11 +326,7 @@ def resume_checkpoint(run: RunDir) -> str | None:
         return None
     ckpt = last_checkpoint(run.work)
     step = int(Path(ckpt).name.split("-")[1]) if ckpt else 0
-    if run.is_main:
-        from alignkit.runs import strict_json
-
-        kept = [m for m in run.read_metrics() if m.get("step", 0) <= step]
-        (run.work / "metrics.jsonl").write_text("".join(strict_json(m) + "\n" for m in kept))
+    run.truncate_metrics(step)
     return ckpt
 
 

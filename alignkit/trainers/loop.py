@@ -24,7 +24,7 @@ import torch
 
 from alignkit.errors import TrainingDiverged, UserError
 from alignkit.launch import rank_info
-from alignkit.runs import RunDir, atomic_write_text
+from alignkit.runs import RunDir, atomic_write_text, interrupt_hint
 
 CHECKPOINTS = "checkpoints"  # inside the run's work directory: checkpoints/step-N/
 STATE_FILE = "state.pt"
@@ -37,8 +37,9 @@ class Loop:
     statistics (plain numbers, tensors, lists, dicts) that checkpoints keep and resume restores."""
 
     def __init__(self, run: RunDir, total: int, *, desc: str = "training", unit: str = "step",
-                 progress: bool = True, console: Any | None = None, keep: int = 2):
+                 progress: bool = True, console: Any | None = None, keep: int = 2, resumable: bool = True):
         self.run, self.total, self.desc, self.unit, self.keep = run, total, desc, unit, keep
+        self.resumable = resumable  # False: the trainer takes no --resume (Ctrl-C says --overwrite)
         self.rank = rank_info()
         self.step = 0
         self.stats: dict[str, Any] = {}
@@ -74,9 +75,8 @@ class Loop:
             self._bar = None
         if kind is KeyboardInterrupt and self.run.is_main:
             last = latest_checkpoint(self.run.work)
-            where = f"; the last checkpoint is {last.name} (pass --resume to continue)" if last else ""
-            self._say(f"interrupted after {self.unit} {self.step} of {self.total}: the run is left at "
-                      f"{self.run.work}{where}")
+            self._say(interrupt_hint(self.run, f"{self.unit} {self.step} of {self.total}",
+                                     last and f"the checkpoint {last.name}", resumable=self.resumable))
 
     def advance(self, info: str = "") -> None:
         """One step done: `loop.step += 1` and the progress bar moves (`info`: text shown beside it)."""
@@ -89,7 +89,7 @@ class Loop:
         from rich.markup import escape
 
         (self._console or Console(stderr=True)).print(f"[dim]{escape(self.desc)}:[/dim] {escape(msg)}",
-                                                      highlight=False)
+                                                      highlight=False, soft_wrap=True)  # one line, copyable
 
     # -- time split and metrics -------------------------------------------------------------------
     @contextlib.contextmanager
@@ -165,9 +165,7 @@ class Loop:
             _load_into(obj, state["objects"][name])
         self.step, self.stats, self.times = int(state["step"]), state["stats"], state["times"]
         _set_rng_state(state["rng"])
-        rows = [r for r in self.run.read_metrics() if int(r.get("step", 0)) <= self.step]
-        if self.run.is_main:
-            atomic_write_text(self.run.path("metrics.jsonl"), "".join(_json_line(r) for r in rows))
+        self.run.truncate_metrics(self.step)
         return True
 
     # -- the end ----------------------------------------------------------------------------------
@@ -225,12 +223,6 @@ def _set_rng_state(state: dict[str, Any]) -> None:
     np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _json_line(row: dict[str, Any]) -> str:
-    import json
-
-    return json.dumps(row) + "\n"
 
 
 __all__ = ["COMPLETE", "CHECKPOINTS", "Loop", "STATE_FILE", "latest_checkpoint"]

@@ -279,6 +279,7 @@ def run(cfg: DPOConfig, callbacks: list | None = None, progress: Any | None = No
 
     from alignkit import data
     from alignkit.config import to_yaml
+    from alignkit.errors import UserError
     from alignkit.runs import RunDir
     from alignkit.trainers import _hf
 
@@ -312,7 +313,11 @@ def run(cfg: DPOConfig, callbacks: list | None = None, progress: Any | None = No
     )
     # TRL drops the pairs whose prompt alone fills max_length: count them too
     rows_in = len(splits["train"])
-    dropped |= data.note_dropped(cfg.data.source, rows_in, {"too_long": rows_in - len(trainer.train_dataset)})
+    try:
+        dropped |= data.note_dropped(cfg.data.source, rows_in, {"too_long": rows_in - len(trainer.train_dataset)})
+    except UserError:  # nothing left to train on: leave no DIR.partial behind
+        run_dir.discard()
+        raise
     # -- train and save ----------------------------------------------------------------------------
     return _fit_and_finish(cfg, trainer, setup, run_dir, f"{cfg.pref.loss} {cfg.model.name}",
                            {"loss": cfg.pref.loss, "beta": cfg.pref.beta, "dropped_rows": dropped})

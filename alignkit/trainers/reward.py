@@ -14,6 +14,7 @@ from typing import Any, Literal
 from pydantic import Field, model_validator
 
 from alignkit.config import Block, DataSection, JobConfig, LoraSection, ModelSection, TrainSection
+from alignkit.errors import UserError
 
 # ----------------------------------------------------------------------------------- configs
 
@@ -120,11 +121,17 @@ def _pairs(cfg: RMConfig, dropped: dict[str, int] | None = None):
     return parts["train"], parts["eval"]
 
 
-def _count_too_long(cfg: RMConfig, dropped: dict[str, int], rows_in: int, trainer) -> None:
-    """TRL's RewardTrainer drops the pairs with a side longer than max_length: count them too."""
+def _count_too_long(cfg: RMConfig, dropped: dict[str, int], rows_in: int, trainer, run_dir) -> None:
+    """TRL's RewardTrainer drops the pairs with a side longer than max_length: count them too (and
+    leave no DIR.partial behind when none is left)."""
     from alignkit import data
 
-    dropped |= data.note_dropped(cfg.data.source, rows_in, {"pair_too_long": rows_in - len(trainer.train_dataset)})
+    try:
+        dropped |= data.note_dropped(cfg.data.source, rows_in,
+                                     {"pair_too_long": rows_in - len(trainer.train_dataset)})
+    except UserError:
+        run_dir.discard()
+        raise
 
 
 def _ood(cfg: RMConfig):
@@ -222,7 +229,7 @@ def run(cfg: RMConfig, callbacks: list | None = None, progress: Any | None = Non
         model=model, args=args, train_dataset=train_tokens,
         processing_class=tokenizer, callbacks=[_hf.RunDirMetrics(run_dir, progress), *(callbacks or [])],
     )
-    _count_too_long(cfg, dropped, len(train_ds), trainer)
+    _count_too_long(cfg, dropped, len(train_ds), trainer, run_dir)
 
     # -- train ---------------------------------------------------------------------------------------
     result, parallel = _hf.fit(trainer, run_dir)
@@ -436,7 +443,7 @@ def run_ensemble(cfg: RMEnsembleConfig, callbacks: list | None = None, progress:
         train_dataset=train_tokens, processing_class=tokenizer,
         callbacks=[_hf.RunDirMetrics(run_dir, progress), *(callbacks or [])], ensemble=ensemble, ens=ens,
     )
-    _count_too_long(cfg, dropped, len(train_ds), trainer)
+    _count_too_long(cfg, dropped, len(train_ds), trainer, run_dir)
 
     # -- train ---------------------------------------------------------------------------------------
     result, parallel = _hf.fit(trainer, run_dir)
@@ -506,7 +513,7 @@ def run_eval(run: str, output_dir: str | None = None, overwrite: bool = False, d
     except ValueError as exc:  # pydantic's ValidationError
         raise UserError(f"{cfg_file}: not a valid {command} config ({str(exc).splitlines()[0]})") from None
     out = Path(output_dir or default_dir(f"{cfg.command}-eval"))
-    RunDir.check(out, overwrite, resume=False)
+    RunDir.check(out, overwrite, resume=False, resumable=False)
     scorer = rewards.load_scorer(str(run_path), trust_remote_code=cfg.model.trust_remote_code)
     if data_source:
         pairs, _ = data.load(data_source, kind="pairwise", max_samples=max_samples, seed=seed)

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from alignkit.errors import UserError
+from alignkit.runs import run_readme, strict_json
 from alignkit.trainers.qprobe.config import (
     FEATURES_FILE,
     FORMAT,
@@ -278,7 +279,7 @@ def collect(cfg: CollectConfig, progress: bool = True, console: Any | None = Non
     console = console_or_stderr(console)
     t_start = time.perf_counter()
     out = Path(cfg.output.dir or default_dir("qprobe-collect"))
-    RunDir.check(out, cfg.output.overwrite, resume=False)
+    RunDir.check(out, cfg.output.overwrite, resume=False, resumable=False)
     kind = "pairs" if cfg.pairs else "samples"
     if kind == "pairs":
         ds, _ = data.load(cfg.pairs, kind="pairwise", max_samples=cfg.max_samples, seed=cfg.seed)
@@ -373,14 +374,14 @@ def _write_features(run: Any, tensors: dict[str, torch.Tensor], rows: list[dict]
     from alignkit.runs import atomic_write_text
 
     save_file({k: v.float().contiguous() for k, v in tensors.items()}, str(run.path(FEATURES_FILE)))
-    atomic_write_text(run.path(INDEX_FILE), "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-    atomic_write_text(run.path(META_FILE), json.dumps(meta, indent=2) + "\n")
+    atomic_write_text(run.path(INDEX_FILE), "".join(strict_json(r, ensure_ascii=False) + "\n" for r in rows))
+    atomic_write_text(run.path(META_FILE), strict_json(meta, indent=2) + "\n")
 
 
-_COLLECT_README = """# alignkit qprobe collect
-
-`features.safetensors`: `features` float32 [N, d] (samples) or `chosen` / `rejected` [P, d] (pairs);
-`index.jsonl`: one row per sample (prompt_id, prompt, sample, completion, finished, n_tokens, reward) or
-pair; `meta.json`: model, layer or encoder, d, samples per prompt, reward spec, timings.
-Next: `alignkit qprobe fit THIS_DIR`. See docs/algorithms/qprobe.md.
-"""
+_COLLECT_README = run_readme(
+    "alignkit qprobe collect",
+    '`features.safetensors`: `features` float32 [N, d] (samples) or `chosen` / `rejected` [P, d] (pairs); '
+    '`index.jsonl`: one row per sample (prompt_id, prompt, sample, completion, finished, n_tokens, reward) or '
+    'pair; `meta.json`: model, layer or encoder, d, samples per prompt, reward spec, timings. '
+    'Next: `alignkit qprobe fit THIS_DIR`. See docs/algorithms/qprobe.md.',
+)

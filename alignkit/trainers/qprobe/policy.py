@@ -7,7 +7,6 @@ base pass@1, greedy and the oracle best-of-k (docs/algorithms/qprobe.md).
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import time
@@ -19,6 +18,7 @@ import torch
 
 from alignkit import losses
 from alignkit.errors import UserError
+from alignkit.runs import run_readme, strict_json
 from alignkit.trainers.qprobe.config import ProbeEvalConfig, console_or_stderr, say
 from alignkit.trainers.qprobe.features import feature_spec, load_features, sample_features
 from alignkit.trainers.qprobe.probe import check_compatible, describe_spec, load_probe
@@ -107,7 +107,7 @@ def sample(
             row["reward"] = v
         result["reward_mean"] = float(r.mean())
     out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    atomic_write_text(out, "".join(strict_json(r, ensure_ascii=False) + "\n" for r in rows))
     say(console, f"wrote {len(rows)} chosen completions (k = {k}, β = {beta:g}) to {out}"
                   + (f"; mean reward {result['reward_mean']:+.3f}" if "reward_mean" in result else ""))
     return result
@@ -164,7 +164,7 @@ def evaluate_probes(cfg: ProbeEvalConfig, progress: bool = True, console: Any | 
     console = console_or_stderr(console)
     t0 = time.perf_counter()
     out = Path(cfg.output.dir or default_dir("qprobe-eval"))
-    RunDir.check(out, cfg.output.overwrite, resume=False)
+    RunDir.check(out, cfg.output.overwrite, resume=False, resumable=False)
     feats = load_features(cfg.features)
     if feats.kind != "samples":
         raise UserError(f"'{feats.path}' holds pairs: evaluate on sampled completions (collect without --pairs)")
@@ -221,7 +221,7 @@ def evaluate_probes(cfg: ProbeEvalConfig, progress: bool = True, console: Any | 
     for row in _rows(summary):
         run.log(row)
     if greedy_rows:
-        lines = "".join(json.dumps(x, ensure_ascii=False) + "\n" for x in greedy_rows)
+        lines = "".join(strict_json(x, ensure_ascii=False) + "\n" for x in greedy_rows)
         atomic_write_text(run.path("greedy.jsonl"), lines)
     plot(summary, run.path("plots", "reward_vs_k.png"))
     console.print(table(summary))
@@ -244,12 +244,12 @@ def _rows(summary: dict[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
-_EVAL_README = """# alignkit qprobe eval
-
-`summary.json`: expected reward of each probe policy (per β and k: mean ± se over prompts, analytic
-Σ softmax(Q/β)·r over chunks of k), base pass@1, greedy (when --model was given), oracle best-of-k and
-worst-of-k; `metrics.jsonl`: the same as flat rows; `plots/reward_vs_k.png`; `greedy.jsonl` if computed.
-"""
+_EVAL_README = run_readme(
+    "alignkit qprobe eval",
+    '`summary.json`: expected reward of each probe policy (per β and k: mean ± se over prompts, analytic '
+    'Σ softmax(Q/β)·r over chunks of k), base pass@1, greedy (when --model was given), oracle best-of-k and '
+    'worst-of-k; `metrics.jsonl`: the same as flat rows; `plots/reward_vs_k.png`; `greedy.jsonl` if computed.',
+)
 
 
 def table(summary: dict[str, Any]) -> Any:

@@ -18,6 +18,7 @@ import torch
 
 from alignkit import losses
 from alignkit.errors import UserError
+from alignkit.runs import run_readme, strict_json
 from alignkit.trainers.qprobe.config import PROBE_FILE, PROBE_INFO, FitConfig, console_or_stderr, say
 from alignkit.trainers.qprobe.features import Features, load_features, read_safetensors
 
@@ -147,7 +148,7 @@ def fit(cfg: FitConfig, progress: bool = True, console: Any | None = None) -> di
 
     console = console_or_stderr(console)
     out = Path(cfg.output.dir or default_dir("qprobe-fit"))
-    RunDir.check(out, cfg.output.overwrite, resume=False)
+    RunDir.check(out, cfg.output.overwrite, resume=False, resumable=False)
     feats = load_features(cfg.features)
     r, pidx = _validate_fit(cfg, feats)
     device = models.choose_device(cfg.device)
@@ -224,7 +225,7 @@ def fit(cfg: FitConfig, progress: bool = True, console: Any | None = None) -> di
     step = 0
     per_batch = max(1, cfg.batch_size // cfg.k) if cfg.loss == "pg" else cfg.batch_size
     loop = Loop.open(out, overwrite=cfg.output.overwrite, resume=False, config_yaml=to_yaml(cfg), total=cfg.epochs,
-                     desc="qprobe fit", unit="epoch", progress=progress, console=console)
+                     desc="qprobe fit", unit="epoch", progress=progress, console=console, resumable=False)
     with loop:  # one loop step = one epoch
         t0 = time.perf_counter()
         while loop.step < cfg.epochs:
@@ -270,7 +271,7 @@ def fit(cfg: FitConfig, progress: bool = True, console: Any | None = None) -> di
         run = loop.run
         save_file({k: v.detach().float().cpu().contiguous() for k, v in probe.state_dict().items()},
                   str(run.path(PROBE_FILE)))
-        atomic_write_text(run.path(PROBE_INFO), json.dumps(info, indent=2) + "\n")
+        atomic_write_text(run.path(PROBE_INFO), strict_json(info, indent=2) + "\n")
         loss_plot(history, run.path("plots", "loss.png"), keys=("train_loss", "val_loss"),
                   title=f"Q-probe {cfg.loss} loss (x: epoch)")
         summary = {
@@ -290,10 +291,10 @@ def fit(cfg: FitConfig, progress: bool = True, console: Any | None = None) -> di
     return {**summary, **loop.summary(), "output_dir": str(final)}
 
 
-_FIT_README = """# alignkit qprobe fit
-
-`probe.safetensors` (the probe's weights and the feature mean/std it applies, zeros/ones unless
-standardised) and `probe.json` (d, loss, k, β, baseline, model, layer or encoder, ...);
-`metrics.jsonl`: one row per epoch (train_loss, val_loss, val reward of the argmax / softmax policy at k);
-`plots/loss.png`. Next: `alignkit qprobe eval THIS_DIR --features HELD_OUT` or `alignkit qprobe sample`.
-"""
+_FIT_README = run_readme(
+    "alignkit qprobe fit",
+    "`probe.safetensors` (the probe's weights and the feature mean/std it applies, zeros/ones unless "
+    'standardised) and `probe.json` (d, loss, k, β, baseline, model, layer or encoder, ...); '
+    '`metrics.jsonl`: one row per epoch (train_loss, val_loss, val reward of the argmax / softmax policy at k); '
+    '`plots/loss.png`. Next: `alignkit qprobe eval THIS_DIR --features HELD_OUT` or `alignkit qprobe sample`.',
+)
