@@ -381,7 +381,7 @@ def load_encoder(
         trust_remote_code=trust_remote_code,
     )
     model.to(dev).eval()
-    max_len = min(getattr(model.config, "max_position_embeddings", 512), 512)
+    max_len = min(max_positions(model) or 512, 512)
     return Encoder(model, tokenizer, max_length=max_len)
 
 

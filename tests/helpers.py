@@ -31,3 +31,13 @@ def run_cli(argv: list[str], monkeypatch, capsys) -> tuple[int, str, str]:
         code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
     out, err = capsys.readouterr()
     return code, out, err
+
+
+def one_line_error(code: int, err: str, *words: str) -> str:
+    """The error contract: exit 2, one `error:` line naming `words`, no traceback."""
+    lines = [x for x in err.strip().splitlines() if x.strip()]
+    assert code == 2, (code, err)
+    assert len(lines) == 1 and lines[0].startswith("error:") and "Traceback" not in err, err
+    for word in words:
+        assert word in lines[0], (word, lines[0])
+    return lines[0]

@@ -13,7 +13,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from helpers import Interrupt, run_cli
+from helpers import Interrupt, one_line_error, run_cli
 
 from alignkit.config import to_yaml
 from alignkit.errors import UserError
@@ -21,12 +21,6 @@ from alignkit.runs import MARKER, RunDir
 from alignkit.trainers import _hf, sft
 
 FAST = ["--max-samples", "16", "--max-steps", "3", "--batch-size", "8", "--max-length", "96", "--device", "cpu"]
-
-
-def _one_line_error(code: int, err: str) -> str:
-    assert code == 2, err
-    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
-    return err
 
 
 def _strict(text: str):
@@ -50,7 +44,7 @@ def test_overwrite_refuses_a_directory_that_is_not_a_run(tmp_path: Path, monkeyp
     mine.mkdir()
     (mine / "chapter1.tex").write_text("years of work")
     code, _, err = run_cli(["sft", *FAST, "-o", str(mine), "--overwrite"], monkeypatch, capsys)
-    assert "not an alignkit run" in _one_line_error(code, err)
+    assert "not an alignkit run" in one_line_error(code, err)
     assert (mine / "chapter1.tex").read_text() == "years of work"
     assert not (tmp_path / "thesis.partial").exists()
 
@@ -124,7 +118,7 @@ def test_second_process_on_a_live_run_is_refused_with_the_holders_pid(tmp_path: 
     try:
         for flags in (["--overwrite"], ["--resume"], []):
             code, _, err = run_cli(["sft", *FAST, "-o", str(out), *flags], monkeypatch, capsys)
-            assert f"pid {holder.pid}" in _one_line_error(code, err), err
+            assert f"pid {holder.pid}" in one_line_error(code, err), err
             assert "interrupted run" not in err
         assert (out.with_name("run.partial") / "config.yaml").exists()
     finally:
@@ -140,14 +134,14 @@ def test_second_process_on_a_live_run_is_refused_with_the_holders_pid(tmp_path: 
 def test_diverging_learning_rate_stops_and_leaves_no_finished_run(tmp_path: Path, monkeypatch, capsys):
     out = tmp_path / "run"
     code, _, err = run_cli(["sft", *FAST, "--lr", "1e10", "-o", str(out)], monkeypatch, capsys)
-    assert "diverged at step" in _one_line_error(code, err) and "lower the learning rate" in err
+    assert "diverged at step" in one_line_error(code, err) and "lower the learning rate" in err
     assert not out.exists()
     marker = json.loads((tmp_path / "run.partial" / MARKER).read_text())
     assert marker["diverged"]["step"] >= 1
     for line in (tmp_path / "run.partial" / "metrics.jsonl").read_text().splitlines():
         _strict(line)
     code, _, err = run_cli(["sft", *FAST, "--lr", "1e10", "-o", str(out), "--resume"], monkeypatch, capsys)
-    assert "diverged" in _one_line_error(code, err) and "--overwrite" in err
+    assert "diverged" in one_line_error(code, err) and "--overwrite" in err
 
 
 def test_infinite_beta_is_refused(tmp_path: Path, monkeypatch, capsys):
@@ -158,7 +152,7 @@ def test_infinite_beta_is_refused(tmp_path: Path, monkeypatch, capsys):
     with pytest.raises(ValueError, match="beta"):
         preference.KTOConfig(kto={"beta": float("inf")})
     code, _, err = run_cli(["dpo", "--beta", "inf", "--dry-run", "-o", str(tmp_path / "d")], monkeypatch, capsys)
-    assert "beta" in _one_line_error(code, err)
+    assert "beta" in one_line_error(code, err)
 
 
 def test_summary_and_metrics_are_strict_json(tmp_path: Path):
@@ -184,7 +178,7 @@ def test_resume_refuses_settings_the_checkpoint_cannot_honour(tmp_path: Path, mo
     for change, key in ((["--lr", "1e-4"], "train.learning_rate"), (["--lr", "3e-3", "--lora"], "model.lora.enabled"),
                         (["--lr", "3e-3", "--data", "builtin:pairwise"], "data.source")):
         code, _, err = run_cli([*common, *change], monkeypatch, capsys)
-        assert key in _one_line_error(code, err) and "--resume" in err
+        assert key in one_line_error(code, err) and "--resume" in err
         assert (tmp_path / "run.partial" / "config.yaml").read_text() == saved, "config.yaml must not lie"
     # where things are written and how often may change
     allowed = cfg.model_copy(deep=True)
@@ -240,7 +234,7 @@ def test_output_under_a_file_or_unwritable_is_refused_before_loading(tmp_path: P
     a_file = tmp_path / "results.txt"
     a_file.write_text("x")
     code, _, err = run_cli(["sft", *FAST, "-o", str(a_file / "run")], monkeypatch, capsys)
-    assert "is a file" in _one_line_error(code, err)
+    assert "is a file" in one_line_error(code, err)
     if os.geteuid() == 0:  # root writes through permission bits: use a directory no one can write
         locked = Path("/proc/alignkit-no-such-dir/run")
     else:
@@ -249,15 +243,15 @@ def test_output_under_a_file_or_unwritable_is_refused_before_loading(tmp_path: P
         ro.chmod(0o555)
         locked = ro / "run"
     code, _, err = run_cli(["sft", *FAST, "-o", str(locked)], monkeypatch, capsys)
-    assert "cannot write" in _one_line_error(code, err)
+    assert "cannot write" in one_line_error(code, err)
     assert a_file.read_text() == "x"
 
 
-def test_rm_eval_on_a_policy_run_is_a_one_line_error(tmp_path: Path, monkeypatch, capsys):
+def test_rm_eval_on_a_policy_run_is_aone_line_error(tmp_path: Path, monkeypatch, capsys):
     run = tmp_path / "sft-run"
     RunDir.open(run, False, False, to_yaml(_sft_cfg(run))).finish({"command": "sft"})
     code, _, err = run_cli(["rm", "eval", str(run), "-o", str(tmp_path / "ev")], monkeypatch, capsys)
-    assert "is an `alignkit sft` run; rm eval needs a run of alignkit rm or rm-ensemble" in _one_line_error(code, err)
+    assert "is an `alignkit sft` run; rm eval needs a run of alignkit rm or rm-ensemble" in one_line_error(code, err)
     assert not (tmp_path / "ev").exists() and not (tmp_path / "ev.partial").exists()
 
 

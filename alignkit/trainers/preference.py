@@ -6,7 +6,6 @@ docs/algorithms/dpo.md. The run directory, metrics, resume and save are shared t
 
 from __future__ import annotations
 
-import math
 from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
@@ -17,8 +16,8 @@ TRL_LOSS = {"dpo": "sigmoid", "ipo": "ipo", "sppo-hard": "sppo_hard", "sppo": "s
 
 
 def _positive_beta(section: str, v: float) -> float:
-    if not (v > 0 and math.isfinite(v)):  # β = inf turns every loss into a constant: nothing is learnt
-        raise ValueError(f"{section}.beta: β must be > 0 and finite (got {v})")
+    if not v > 0:  # (inf/nan are refused by config.Block: β = inf would make every loss a constant)
+        raise ValueError(f"{section}.beta: β must be > 0 (got {v})")
     return v
 
 

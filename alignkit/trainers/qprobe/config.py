@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
-from pydantic import ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from alignkit.config import Block, OutputSection
 from alignkit.errors import UserError
@@ -22,8 +22,7 @@ FLOAT32_MAX = 3.4028234663852886e38
 
 
 class Common(Block):
-    # inf / nan are never a valid Q-probe setting (`--lr inf`); config.Block may say so for every block
-    model_config = ConfigDict(allow_inf_nan=False)
+    """Options of every Q-probe step (inf/nan are refused by config.Block, as for every config)."""
 
     device: str = Field("auto", description="auto, cpu, cuda, cuda:N")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="model dtype")
