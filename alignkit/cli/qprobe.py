@@ -8,7 +8,7 @@ from typing import Annotated, Any
 
 import typer
 
-from alignkit.cli.common import DtypeOpt, app, check_output_file, console
+from alignkit.cli.common import DeviceOpt, DtypeOpt, OverwriteOpt, app, check_output_file, console
 
 qprobe_app = typer.Typer(
     help="Q-probe: collect features -> fit a probe -> sample / eval its policy (docs/algorithms/qprobe.md).",
@@ -16,10 +16,8 @@ qprobe_app = typer.Typer(
 )
 app.add_typer(qprobe_app, name="qprobe")
 QpOut = Annotated[str | None, typer.Option("--output-dir", "-o", help="run directory (default runs/qprobe-*-TIME)")]
-QpOverwrite = Annotated[bool | None, typer.Option("--overwrite", help="replace an existing run directory")]
 QpSeed = Annotated[int | None, typer.Option("--seed", help="seed >= 0 (sampling / probe init, split and batches)")]
 QpSet = Annotated[list[str] | None, typer.Option("--set", help="override any config key: --set n=32")]
-QpDevice = Annotated[str | None, typer.Option("--device", help="auto, cpu, cuda, cuda:N")]
 
 
 def _qprobe(fn_name: str, cfg_name: str, sets: list[str] | None, flags: dict[str, Any], origin: str) -> None:
@@ -44,8 +42,8 @@ def qprobe_collect(
     temperature: Annotated[float | None, typer.Option("--temperature", help="sampling temperature")] = None,
     top_p: Annotated[float | None, typer.Option("--top-p", help="nucleus sampling")] = None,
     batch_size: Annotated[int | None, typer.Option("--batch-size", help="sequences per generate call")] = None,
-    seed: QpSeed = None, dtype: DtypeOpt = None, device: QpDevice = None,
-    output_dir: QpOut = None, overwrite: QpOverwrite = None, set_: QpSet = None,
+    seed: QpSeed = None, dtype: DtypeOpt = None, device: DeviceOpt = None,
+    output_dir: QpOut = None, overwrite: OverwriteOpt = None, set_: QpSet = None,
 ) -> None:
     """Sample n completions per prompt, score them, store their features (hidden state or encoder)."""
     flags = {"model": model, "prompts": prompts, "pairs": pairs, "max_samples": max_samples, "n": n, "layer": layer,
@@ -69,8 +67,8 @@ def qprobe_fit(
     standardize: Annotated[bool | None, typer.Option("--standardize/--no-standardize", help="z-score")] = None,
     val_fraction: Annotated[float | None, typer.Option("--val-fraction", help="held-out prompts (0.1)")] = None,
     binary_threshold: Annotated[float | None, typer.Option("--binary-threshold", help="target 1[r > T]")] = None,
-    seed: QpSeed = None, device: QpDevice = None,
-    output_dir: QpOut = None, overwrite: QpOverwrite = None, set_: QpSet = None,
+    seed: QpSeed = None, device: DeviceOpt = None,
+    output_dir: QpOut = None, overwrite: OverwriteOpt = None, set_: QpSet = None,
 ) -> None:
     """Fit a probe on collected features (q, ce, pg or pref loss); seconds, not minutes."""
     flags = {"features": features, "loss": loss, "k": k, "beta": beta, "lr": lr, "weight_decay": weight_decay,
@@ -92,7 +90,7 @@ def qprobe_sample(
     reward: Annotated[str | None, typer.Option("--reward", help="also score the chosen completions")] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", help="sequences per generate call")] = 64,
     seed: Annotated[int, typer.Option("--seed", help="sampling and choice seed")] = 0,
-    dtype: DtypeOpt = None, device: QpDevice = None,
+    dtype: DtypeOpt = None, device: DeviceOpt = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="replace --out if it exists")] = False,
 ) -> None:
     """The probe policy: k samples per prompt, one chosen by softmax(Q/β) (argmax for β = 0)."""
@@ -114,8 +112,8 @@ def qprobe_eval(
     reward: Annotated[str | None, typer.Option("--reward", help="reward for greedy (default: features')")] = None,
     binary_threshold: Annotated[float | None, typer.Option("--binary-threshold", help="score 1[r > T]")] = None,
     batch_size: Annotated[int | None, typer.Option("--batch-size", help="sequences per generate call")] = None,
-    dtype: DtypeOpt = None, device: QpDevice = None,
-    output_dir: QpOut = None, overwrite: QpOverwrite = None,
+    dtype: DtypeOpt = None, device: DeviceOpt = None,
+    output_dir: QpOut = None, overwrite: OverwriteOpt = None,
 ) -> None:
     """Expected reward of probe policies over k and β vs base pass@1, greedy and oracle best-of-k."""
     from alignkit.trainers import qprobe
