@@ -381,14 +381,13 @@ def run(cfg: PolicyEvalConfig, progress: Any | None = None, console: Any | None 
 
     from alignkit import data
     from alignkit.config import to_yaml
-    from alignkit.runs import RunDir, atomic_write_text, default_dir
+    from alignkit.runs import RunDir, atomic_write_text, checked_output
     from alignkit.trainers._hf import quiet_libraries
 
     quiet_libraries()
     console = console or Console()
     t0 = time.perf_counter()
-    out = Path(cfg.output.dir or default_dir("eval"))
-    RunDir.check(out, cfg.output.overwrite, resume=False, resumable=False)  # before any work: can it be written?
+    out = checked_output(cfg.output.dir, cfg.output.overwrite, "eval")  # before any work: can it be written?
     check_specs(cfg.reward, cfg.preference)
     ds, _ = data.load(cfg.prompts, kind="prompts", max_samples=cfg.max_samples, seed=cfg.seed)
     result = evaluate_policies(

@@ -107,13 +107,13 @@ def run(cfg: QuickstartConfig, progress: Any | None = None, console: Any | None 
     from alignkit import data, evaluate, models, pairs
     from alignkit.config import to_yaml
     from alignkit.rewards import OraclePreference
-    from alignkit.runs import RunDir, run_readme
+    from alignkit.runs import RunDir, checked_output, run_readme
     from alignkit.trainers import preference, sft
 
     console = console or Console()
     t0 = time.perf_counter()
-    out = Path(cfg.output.dir or "runs/quickstart")  # a fixed default: `make quickstart` overwrites it
-    RunDir.check(out, cfg.output.overwrite, resume=False, resumable=False)
+    # a fixed default: `make quickstart` overwrites it
+    out = checked_output(cfg.output.dir or "runs/quickstart", cfg.output.overwrite, "quickstart")
     steps = 3 + 2 * cfg.dpo.enabled + cfg.qprobe.enabled
     console.print(f"[bold]1/{steps}[/bold] building the tiny model (cached after the first time)")
     base_dir = models.resolve(cfg.model.name)

@@ -36,6 +36,14 @@ def default_dir(command: str) -> Path:
     return Path("runs") / f"{command}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
+def checked_output(output_dir: str | None, overwrite: bool, command: str) -> Path:
+    """The run directory of a command that does not resume (eval, rm eval, qprobe steps, quickstart):
+    `output_dir` or `runs/<command>-<time>`, checked by `RunDir.check` before any work."""
+    out = Path(output_dir or default_dir(command))
+    RunDir.check(out, overwrite, resume=False, resumable=False)
+    return out
+
+
 def _nonempty(path: Path) -> bool:
     return path.exists() and (not path.is_dir() or any(path.iterdir()))
 

@@ -492,7 +492,7 @@ def run_eval(run: str, output_dir: str | None = None, overwrite: bool = False, d
 
     from alignkit import data, rewards
     from alignkit.errors import UserError
-    from alignkit.runs import RunDir, default_dir
+    from alignkit.runs import RunDir, checked_output
 
     if n_bins < 2:
         raise UserError(f"--bins must be at least 2 (got {n_bins})")
@@ -512,8 +512,7 @@ def run_eval(run: str, output_dir: str | None = None, overwrite: bool = False, d
         cfg = (RMEnsembleConfig if command == "rm-ensemble" else RMConfig).model_validate(tree)
     except ValueError as exc:  # pydantic's ValidationError
         raise UserError(f"{cfg_file}: not a valid {command} config ({str(exc).splitlines()[0]})") from None
-    out = Path(output_dir or default_dir(f"{cfg.command}-eval"))
-    RunDir.check(out, overwrite, resume=False, resumable=False)
+    out = checked_output(output_dir, overwrite, f"{cfg.command}-eval")
     scorer = rewards.load_scorer(str(run_path), trust_remote_code=cfg.model.trust_remote_code)
     if data_source:
         pairs, _ = data.load(data_source, kind="pairwise", max_samples=max_samples, seed=seed)

@@ -272,14 +272,13 @@ def collect(cfg: CollectConfig, progress: bool = True, console: Any | None = Non
     """`alignkit qprobe collect`: validate, sample, score, embed, then write the directory; returns the summary."""
     from alignkit import data, models, rewards
     from alignkit.config import to_yaml
-    from alignkit.runs import RunDir, default_dir
+    from alignkit.runs import RunDir, checked_output
     from alignkit.trainers._hf import quiet_libraries
 
     quiet_libraries()
     console = console_or_stderr(console)
     t_start = time.perf_counter()
-    out = Path(cfg.output.dir or default_dir("qprobe-collect"))
-    RunDir.check(out, cfg.output.overwrite, resume=False, resumable=False)
+    out = checked_output(cfg.output.dir, cfg.output.overwrite, "qprobe-collect")
     kind = "pairs" if cfg.pairs else "samples"
     if kind == "pairs":
         ds, _ = data.load(cfg.pairs, kind="pairwise", max_samples=cfg.max_samples, seed=cfg.seed)

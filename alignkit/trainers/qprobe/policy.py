@@ -157,14 +157,13 @@ def evaluate_probes(cfg: ProbeEvalConfig, progress: bool = True, console: Any | 
     """`alignkit qprobe eval`: validate, compute the table (+ greedy), write the run directory."""
     from alignkit import generation, models, rewards
     from alignkit.config import to_yaml
-    from alignkit.runs import RunDir, atomic_write_text, default_dir
+    from alignkit.runs import RunDir, atomic_write_text, checked_output
     from alignkit.trainers._hf import quiet_libraries
 
     quiet_libraries()
     console = console_or_stderr(console)
     t0 = time.perf_counter()
-    out = Path(cfg.output.dir or default_dir("qprobe-eval"))
-    RunDir.check(out, cfg.output.overwrite, resume=False, resumable=False)
+    out = checked_output(cfg.output.dir, cfg.output.overwrite, "qprobe-eval")
     feats = load_features(cfg.features)
     if feats.kind != "samples":
         raise UserError(f"'{feats.path}' holds pairs: evaluate on sampled completions (collect without --pairs)")

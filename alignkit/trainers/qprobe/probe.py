@@ -142,13 +142,12 @@ def fit(cfg: FitConfig, progress: bool = True, console: Any | None = None) -> di
 
     from alignkit import models
     from alignkit.config import to_yaml
-    from alignkit.runs import RunDir, atomic_write_text, default_dir
+    from alignkit.runs import atomic_write_text, checked_output
     from alignkit.trainers._hf import loss_plot
     from alignkit.trainers.loop import Loop
 
     console = console_or_stderr(console)
-    out = Path(cfg.output.dir or default_dir("qprobe-fit"))
-    RunDir.check(out, cfg.output.overwrite, resume=False, resumable=False)
+    out = checked_output(cfg.output.dir, cfg.output.overwrite, "qprobe-fit")
     feats = load_features(cfg.features)
     r, pidx = _validate_fit(cfg, feats)
     device = models.choose_device(cfg.device)
