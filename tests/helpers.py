@@ -41,3 +41,12 @@ def one_line_error(code: int, err: str, *words: str) -> str:
     for word in words:
         assert word in lines[0], (word, lines[0])
     return lines[0]
+
+
+def assert_python_runs(code: str) -> None:
+    """Run `code` in a fresh interpreter (nothing imported yet) and fail with its stderr if it fails:
+    for the import-layering checks (what a module pulls in at import time)."""
+    import subprocess
+
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import run_cli
+from helpers import assert_python_runs, run_cli
 
 from alignkit.arena import JOIN, build_prompts
 from alignkit.errors import UserError
@@ -164,15 +164,13 @@ def test_max_new_tokens_is_capped_to_the_models_positions(tiny, prompts, capsys)
 
 
 def test_the_default_join_is_the_builtin_tasks_and_the_task_is_not_imported() -> None:
-    import subprocess
-    import sys
 
     from alignkit import arena, generation
 
     assert generation.DEFAULT_JOIN == arena.JOIN
     code = ("import sys, alignkit.models, alignkit.generation, alignkit.evaluate; "
             "sys.exit('alignkit.arena' in sys.modules)")
-    assert subprocess.run([sys.executable, "-c", code], timeout=120).returncode == 0
+    assert_python_runs(code)
     assert not hasattr(generation, "_generate_vllm")
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import assert_python_runs
 from helpers import run_cli as _run
 from safetensors.torch import save_file
 
@@ -386,8 +387,6 @@ def test_a_diverging_fit_stops_and_leaves_no_finished_run(bad, tmp_path, monkeyp
 def test_configs_import_without_torch() -> None:
     """The CLI builds Q-probe configs for --help / validation: alignkit.trainers.qprobe must not import torch
     (the package `alignkit.trainers` itself is stubbed here: its own imports are not this module's concern)."""
-    import subprocess
-    import sys
 
     code = (
         "import sys, types, pathlib, alignkit\n"
@@ -400,8 +399,7 @@ def test_configs_import_without_torch() -> None:
         "assert 'torch' not in sys.modules, 'torch imported'\n"
         "assert set(qprobe.__all__) >= {'fit', 'collect', 'sample', 'evaluate_probes', 'load_probe'}\n"
     )
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr
+    assert_python_runs(code)
 
 
 def test_valid_synthetic_fit_and_python_api_errors(bad, tmp_path, monkeypatch, capsys) -> None:

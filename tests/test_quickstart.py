@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+from helpers import assert_python_runs
 
 from alignkit.cli import recipes_dir, validate_recipe
 from alignkit.quickstart import QuickstartConfig, run
@@ -61,8 +62,6 @@ def test_full_quickstart_sft_beats_untrained(tmp_path: Path, tiny_model_dir):
 
 def test_quickstart_config_imports_without_torch():
     # `alignkit --help`, `recipes validate` and `run --dry-run` read QuickstartConfig: it must not pull in torch
-    import subprocess
-    import sys
 
     code = (
         "import sys\n"
@@ -70,5 +69,4 @@ def test_quickstart_config_imports_without_torch():
         "QuickstartConfig()\n"
         "assert 'torch' not in sys.modules and 'numpy' not in sys.modules\n"
     )
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr
+    assert_python_runs(code)

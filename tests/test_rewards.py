@@ -8,6 +8,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+from helpers import assert_python_runs
 
 from alignkit import arena, models
 from alignkit.errors import UserError
@@ -361,7 +362,6 @@ def test_checked_scores_guards_every_scorer():
 
 
 def test_layering_rewards_and_sandbox_import_no_task_and_no_circle():
-    import subprocess
 
     code = (
         "import sys\n"
@@ -373,5 +373,4 @@ def test_layering_rewards_and_sandbox_import_no_task_and_no_circle():
         "from alignkit import scoring\n"
         "assert Scores is scoring.Scores and Scorer is scoring.Scorer and Preference is scoring.Preference\n"
     )
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr
+    assert_python_runs(code)
