@@ -1,0 +1,164 @@
+"""`alignkit ppo`: PPO raises the gold reward of the SFT policy, resume reproduces the uninterrupted run bit
+for bit (ū of UP-RLHF included), the critic-free advantages and the KL loss run, bad inputs are one line."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import one_line_error, run_cli
+from safetensors.torch import load_file
+
+from alignkit.trainers import ppo
+from alignkit.trainers.loop import Loop
+
+
+def _cfg(out: Path, model: str = "tiny", **ppo_over) -> ppo.PPOConfig:
+    return ppo.PPOConfig(
+        model={"name": str(model), "device": "cpu"},
+        data={"max_samples": 64},
+        ppo={"iterations": 4, "prompts_per_iteration": 4, "k": 2, "max_new_tokens": 8, "minibatch_size": 4,
+             "ppo_epochs": 2, **ppo_over},
+        train={"learning_rate": 1e-4, "save_steps": 2},
+        output={"dir": str(out)},
+    )
+
+
+def _metrics(run: Path) -> list[dict]:
+    rows = map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+    return [{k: v for k, v in m.items() if not k.startswith("time_")} for m in rows]
+
+
+def test_ppo_raises_the_gold_reward_of_the_sft_policy(tmp_path: Path, sft_tiny_dir):
+    cfg = ppo.PPOConfig(
+        model={"name": str(sft_tiny_dir), "device": "cpu"}, data={"max_samples": 256},
+        ppo={"iterations": 15, "prompts_per_iteration": 32, "max_new_tokens": 40, "minibatch_size": 16,
+             "ppo_epochs": 4, "kl_coef": 0.02},
+        train={"learning_rate": 1e-4, "save_steps": 0}, output={"dir": str(tmp_path / "run")},
+    )
+    summary = ppo.run(cfg)
+    out = Path(summary["output_dir"])
+    gold = [m["gold"] for m in _metrics(out)]
+    assert len(gold) == 15 and summary["iterations"] == 15
+    first, last = sum(gold[:4]) / 4, sum(gold[-4:]) / 4
+    assert last > first + 0.15, gold
+    row = _metrics(out)[-1]
+    for key in ("reward", "kl_k1", "kl_k3", "entropy", "clipfrac", "value_loss", "explained_variance", "length",
+                "eos_rate"):
+        assert key in row, key
+    times = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+    assert all(times[f"time_{t}_s"] > 0 for t in ("rollout", "score", "reference_value", "update"))
+    assert (out / "model" / "model.safetensors").is_file() and (out / "model" / "tokenizer.json").is_file()
+    assert (out / "plots" / "reward_vs_kl.png").stat().st_size > 0 and not (out / "checkpoints").exists()
+
+
+def _interrupt_at(monkeypatch, iteration: int) -> None:
+    """Ctrl-C right after `iteration` is logged: with save_steps=2 and iteration 3, the checkpoint of
+    iteration 2 is the one to resume from and iteration 3 is done again."""
+    real_log = Loop.log
+
+    def log(self, row):
+        out = real_log(self, row)
+        if self.step == iteration:
+            raise KeyboardInterrupt
+        return out
+
+    monkeypatch.setattr(Loop, "log", log)
+
+
+@pytest.mark.parametrize("advantage", ["gae", "rloo"])
+def test_resume_reproduces_the_uninterrupted_run_bit_for_bit(tmp_path: Path, tiny_model_dir, monkeypatch, advantage):
+    straight = ppo.run(_cfg(tmp_path / "a", advantage=advantage))
+    with monkeypatch.context() as m:
+        _interrupt_at(m, 3)  # past the checkpoint of iteration 2: iteration 3 is lost and redone
+        with pytest.raises(KeyboardInterrupt):
+            ppo.run(_cfg(tmp_path / "b", advantage=advantage))
+    assert (tmp_path / "b.partial" / "checkpoints" / "step-2").is_dir() and not (tmp_path / "b").exists()
+    again = _cfg(tmp_path / "b", advantage=advantage)
+    again.output.resume = True
+    resumed = ppo.run(again)
+    assert resumed["iterations"] == straight["iterations"] == 4
+    wa = load_file(str(tmp_path / "a" / "model" / "model.safetensors"))
+    wb = load_file(str(tmp_path / "b" / "model" / "model.safetensors"))
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert _metrics(tmp_path / "a") == _metrics(tmp_path / "b")
+    assert [m["step"] for m in _metrics(tmp_path / "b")] == [1, 2, 3, 4]
+
+
+@pytest.mark.parametrize("advantage", ["grpo", "rloo"])
+def test_critic_free_advantages_run_from_the_cli(tmp_path: Path, tiny_model_dir, monkeypatch, capsys, advantage):
+    out = tmp_path / advantage
+    code, _, err = run_cli(["ppo", "--model", "tiny", "--device", "cpu", "--advantage", advantage, "--k", "2",
+                            "--iterations", "2", "--prompts-per-iteration", "3", "--max-new-tokens", "8",
+                            "--max-samples", "16", "-o", str(out)], monkeypatch, capsys)
+    assert code == 0, err
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["iterations"] == 2 and summary["advantage"] == advantage
+    rows = _metrics(out)
+    assert len(rows) == 2 and "value_loss" not in rows[0] and "clipfrac" in rows[0]
+
+
+def test_kl_loss_mode_runs(tmp_path: Path, tiny_model_dir):
+    summary = ppo.run(_cfg(tmp_path / "run", kl_mode="loss", beta1=0.1, iterations=2))
+    rows = _metrics(Path(summary["output_dir"]))
+    assert len(rows) == 2 and all(m["kl_loss"] >= 0 for m in rows) and rows[1]["kl_loss"] > 0
+    assert rows[0]["kl_k1"] == rows[0]["kl_k3"] == 0.0  # the rollout of iteration 1 comes from the reference itself
+
+
+@pytest.fixture(scope="module")
+def tiny_ensemble(tmp_path_factory, tiny_model_dir) -> Path:
+    """A 2-member reward-LoRA ensemble trained for a few steps: enough for its members to disagree."""
+    from alignkit.trainers import reward
+
+    out = tmp_path_factory.mktemp("ens") / "run"
+    reward.run_ensemble(reward.RMEnsembleConfig(
+        model={"name": "tiny", "device": "cpu", "lora": {"r": 4, "alpha": 8}},
+        data={"source": "builtin:pairwise", "max_samples": 64},
+        train={"learning_rate": 1e-2, "epochs": 1, "batch_size": 16, "max_length": 64, "logging_steps": 2},
+        ensemble={"n_members": 2, "lam": 0.1}, eval={"ood_max_samples": 8}, output={"dir": str(out)},
+    ))
+    return out
+
+
+def test_up_rlhf_penalises_uncertainty_and_resumes_the_running_mean(tmp_path: Path, tiny_ensemble, monkeypatch):
+    over = {"reward": str(tiny_ensemble), "beta2": 0.5, "kl_mode": "loss", "beta1": 0.05}
+    straight = ppo.run(_cfg(tmp_path / "a", **over))
+    rows = _metrics(tmp_path / "a")
+    assert all(m["u"] > 0 for m in rows) and "gold" in rows[0]  # a proxy on the built-in task: gold logged too
+    # ū is the running mean of u over every sample so far: with equal batches, the mean of the batch means
+    for i, m in enumerate(rows):
+        assert m["u_bar"] == pytest.approx(sum(r["u"] for r in rows[: i + 1]) / (i + 1), rel=1e-6)
+    with monkeypatch.context() as m:
+        _interrupt_at(m, 3)
+        with pytest.raises(KeyboardInterrupt):
+            ppo.run(_cfg(tmp_path / "b", **over))
+    again = _cfg(tmp_path / "b", **over)
+    again.output.resume = True
+    ppo.run(again)
+    assert _metrics(tmp_path / "a") == _metrics(tmp_path / "b") and straight["iterations"] == 4
+
+
+def _empty(tmp: Path) -> str:
+    (tmp / "empty.jsonl").write_text("")
+    return str(tmp / "empty.jsonl")
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--beta1", "-1"], ["beta1"]),
+    (["--beta2", "-0.5"], ["beta2"]),
+    (["--beta2", "0.1"], ["beta2", "gold", "members"]),
+    (["--advantage", "rloo"], ["ppo.k", "2"]),
+    (["--advantage", "grpo", "--k", "1"], ["ppo.k"]),
+    (["--kl-mode", "loss", "--kl-coef", "0.1"], ["kl_coef", "kl_mode"]),
+    (["--set", "model.lora.enabled=true"], ["lora"]),
+    ("EMPTY", ["empty.jsonl"]),
+])
+def test_bad_inputs_are_one_line(tmp_path: Path, monkeypatch, capsys, args, words):
+    if args == "EMPTY":
+        args = ["--data", _empty(tmp_path)]
+    out = tmp_path / "run"
+    code, _, err = run_cli(["ppo", "--model", "tiny", "--device", "cpu", "-o", str(out), *args], monkeypatch, capsys)
+    one_line_error(code, err, *words)
+    assert not out.exists() and not (tmp_path / "run.partial").exists()
