@@ -162,3 +162,13 @@ def test_bad_inputs_are_one_line(tmp_path: Path, monkeypatch, capsys, args, word
     code, _, err = run_cli(["ppo", "--model", "tiny", "--device", "cpu", "-o", str(out), *args], monkeypatch, capsys)
     one_line_error(code, err, *words)
     assert not out.exists() and not (tmp_path / "run.partial").exists()
+
+
+@pytest.mark.parametrize("recipe", ["ppo-tiny", "up-rlhf-tiny"])
+def test_recipes_run_shortened(tmp_path: Path, tiny_model_dir, monkeypatch, capsys, recipe):
+    out = tmp_path / recipe
+    code, _, err = run_cli(["run", recipe, "ppo.iterations=2", "ppo.prompts_per_iteration=4", "ppo.max_new_tokens=8",
+                            "model.device=cpu", f"output.dir={out}"], monkeypatch, capsys)
+    assert code == 0, err
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["iterations"] == 2 and (out / "model" / "model.safetensors").is_file()
