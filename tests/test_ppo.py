@@ -11,6 +11,7 @@ import torch
 from helpers import one_line_error, run_cli
 from safetensors.torch import load_file
 
+from alignkit import models
 from alignkit.trainers import ppo
 from alignkit.trainers.loop import Loop
 
@@ -43,6 +44,7 @@ def test_ppo_raises_the_gold_reward_of_the_sft_policy(tmp_path: Path, sft_tiny_d
     gold = [m["gold"] for m in _metrics(out)]
     assert len(gold) == 15 and summary["iterations"] == 15
     first, last = sum(gold[:4]) / 4, sum(gold[-4:]) / 4
+    print("gold per iteration:", [round(g, 3) for g in gold])
     assert last > first + 0.15, gold
     row = _metrics(out)[-1]
     for key in ("reward", "kl_k1", "kl_k3", "entropy", "clipfrac", "value_loss", "explained_variance", "length",
@@ -52,6 +54,7 @@ def test_ppo_raises_the_gold_reward_of_the_sft_policy(tmp_path: Path, sft_tiny_d
     assert all(times[f"time_{t}_s"] > 0 for t in ("rollout", "score", "reference_value", "update"))
     assert (out / "model" / "model.safetensors").is_file() and (out / "model" / "tokenizer.json").is_file()
     assert (out / "plots" / "reward_vs_kl.png").stat().st_size > 0 and not (out / "checkpoints").exists()
+    models.load_causal_lm(str(out), device="cpu")  # what `alignkit eval DIR` loads
 
 
 def _interrupt_at(monkeypatch, iteration: int) -> None:

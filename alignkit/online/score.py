@@ -26,8 +26,9 @@ def has_members(scorer: Any) -> bool:
 def check_uncertainty(scorer: Any, spec: str, beta2: float) -> None:
     """UP-RLHF's penalty β2·(u − ū) needs an ensemble: β2 > 0 with any other scorer is one `UserError`."""
     if beta2 > 0 and not has_members(scorer):
-        raise UserError(f"ppo.beta2={beta2} needs an ensemble reward (the penalty is on the members' spread), but "
-                        f"'{spec}' has no members: pass an `alignkit rm-ensemble` run as ppo.reward, or set ppo.beta2=0")
+        raise UserError(f"ppo.beta2={beta2} needs an ensemble reward (the penalty is on the members' spread), "
+                        f"but '{spec}' has no members: pass an `alignkit rm-ensemble` run as ppo.reward, "
+                        "or set ppo.beta2=0")
 
 
 __all__ = ["check_uncertainty", "has_members", "score"]

@@ -19,6 +19,10 @@ bit-exactly). The maths are the pure functions of `alignkit.rl_losses`; the roll
   is off in every model (as OpenRLHF), so that the ratio is exactly 1 before the first step; no reward
   whitening, no adaptive KL controller, no learning-rate schedule, no entropy bonus (entropy is logged).
   Full fine-tuning on one process only: LoRA and multi-process launches are refused with one line.
+  The weights train in the dtype they load in (model.dtype; auto is bf16 on a capable GPU, with no fp32
+  master copy): set model.dtype=float32 for small learning rates on a GPU.
+- Time split: `rollout` (sampling), `reference_value` (the teacher-forced forwards of the policy for π_old,
+  the reference and the critic), `score`, `update`.
 """
 
 from __future__ import annotations
@@ -40,7 +44,8 @@ class PPOTrainSection(Block):
     """The optimiser and run bookkeeping. One step of the loop is one PPO iteration."""
 
     learning_rate: float = Field(1e-5, gt=0.0, description="policy learning rate (AdamW)")
-    critic_learning_rate: float | None = Field(None, gt=0.0, description="critic learning rate (default: learning_rate)")
+    critic_learning_rate: float | None = Field(None, gt=0.0,
+                                               description="critic learning rate (default: learning_rate)")
     max_grad_norm: float = Field(1.0, gt=0.0, description="clip each model's gradient norm to this")
     save_steps: int = Field(10, ge=0, description="checkpoint every N iterations for --resume (0: none)")
     seed: int = Field(42, ge=0, description="seed of sampling, minibatch order and prompt order")
@@ -118,6 +123,7 @@ def iteration_seed(seed: int, iteration: int) -> int:
 def run(cfg: PPOConfig, progress: Any | None = None) -> dict[str, Any]:
     """Train; returns the summary (also written to summary.json)."""
     import copy
+    import shutil
 
     import torch
 
@@ -174,7 +180,8 @@ def run(cfg: PPOConfig, progress: Any | None = None) -> dict[str, Any]:
             # -- score: the proxy reward (and the gold one, for the plot) -----------------------------
             with loop.timer("score"):
                 scores = score.score(scorer, batch)
-                gold_mean = float(score.score(gold, batch).mean.mean()) if gold is not None else None
+                gold_mean = (float(score.score(gold, batch).mean.mean()) if gold is not None
+                             else float(scores.mean.mean()) if p.reward == "gold" else None)
             u_bar.update(scores.uncertainty)
             seq_reward = (rl.uncertainty_penalised_reward(scores.mean, scores.uncertainty, u_bar.mean, p.beta2)
                           if p.beta2 > 0 else scores.mean)
@@ -230,8 +237,7 @@ def run(cfg: PPOConfig, progress: Any | None = None) -> dict[str, Any]:
             kl = rl.kl_estimates(lp, ref, mask)
             last = {
                 "reward": float(scores.mean.mean()),
-                **({"gold": gold_mean if gold is not None else float(scores.mean.mean())}
-                   if gold is not None or p.reward == "gold" else {}),
+                **({"gold": gold_mean} if gold_mean is not None else {}),
                 **({"reward_penalised": float(seq_reward.mean()), "u": float(scores.uncertainty.mean()),
                     "u_bar": u_bar.mean} if score.has_members(scorer) else {}),
                 "kl_k1": float(kl["k1"].mean()), "kl_k3": float(kl["k3"].mean()),
@@ -254,8 +260,6 @@ def run(cfg: PPOConfig, progress: Any | None = None) -> dict[str, Any]:
     tokenizer.save_pretrained(str(loop.run.path("model")))
     metrics = loop.run.read_metrics()
     _plot(metrics, loop.run.path("plots", "reward_vs_kl.png"), title=f"PPO {cfg.model.name} ({p.reward})")
-    import shutil
-
     shutil.rmtree(loop.run.path("checkpoints"), ignore_errors=True)
     first = metrics[0] if metrics else {}
     summary = {
@@ -298,7 +302,8 @@ def _readme(cfg: PPOConfig, summary: dict[str, Any]) -> str:
         "PPO run",
         f"Policy: `{cfg.model.name}`; prompts: `{cfg.data.source}`; reward: `{p.reward}`"
         f"{f', uncertainty penalty β2={p.beta2}' if p.beta2 else ''}; advantage {p.advantage}, {kl}.",
-        f"{summary['iterations']} iterations; proxy reward {summary['first_reward']:.3f} → {summary['last_reward']:.3f}, "
+        f"{summary['iterations']} iterations; proxy reward {summary['first_reward']:.3f} → "
+        f"{summary['last_reward']:.3f}, "
         f"KL (k1) {summary['last_kl_k1']:.3f} at the end. Curves: plots/reward_vs_kl.png, metrics.jsonl.",
         "Load the policy with `alignkit generate --model <this dir>/model`; evaluate it with `alignkit eval`.",
     )
