@@ -175,3 +175,18 @@ def test_recipes_run_shortened(tmp_path: Path, tiny_model_dir, monkeypatch, caps
     assert code == 0, err
     summary = json.loads((out / "summary.json").read_text())
     assert summary["iterations"] == 2 and (out / "model" / "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("module, body, words", [
+    ("nan_reward", "[float('nan')] * len(completions)", ["nan_reward:reward", "NaN"]),
+    ("short_reward", "[0.0]", ["short_reward:reward", "1 scores for"]),
+])
+def test_a_reward_that_returns_nan_or_the_wrong_count_is_one_line(tmp_path: Path, tiny_model_dir, monkeypatch,
+                                                                  capsys, module, body, words):
+    (tmp_path / f"{module}.py").write_text(f"def reward(prompts, completions):\n    return {body}\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    code, _, err = run_cli(["ppo", "--model", "tiny", "--device", "cpu", "--reward", f"{module}:reward",
+                            "--iterations", "1", "--prompts-per-iteration", "2", "--max-new-tokens", "4",
+                            "-o", str(tmp_path / "run")], monkeypatch, capsys)
+    one_line_error(code, err, *words)
+    assert not (tmp_path / "run").exists()  # the unfinished run stays in run.partial, never looks finished

@@ -75,7 +75,8 @@ class PPOSection(Block):
     vf_clip: float = Field(0.2, gt=0.0, description="value clip around the rollout's values")
     ppo_epochs: int = Field(4, ge=1, description="passes over each rollout batch")
     minibatch_size: int = Field(8, ge=1, description="sequences per optimiser step")
-    whiten_advantages: bool = Field(True, description="whiten the advantages of each rollout batch")
+    whiten_advantages: bool = Field(True, description="whiten the advantages of each rollout batch over its "
+                                    "completion tokens (TRL's GRPO/RLOO do not: false to compare with them)")
     max_new_tokens: int = Field(48, ge=1, description="completion tokens per sample")
     temperature: float = Field(1.0, gt=0.0, description="sampling temperature (log-probs use the same)")
 
