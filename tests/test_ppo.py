@@ -71,20 +71,27 @@ def _interrupt_at(monkeypatch, iteration: int) -> None:
     monkeypatch.setattr(Loop, "log", log)
 
 
-@pytest.mark.parametrize("advantage", ["gae", "rloo"])
-def test_resume_reproduces_the_uninterrupted_run_bit_for_bit(tmp_path: Path, tiny_model_dir, monkeypatch, advantage):
-    straight = ppo.run(_cfg(tmp_path / "a", advantage=advantage))
+@pytest.mark.parametrize("advantage, lora", [("gae", False), ("rloo", False), ("gae", True)])
+def test_resume_reproduces_the_uninterrupted_run_bit_for_bit(tmp_path: Path, tiny_model_dir, monkeypatch, advantage,
+                                                             lora):
+    def cfg(out: Path) -> ppo.PPOConfig:
+        c = _cfg(out, advantage=advantage)
+        c.model.lora.enabled = lora
+        return c
+
+    straight = ppo.run(cfg(tmp_path / "a"))
     with monkeypatch.context() as m:
         _interrupt_at(m, 3)  # past the checkpoint of iteration 2: iteration 3 is lost and redone
         with pytest.raises(KeyboardInterrupt):
-            ppo.run(_cfg(tmp_path / "b", advantage=advantage))
+            ppo.run(cfg(tmp_path / "b"))
     assert (tmp_path / "b.partial" / "checkpoints" / "step-2").is_dir() and not (tmp_path / "b").exists()
-    again = _cfg(tmp_path / "b", advantage=advantage)
+    again = cfg(tmp_path / "b")
     again.output.resume = True
     resumed = ppo.run(again)
     assert resumed["iterations"] == straight["iterations"] == 4
-    wa = load_file(str(tmp_path / "a" / "model" / "model.safetensors"))
-    wb = load_file(str(tmp_path / "b" / "model" / "model.safetensors"))
+    weights = "adapter_model.safetensors" if lora else "model.safetensors"
+    wa = load_file(str(tmp_path / "a" / "model" / weights))
+    wb = load_file(str(tmp_path / "b" / "model" / weights))
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
     assert _metrics(tmp_path / "a") == _metrics(tmp_path / "b")
     assert [m["step"] for m in _metrics(tmp_path / "b")] == [1, 2, 3, 4]
@@ -155,7 +162,7 @@ def _empty(tmp: Path) -> str:
     (["--advantage", "rloo"], ["ppo.k", "2"]),
     (["--advantage", "grpo", "--k", "1"], ["ppo.k"]),
     (["--kl-mode", "loss", "--kl-coef", "0.1"], ["kl_coef", "kl_mode"]),
-    (["--set", "model.lora.enabled=true"], ["lora"]),
+    (["--set", "launch.num_processes=2"], ["num_processes"]),
     ("EMPTY", ["empty.jsonl"]),
 ])
 def test_bad_inputs_are_one_line(tmp_path: Path, monkeypatch, capsys, args, words):
@@ -190,3 +197,21 @@ def test_a_reward_that_returns_nan_or_the_wrong_count_is_one_line(tmp_path: Path
                             "-o", str(tmp_path / "run")], monkeypatch, capsys)
     one_line_error(code, err, *words)
     assert not (tmp_path / "run").exists()  # the unfinished run stays in run.partial, never looks finished
+
+
+def test_lora_policy_uses_its_base_as_the_reference_and_saves_an_adapter(tmp_path: Path, tiny_model_dir):
+    cfg = _cfg(tmp_path / "lora", iterations=3)
+    cfg.model.lora.enabled = True
+    cfg.train.learning_rate = 1e-2
+    summary = ppo.run(cfg)
+    out = Path(summary["output_dir"])
+    assert summary["lora"] and summary["trainable_params"] < 0.2 * summary["total_params"]
+    rows = _metrics(out)
+    # iteration 1 samples from the untouched adapter (B = 0): policy = reference; then the adapter moves
+    # away from the base it is compared with
+    assert rows[0]["kl_k1"] == 0.0 and rows[-1]["kl_k3"] > 0 and "value_loss" in rows[-1]
+    model_dir = out / "model"
+    assert (model_dir / "adapter_model.safetensors").is_file() and not (model_dir / "model.safetensors").exists()
+    merged, _ = models.load_causal_lm(str(out), device="cpu")  # run dir -> adapter -> merged
+    base, _ = models.load_causal_lm(str(tiny_model_dir), device="cpu")
+    assert any(not torch.equal(a, b) for a, b in zip(merged.state_dict().values(), base.state_dict().values()))

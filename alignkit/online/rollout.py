@@ -20,6 +20,7 @@ from), as TRL's trainers do.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -111,11 +112,17 @@ def token_logprobs(logits: torch.Tensor, batch: Batch, rows: torch.Tensor | slic
 
 class Critic(torch.nn.Module):
     """The value model: the transformer body of its own copy of the policy and a linear head on the
-    last hidden state (zero-initialised: V ≡ 0 at the start, so the first advantages are the returns)."""
+    last hidden state (zero-initialised: V ≡ 0 at the start, so the first advantages are the returns).
+    With `lora`, the body is frozen and trains its own LoRA adapter (peft FEATURE_EXTRACTION); the head
+    always trains."""
 
-    def __init__(self, lm: Any) -> None:
+    def __init__(self, lm: Any, lora: Any | None = None) -> None:
         super().__init__()
         self.body = lm.base_model  # the decoder without its LM head
+        if lora is not None:
+            from alignkit.models import apply_lora
+
+            self.body = apply_lora(self.body, lora, "FEATURE_EXTRACTION")
         self.head = torch.nn.Linear(lm.config.hidden_size, 1)
         torch.nn.init.zeros_(self.head.weight)
         torch.nn.init.zeros_(self.head.bias)
@@ -132,15 +139,18 @@ class Critic(torch.nn.Module):
 
 
 @torch.no_grad()
-def score_tokens(batch: Batch, policy: Any, reference: Any, critic: Critic | None, temperature: float,
+def score_tokens(batch: Batch, policy: Any, reference: Any | None, critic: Critic | None, temperature: float,
                  minibatch: int) -> None:
     """Fill `batch.logprobs` (π_old), `batch.ref_logprobs` and, with a critic, `batch.values`: one
-    teacher-forced forward of each model over the batch (in chunks of `minibatch` rows), on CPU after."""
+    teacher-forced forward of each model over the batch (in chunks of `minibatch` rows), on CPU after.
+    `reference` None: the policy is a peft LoRA model and the reference is its base, adapters disabled."""
     lp, ref, val = [], [], []
     for lo in range(0, len(batch), minibatch):
         rows = slice(lo, lo + minibatch)
         lp.append(token_logprobs(completion_logits(policy, batch, rows, temperature), batch, rows).cpu())
-        ref.append(token_logprobs(completion_logits(reference, batch, rows, temperature), batch, rows).cpu())
+        with policy.disable_adapter() if reference is None else contextlib.nullcontext():
+            ref_logits = completion_logits(reference or policy, batch, rows, temperature)
+        ref.append(token_logprobs(ref_logits, batch, rows).cpu())
         if critic is not None:
             val.append(critic.values(batch, rows).cpu())
     batch.logprobs, batch.ref_logprobs = torch.cat(lp), torch.cat(ref)

@@ -18,7 +18,10 @@ bit-exactly). The maths are the pure functions of `alignkit.rl_losses`; the roll
   log-probs come from a teacher-forced forward, not from `generate` (alignkit.online.rollout); dropout
   is off in every model (as OpenRLHF), so that the ratio is exactly 1 before the first step; no reward
   whitening, no adaptive KL controller, no learning-rate schedule, no entropy bonus (entropy is logged).
-  Full fine-tuning on one process only: LoRA and multi-process launches are refused with one line.
+  One process only: multi-process launches are refused with one line.
+- Full fine-tuning keeps separate copies of policy, reference and critic. With LoRA (model.lora) the
+  reference is the policy's own frozen base with its adapter disabled, and the critic is a second copy
+  of the base with its own adapter and the value head (the issue's fully shared base is not built).
   The weights train in the dtype they load in (model.dtype; auto is bf16 on a capable GPU, with no fp32
   master copy): set model.dtype=float32 for small learning rates on a GPU.
 - Time split: `rollout` (sampling), `reference_value` (the teacher-forced forwards of the policy for π_old,
@@ -105,8 +108,6 @@ class PPOConfig(JobConfig):
             if name in p.model_fields_set and getattr(p, switch) != value:
                 raise ValueError(f"ppo.{name} acts only with ppo.{switch}={value} (got ppo.{switch}="
                                  f"{getattr(p, switch)}): drop it or change ppo.{switch}")
-        if self.model.lora.enabled:
-            raise ValueError("ppo fine-tunes all weights: model.lora.enabled is not supported yet (set it to false)")
         if self.launch.num_processes != 1 or self.launch.accelerate_config is not None:
             raise ValueError("ppo runs in one process: launch.num_processes > 1 and launch.accelerate_config are "
                              "not supported yet")
@@ -147,16 +148,22 @@ def run(cfg: PPOConfig, progress: Any | None = None) -> dict[str, Any]:
     # the built-in task has a gold reward: with a proxy scorer, log it too (over-optimisation shows)
     gold = rewards.load_scorer("gold") if p.reward != "gold" and cfg.data.source == "builtin:prompts" else None
 
-    torch.manual_seed(cfg.train.seed)
+    torch.manual_seed(cfg.train.seed)  # LoRA A matrices are initialised from the global RNG
     load = dict(dtype=cfg.model.dtype, device=cfg.model.device, trust_remote_code=cfg.model.trust_remote_code)
-    policy, tokenizer = models.load_causal_lm(cfg.model.name, **load)
-    reference = copy.deepcopy(policy).requires_grad_(False)  # π_ref = π_SFT: the starting policy, frozen
-    critic = rollout.Critic(models.load_causal_lm(cfg.model.name, **load)[0]) if p.advantage == "gae" else None
+    lora = models.LoraSpec(**cfg.model.lora.model_dump(exclude={"enabled"})) if cfg.model.lora.enabled else None
+    policy, tokenizer = models.load_causal_lm(cfg.model.name, lora=lora, **load)
+    # π_ref = π_SFT, the starting policy, frozen: with LoRA the policy's own base with its adapter disabled
+    # (None), else a copy
+    reference = None if lora else copy.deepcopy(policy).requires_grad_(False)
+    critic = (rollout.Critic(models.load_causal_lm(cfg.model.name, **load)[0], lora)
+              if p.advantage == "gae" else None)
     for m in (policy, reference, critic):
         if m is not None:
             m.eval()  # dropout off everywhere: the ratio is 1 before the first step (gradients still flow)
-    opt = torch.optim.AdamW(policy.parameters(), lr=cfg.train.learning_rate)
-    critic_opt = (torch.optim.AdamW(critic.parameters(), lr=cfg.train.critic_learning_rate or cfg.train.learning_rate)
+    trainable, total = models.trainable_parameters(policy)
+    opt = torch.optim.AdamW([q for q in policy.parameters() if q.requires_grad], lr=cfg.train.learning_rate)
+    critic_opt = (torch.optim.AdamW([q for q in critic.parameters() if q.requires_grad],
+                                    lr=cfg.train.critic_learning_rate or cfg.train.learning_rate)
                   if critic is not None else None)
     u_bar = rl.RunningMean()  # ū of UP-RLHF eq. 14
 
@@ -265,7 +272,8 @@ def run(cfg: PPOConfig, progress: Any | None = None) -> dict[str, Any]:
     first = metrics[0] if metrics else {}
     summary = {
         "command": "ppo", "model": cfg.model.name, "reward": p.reward, "advantage": p.advantage,
-        "kl_mode": p.kl_mode, "iterations": loop.step,
+        "kl_mode": p.kl_mode, "iterations": loop.step, "lora": lora is not None,
+        "trainable_params": trainable, "total_params": total,
         "first_reward": first.get("reward"), "last_reward": last.get("reward"),
         "first_gold": first.get("gold"), "last_gold": last.get("gold"),
         "peak_gold": max((m["gold"] for m in metrics if m.get("gold") is not None), default=None),
@@ -299,10 +307,11 @@ def _readme(cfg: PPOConfig, summary: dict[str, Any]) -> str:
 
     p = cfg.ppo
     kl = f"KL in the reward (β={p.kl_coef})" if p.kl_mode == "reward" else f"k2 KL loss (β1={p.beta1})"
+    tuned = f"LoRA r={cfg.model.lora.r} (DIR/model is a peft adapter)" if cfg.model.lora.enabled else "full fine-tuning"
     return run_readme(
         "PPO run",
         f"Policy: `{cfg.model.name}`; prompts: `{cfg.data.source}`; reward: `{p.reward}`"
-        f"{f', uncertainty penalty β2={p.beta2}' if p.beta2 else ''}; advantage {p.advantage}, {kl}.",
+        f"{f', uncertainty penalty β2={p.beta2}' if p.beta2 else ''}; advantage {p.advantage}, {kl}; {tuned}.",
         f"{summary['iterations']} iterations; proxy reward {summary['first_reward']:.3f} → "
         f"{summary['last_reward']:.3f}, "
         f"KL (k1) {summary['last_kl_k1']:.3f} at the end. Curves: plots/reward_vs_kl.png, metrics.jsonl.",
