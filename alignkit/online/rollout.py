@@ -21,7 +21,7 @@ from), as TRL's trainers do.
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -45,7 +45,6 @@ class Batch:
     logprobs: torch.Tensor | None = None  # (B, C) π_old, filled by `score_tokens`
     ref_logprobs: torch.Tensor | None = None  # (B, C) π_ref
     values: torch.Tensor | None = None  # (B, C) V(s_t), PPO only
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.completions)

@@ -104,6 +104,9 @@ class PPOConfig(JobConfig):
         if p.advantage != "gae" and p.k < 2:
             raise ValueError(f"ppo.advantage={p.advantage} compares the k samples of a prompt: set ppo.k to 2 or more "
                              f"(got {p.k})")
+        if p.prompts_per_iteration * p.k < 2:
+            raise ValueError("ppo.prompts_per_iteration × ppo.k must be 2 or more: advantage whitening and explained "
+                             "variance need at least 2 samples per iteration")
         for name, (switch, value) in _ONLY_WHEN.items():
             if name in p.model_fields_set and getattr(p, switch) != value:
                 raise ValueError(f"ppo.{name} acts only with ppo.{switch}={value} (got ppo.{switch}="
@@ -168,7 +171,8 @@ def run(cfg: PPOConfig, progress: Any | None = None) -> dict[str, Any]:
     u_bar = rl.RunningMean()  # ū of UP-RLHF eq. 14
 
     loop = Loop.open(out, overwrite=cfg.output.overwrite, resume=cfg.output.resume, config_yaml=to_yaml(cfg),
-                     total=p.iterations, desc="ppo", unit="iteration")
+                     total=p.iterations, desc="ppo", unit="iteration", progress=progress is None)
+    task = None  # the CLI passes its live rich Progress: one bar there, not a second live display
     objects: dict[str, Any] = {"policy": policy, "optimizer": opt}
     if critic is not None:
         objects |= {"critic": critic, "critic_optimizer": critic_opt}
@@ -176,6 +180,8 @@ def run(cfg: PPOConfig, progress: Any | None = None) -> dict[str, Any]:
     with loop:
         if loop.restore(objects):
             u_bar.load_state_dict(loop.stats["u_bar"])
+        if progress is not None:
+            task = progress.add_task("ppo", total=loop.total, completed=loop.step)
         while loop.step < loop.total:
             it = loop.step
             # -- rollout: K completions per prompt, then π_old, π_ref and V from one forward each ---------
@@ -255,6 +261,8 @@ def run(cfg: PPOConfig, progress: Any | None = None) -> dict[str, Any]:
                 "length": float(batch.lengths.float().mean()), "eos_rate": float(batch.finished.float().mean()),
             }
             loop.advance(f"reward {last['reward']:.3f} kl {last['kl_k1']:.2f}")
+            if task is not None:
+                progress.update(task, completed=loop.step)
             loop.log(last)
             # -- checkpoint -------------------------------------------------------------------------
             if cfg.train.save_steps and loop.step % cfg.train.save_steps == 0 and loop.step < loop.total:
