@@ -75,7 +75,7 @@ def _interrupt_at(monkeypatch, iteration: int) -> None:
 def test_resume_reproduces_the_uninterrupted_run_bit_for_bit(tmp_path: Path, tiny_model_dir, monkeypatch, advantage,
                                                              lora):
     def cfg(out: Path) -> ppo.PPOConfig:
-        c = _cfg(out, advantage=advantage)
+        c = _cfg(out, advantage=advantage, kl_target=0.5, kl_horizon=40)  # the adaptive β resumes too
         c.model.lora.enabled = lora
         return c
 
@@ -95,6 +95,15 @@ def test_resume_reproduces_the_uninterrupted_run_bit_for_bit(tmp_path: Path, tin
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
     assert _metrics(tmp_path / "a") == _metrics(tmp_path / "b")
     assert [m["step"] for m in _metrics(tmp_path / "b")] == [1, 2, 3, 4]
+    assert len({m["kl_coef"] for m in _metrics(tmp_path / "b")}) == 4  # the controller moved β every iteration
+
+
+def test_adaptive_kl_controller_by_hand():
+    # e = clip(KL/target − 1, ±0.2); β ← β·(1 + e·n/horizon)
+    assert ppo.adaptive_kl_coef(0.1, kl=3.0, target=6.0, n=100, horizon=1000) == pytest.approx(0.1 * (1 - 0.2 * 0.1))
+    assert ppo.adaptive_kl_coef(0.1, kl=6.6, target=6.0, n=100, horizon=1000) == pytest.approx(0.1 * (1 + 0.1 * 0.1))
+    assert ppo.adaptive_kl_coef(0.1, kl=60.0, target=6.0, n=1000, horizon=1000) == pytest.approx(0.12)
+    assert ppo.adaptive_kl_coef(0.1, kl=6.0, target=6.0, n=10, horizon=10) == 0.1
 
 
 @pytest.mark.parametrize("advantage", ["grpo", "rloo"])

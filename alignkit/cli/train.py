@@ -130,8 +130,8 @@ app.command("ppo")(training_command(
     "ppo", "PPO / UP-RLHF on a reward (gold, RM, ensemble, function): explicit rollout → score → update loop.", train,
     extra=tuple(Flag(n, f"ppo.{n}", (f"--{n.replace('_', '-')}",), t) for n, t in (
         ("reward", str), ("iterations", int), ("prompts_per_iteration", int), ("k", int), ("advantage", str),
-        ("kl_mode", str), ("kl_coef", float), ("beta1", float), ("beta2", float), ("ppo_epochs", int),
-        ("minibatch_size", int), ("max_new_tokens", int), ("temperature", float))),
+        ("kl_mode", str), ("kl_coef", float), ("kl_target", float), ("beta1", float), ("beta2", float),
+        ("ppo_epochs", int), ("minibatch_size", int), ("max_new_tokens", int), ("temperature", float))),
     without=("num_processes", "accelerate_config"),
 ))
 

@@ -10,14 +10,15 @@ bit-exactly). The maths are the pure functions of `alignkit.rl_losses`; the roll
   copy of the policy. `advantage: rloo | grpo` swaps GAE for the critic-free estimators over the K
   samples of a prompt (no critic is built), broadcast to every token of the completion.
 - `kl_mode: reward` is classic RLHF (InstructGPT): −kl_coef·(log π − log π_ref) on every token, the
-  sequence reward at the last one. `kl_mode: loss` is UP-RLHF eq. 15: β1·E[(log π − log π_ref)²] (k2,
+  sequence reward at the last one; with `kl_target` the coefficient follows Ziegler et al.'s adaptive
+  controller (its value resumes with the run). `kl_mode: loss` is UP-RLHF eq. 15: β1·E[(log π − log π_ref)²] (k2,
   a per-token mean) added to the policy loss, the reward left free of KL (eq. 16).
 - UP-RLHF eq. 14: with an ensemble scorer the reward is r̄ − β2·(u − ū), ū the running mean of u over
   every sample seen so far (this batch included), checkpointed with the run.
 - Deviations: the reference is the starting policy (π_SFT when `model.name` is an SFT run); old
   log-probs come from a teacher-forced forward, not from `generate` (alignkit.online.rollout); dropout
   is off in every model (as OpenRLHF), so that the ratio is exactly 1 before the first step; no reward
-  whitening, no adaptive KL controller, no learning-rate schedule, no entropy bonus (entropy is logged).
+  whitening, no learning-rate schedule, no entropy bonus (entropy is logged).
   One process only: multi-process launches are refused with one line.
 - Full fine-tuning keeps separate copies of policy, reference and critic. With LoRA (model.lora) the
   reference is the policy's own frozen base with its adapter disabled, and the critic is a second copy
@@ -67,7 +68,11 @@ class PPOSection(Block):
     kl_mode: Literal["reward", "loss"] = Field(
         "reward", description="reward: −kl_coef·log(π/π_ref) per token in the reward; loss: β1·k2 KL loss "
         "(UP-RLHF eq. 15)")
-    kl_coef: float = Field(0.05, ge=0.0, description="per-token KL penalty in the reward (kl_mode reward)")
+    kl_coef: float = Field(0.05, ge=0.0, description="per-token KL penalty in the reward (kl_mode reward); the "
+                           "starting value when kl_target is set")
+    kl_target: float | None = Field(None, gt=0.0, description="adaptive KL controller (Ziegler et al. 2019): steer "
+                                     "kl_coef towards this KL per sequence (none: kl_coef stays fixed)")
+    kl_horizon: int = Field(10000, ge=1, description="the adaptive controller's horizon, in samples")
     beta1: float = Field(0.05, ge=0.0, description="weight of the k2 KL loss (kl_mode loss, UP-RLHF eq. 15)")
     beta2: float = Field(0.0, ge=0.0, description="uncertainty penalty r̄ − β2·(u − ū) (UP-RLHF eq. 14; needs "
                          "an ensemble reward)")
@@ -86,7 +91,8 @@ class PPOSection(Block):
 
 # fields that only act under one setting: giving one under another is an error, not a silent no-op
 _ONLY_WHEN = {
-    "kl_coef": ("kl_mode", "reward"), "beta1": ("kl_mode", "loss"),
+    "kl_coef": ("kl_mode", "reward"), "kl_target": ("kl_mode", "reward"), "kl_horizon": ("kl_mode", "reward"),
+    "beta1": ("kl_mode", "loss"),
     "gamma": ("advantage", "gae"), "lam": ("advantage", "gae"),
     "vf_coef": ("advantage", "gae"), "vf_clip": ("advantage", "gae"),
 }
@@ -117,6 +123,14 @@ class PPOConfig(JobConfig):
         if self.data.eval_fraction > 0:
             raise ValueError("ppo holds out no prompts: data.eval_fraction must be 0 (evaluate with `alignkit eval`)")
         return self
+
+
+def adaptive_kl_coef(coef: float, kl: float, target: float, n: int, horizon: int) -> float:
+    """The adaptive KL controller of Ziegler et al. 2019 (§2.2; TRL's former AdaptiveKLController):
+    e = clip(KL / target − 1, −0.2, 0.2), β ← β·(1 + e·n / horizon), after a batch of n samples whose
+    mean KL per sequence is `kl`."""
+    error = min(max(kl / target - 1.0, -0.2), 0.2)
+    return coef * (1.0 + error * n / horizon)
 
 
 def iteration_seed(seed: int, iteration: int) -> int:
@@ -169,6 +183,7 @@ def run(cfg: PPOConfig, progress: Any | None = None) -> dict[str, Any]:
                                     lr=cfg.train.critic_learning_rate or cfg.train.learning_rate)
                   if critic is not None else None)
     u_bar = rl.RunningMean()  # ū of UP-RLHF eq. 14
+    kl_coef = p.kl_coef if p.kl_mode == "reward" else 0.0  # moves only with the adaptive controller
 
     loop = Loop.open(out, overwrite=cfg.output.overwrite, resume=cfg.output.resume, config_yaml=to_yaml(cfg),
                      total=p.iterations, desc="ppo", unit="iteration", progress=progress is None)
@@ -180,6 +195,7 @@ def run(cfg: PPOConfig, progress: Any | None = None) -> dict[str, Any]:
     with loop:
         if loop.restore(objects):
             u_bar.load_state_dict(loop.stats["u_bar"])
+            kl_coef = loop.stats["kl_coef"]
         if progress is not None:
             task = progress.add_task("ppo", total=loop.total, completed=loop.step)
         while loop.step < loop.total:
@@ -201,7 +217,6 @@ def run(cfg: PPOConfig, progress: Any | None = None) -> dict[str, Any]:
                           if p.beta2 > 0 else scores.mean)
             mask, lp, ref = batch.mask, batch.logprobs, batch.ref_logprobs
             # -- advantages -------------------------------------------------------------------------
-            kl_coef = p.kl_coef if p.kl_mode == "reward" else 0.0
             if critic is not None:
                 token_r = rl.token_rewards(seq_reward, lp, ref, mask, kl_coef)
                 adv, returns = rl.gae(token_r, batch.values, mask, p.gamma, p.lam)
@@ -255,11 +270,14 @@ def run(cfg: PPOConfig, progress: Any | None = None) -> dict[str, Any]:
                 **({"reward_penalised": float(seq_reward.mean()), "u": float(scores.uncertainty.mean()),
                     "u_bar": u_bar.mean} if score.has_members(scorer) else {}),
                 "kl_k1": float(kl["k1"].mean()), "kl_k3": float(kl["k3"].mean()),
+                **({"kl_coef": kl_coef} if p.kl_mode == "reward" else {}),
                 **{key: sum(v) / len(v) for key, v in stats.items()},
                 **({"explained_variance": rl.explained_variance(batch.values, returns, mask)}
                    if critic is not None else {}),
                 "length": float(batch.lengths.float().mean()), "eos_rate": float(batch.finished.float().mean()),
             }
+            if p.kl_target is not None:  # for the next iteration, from this rollout's KL
+                kl_coef = adaptive_kl_coef(kl_coef, last["kl_k1"], p.kl_target, len(batch), p.kl_horizon)
             loop.advance(f"reward {last['reward']:.3f} kl {last['kl_k1']:.2f}")
             if task is not None:
                 progress.update(task, completed=loop.step)
@@ -267,7 +285,7 @@ def run(cfg: PPOConfig, progress: Any | None = None) -> dict[str, Any]:
             # -- checkpoint -------------------------------------------------------------------------
             if cfg.train.save_steps and loop.step % cfg.train.save_steps == 0 and loop.step < loop.total:
                 loop.guard(None, *[m for m in (policy, critic) if m is not None])
-                loop.stats["u_bar"] = u_bar.state_dict()
+                loop.stats |= {"u_bar": u_bar.state_dict(), "kl_coef": kl_coef}
                 loop.save(objects)
         loop.guard(None, *[m for m in (policy, critic) if m is not None])
 
