@@ -12,6 +12,7 @@ from helpers import one_line_error, run_cli
 from safetensors.torch import load_file
 
 from alignkit import models
+from alignkit.online import rollout
 from alignkit.trainers import ppo
 from alignkit.trainers.loop import Loop
 
@@ -171,7 +172,8 @@ def _empty(tmp: Path) -> str:
     (["--advantage", "rloo"], ["ppo.k", "2"]),
     (["--advantage", "grpo", "--k", "1"], ["ppo.k"]),
     (["--kl-mode", "loss", "--kl-coef", "0.1"], ["kl_coef", "kl_mode"]),
-    (["--set", "launch.num_processes=2"], ["num_processes"]),
+    (["--set", "launch.accelerate_config=zero2"], ["accelerate_config"]),
+    (["--set", "launch.num_processes=2", "--prompts-per-iteration", "3"], ["multiple", "num_processes"]),
     ("EMPTY", ["empty.jsonl"]),
 ])
 def test_bad_inputs_are_one_line(tmp_path: Path, monkeypatch, capsys, args, words):
@@ -224,3 +226,32 @@ def test_lora_policy_uses_its_base_as_the_reference_and_saves_an_adapter(tmp_pat
     merged, _ = models.load_causal_lm(str(out), device="cpu")  # run dir -> adapter -> merged
     base, _ = models.load_causal_lm(str(tiny_model_dir), device="cpu")
     assert any(not torch.equal(a, b) for a, b in zip(merged.state_dict().values(), base.state_dict().values()))
+
+
+def test_each_rank_samples_a_disjoint_shard_of_the_iterations_prompts():
+    for it in range(5):  # 5 iterations of 6 prompts from a pool of 16: passes over the pool wrap around
+        whole = rollout.prompt_indices(16, it, 6, seed=3)
+        shards = [rollout.prompt_indices(16, it, 6, seed=3, rank=r, world_size=3) for r in range(3)]
+        assert sorted(sum(shards, [])) == sorted(whole) and all(len(s) == 2 for s in shards)
+    first_pass = sum((rollout.prompt_indices(16, it, 4, seed=3) for it in range(4)), [])
+    assert sorted(first_pass) == list(range(16))  # one pass visits every prompt once
+
+
+@pytest.mark.slow  # a 2-process launch: `make test-all`
+def test_two_process_cpu_run_splits_the_prompts(tmp_path: Path, tiny_model_dir, alignkit_cache):
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "alignkit.cli", "ppo", "--model", "tiny", "--device", "cpu", "--iterations", "2",
+           "--prompts-per-iteration", "4", "--k", "2", "--max-new-tokens", "8", "--max-samples", "32",
+           "-o", str(out), "--num-processes", "2"]
+    env = {**os.environ, "ALIGNKIT_CACHE": str(alignkit_cache), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["loop"]["world_size"] == 2 and summary["iterations"] == 2
+    assert summary["data_parallel"] == {"world_size": 2, "prompts_per_rank": [4, 4], "prompts_sampled_by_two_ranks": 0}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ddp"]
+    assert [m["step"] for m in _metrics(out)] == [1, 2]

@@ -132,7 +132,7 @@ app.command("ppo")(training_command(
         ("reward", str), ("iterations", int), ("prompts_per_iteration", int), ("k", int), ("advantage", str),
         ("kl_mode", str), ("kl_coef", float), ("kl_target", float), ("beta1", float), ("beta2", float),
         ("ppo_epochs", int), ("minibatch_size", int), ("max_new_tokens", int), ("temperature", float))),
-    without=("num_processes", "accelerate_config"),
+    without=("accelerate_config",),
 ))
 
 

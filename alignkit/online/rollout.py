@@ -54,17 +54,18 @@ class Batch:
         return (self.attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
-def prompt_batch(pool: list[Any], iteration: int, n: int, seed: int) -> list[Any]:
-    """The `n` prompts of `iteration`: consecutive slices of one seeded permutation of the pool per pass
-    over it. A pure function of (seed, iteration), so a resumed run draws the same prompts."""
+def prompt_indices(pool_size: int, iteration: int, n: int, seed: int, rank: int = 0, world_size: int = 1) -> list[int]:
+    """The pool indices of this rank's prompts in `iteration`: the iteration takes the next `n` entries of
+    one seeded permutation of the pool per pass over it, and rank r keeps entries r, r + world_size, ...
+    (disjoint shards). A pure function of its arguments, so a resumed run draws the same prompts."""
     perms: dict[int, np.ndarray] = {}
     out = []
     for j in range(iteration * n, (iteration + 1) * n):
-        epoch, i = divmod(j, len(pool))
+        epoch, i = divmod(j, pool_size)
         if epoch not in perms:
-            perms[epoch] = np.random.default_rng([seed, epoch]).permutation(len(pool))
-        out.append(pool[int(perms[epoch][i])])
-    return out
+            perms[epoch] = np.random.default_rng([seed, epoch]).permutation(pool_size)
+        out.append(int(perms[epoch][i]))
+    return out[rank::world_size]
 
 
 def sample(policy: Any, tokenizer: Any, prompts: list[Any], *, k: int, max_new_tokens: int, temperature: float,
@@ -127,7 +128,7 @@ class Critic(torch.nn.Module):
         torch.nn.init.zeros_(self.head.bias)
         self.head.to(next(self.body.parameters()).device)
 
-    def values(self, batch: Batch, rows: torch.Tensor | slice = slice(None)) -> torch.Tensor:
+    def forward(self, batch: Batch, rows: torch.Tensor | slice = slice(None)) -> torch.Tensor:
         """(b, C) V(s_t) for the completion tokens of `rows` (0 where masked), one forward."""
         device = self.head.weight.device
         hidden = self.body(input_ids=batch.input_ids[rows].to(device),
@@ -151,9 +152,9 @@ def score_tokens(batch: Batch, policy: Any, reference: Any | None, critic: Criti
             ref_logits = completion_logits(reference or policy, batch, rows, temperature)
         ref.append(token_logprobs(ref_logits, batch, rows).cpu())
         if critic is not None:
-            val.append(critic.values(batch, rows).cpu())
+            val.append(critic(batch, rows).cpu())
     batch.logprobs, batch.ref_logprobs = torch.cat(lp), torch.cat(ref)
     batch.values = torch.cat(val) if critic is not None else None
 
 
-__all__ = ["Batch", "Critic", "completion_logits", "prompt_batch", "sample", "score_tokens", "token_logprobs"]
+__all__ = ["Batch", "Critic", "completion_logits", "prompt_indices", "sample", "score_tokens", "token_logprobs"]

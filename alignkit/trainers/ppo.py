@@ -19,7 +19,10 @@ bit-exactly). The maths are the pure functions of `alignkit.rl_losses`; the roll
   log-probs come from a teacher-forced forward, not from `generate` (alignkit.online.rollout); dropout
   is off in every model (as OpenRLHF), so that the ratio is exactly 1 before the first step; no reward
   whitening, no learning-rate schedule, no entropy bonus (entropy is logged).
-  One process only: multi-process launches are refused with one line.
+- On N ranks (launch.num_processes, DDP over gloo on CPU / nccl on GPU) each rank samples its own
+  disjoint shard of every iteration's prompts; gradients are averaged by DDP, ū is updated with every
+  rank's u, the logged metrics are means over ranks, and advantages are whitened per rank.
+  ZeRO / FSDP are refused with one line.
 - Full fine-tuning keeps separate copies of policy, reference and critic. With LoRA (model.lora) the
   reference is the policy's own frozen base with its adapter disabled, and the critic is a second copy
   of the base with its own adapter and the value head (the issue's fully shared base is not built).
@@ -117,9 +120,12 @@ class PPOConfig(JobConfig):
             if name in p.model_fields_set and getattr(p, switch) != value:
                 raise ValueError(f"ppo.{name} acts only with ppo.{switch}={value} (got ppo.{switch}="
                                  f"{getattr(p, switch)}): drop it or change ppo.{switch}")
-        if self.launch.num_processes != 1 or self.launch.accelerate_config is not None:
-            raise ValueError("ppo runs in one process: launch.num_processes > 1 and launch.accelerate_config are "
-                             "not supported yet")
+        if self.launch.accelerate_config not in (None, "ddp"):
+            raise ValueError(f"launch.accelerate_config={self.launch.accelerate_config} is not supported by ppo yet: "
+                             "it runs plain DDP (launch.num_processes; accelerate_config ddp or none)")
+        if p.prompts_per_iteration % self.launch.num_processes:
+            raise ValueError(f"ppo.prompts_per_iteration={p.prompts_per_iteration} must be a multiple of "
+                             f"launch.num_processes={self.launch.num_processes}: every rank samples an equal shard")
         if self.data.eval_fraction > 0:
             raise ValueError("ppo holds out no prompts: data.eval_fraction must be 0 (evaluate with `alignkit eval`)")
         return self
@@ -155,18 +161,19 @@ def run(cfg: PPOConfig, progress: Any | None = None) -> dict[str, Any]:
 
     p = cfg.ppo
     out, _ = _hf.begin(cfg)
+    rank, world, device = _start_ranks(cfg.model.device)
 
     # -- setup: every check that can fail cheaply comes before the run directory is opened ----------
     rewards.check_scorer_spec(p.reward)
     ds, _ = data.load_source(cfg.data, expected=("prompts",))
     pool = list(ds["prompt"])
-    scorer = rewards.load_scorer(p.reward, device=cfg.model.device, trust_remote_code=cfg.model.trust_remote_code)
+    scorer = rewards.load_scorer(p.reward, device=device, trust_remote_code=cfg.model.trust_remote_code)
     score.check_uncertainty(scorer, p.reward, p.beta2)
     # the built-in task has a gold reward: with a proxy scorer, log it too (over-optimisation shows)
     gold = rewards.load_scorer("gold") if p.reward != "gold" and cfg.data.source == "builtin:prompts" else None
 
     torch.manual_seed(cfg.train.seed)  # LoRA A matrices are initialised from the global RNG
-    load = dict(dtype=cfg.model.dtype, device=cfg.model.device, trust_remote_code=cfg.model.trust_remote_code)
+    load = dict(dtype=cfg.model.dtype, device=device, trust_remote_code=cfg.model.trust_remote_code)
     lora = models.LoraSpec(**cfg.model.lora.model_dump(exclude={"enabled"})) if cfg.model.lora.enabled else None
     policy, tokenizer = models.load_causal_lm(cfg.model.name, lora=lora, **load)
     # π_ref = π_SFT, the starting policy, frozen: with LoRA the policy's own base with its adapter disabled
@@ -182,12 +189,21 @@ def run(cfg: PPOConfig, progress: Any | None = None) -> dict[str, Any]:
     critic_opt = (torch.optim.AdamW([q for q in critic.parameters() if q.requires_grad],
                                     lr=cfg.train.critic_learning_rate or cfg.train.learning_rate)
                   if critic is not None else None)
+    # the update runs through DDP wrappers on N ranks (gradients averaged); sampling and scoring use the modules
+    train_policy, train_critic = policy, critic
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        train_policy = DistributedDataParallel(policy)
+        train_critic = DistributedDataParallel(critic) if critic is not None else None
     u_bar = rl.RunningMean()  # ū of UP-RLHF eq. 14
     kl_coef = p.kl_coef if p.kl_mode == "reward" else 0.0  # moves only with the adaptive controller
 
     loop = Loop.open(out, overwrite=cfg.output.overwrite, resume=cfg.output.resume, config_yaml=to_yaml(cfg),
                      total=p.iterations, desc="ppo", unit="iteration", progress=progress is None)
     task = None  # the CLI passes its live rich Progress: one bar there, not a second live display
+    _barrier(world)  # the main rank has prepared DIR.partial before any rank looks for a checkpoint in it
+    seen: set[tuple[int, int]] = set()  # (iteration, pool index) of this rank's prompts: the shard report
     objects: dict[str, Any] = {"policy": policy, "optimizer": opt}
     if critic is not None:
         objects |= {"critic": critic, "critic_optimizer": critic_opt}
@@ -202,9 +218,11 @@ def run(cfg: PPOConfig, progress: Any | None = None) -> dict[str, Any]:
             it = loop.step
             # -- rollout: K completions per prompt, then π_old, π_ref and V from one forward each ---------
             with loop.timer("rollout"):
-                prompts = rollout.prompt_batch(pool, it, p.prompts_per_iteration, cfg.train.seed)
-                batch = rollout.sample(policy, tokenizer, prompts, k=p.k, max_new_tokens=p.max_new_tokens,
-                                       temperature=p.temperature, seed=iteration_seed(cfg.train.seed, it))
+                index = rollout.prompt_indices(len(pool), it, p.prompts_per_iteration, cfg.train.seed, rank, world)
+                seen.update((it, i) for i in index)
+                batch = rollout.sample(policy, tokenizer, [pool[i] for i in index], k=p.k,
+                                       max_new_tokens=p.max_new_tokens, temperature=p.temperature,
+                                       seed=iteration_seed(cfg.train.seed, it) + 7919 * rank)
             with loop.timer("reference_value"):
                 rollout.score_tokens(batch, policy, reference, critic, p.temperature, p.minibatch_size)
             # -- score: the proxy reward (and the gold one, for the plot) -----------------------------
@@ -212,7 +230,7 @@ def run(cfg: PPOConfig, progress: Any | None = None) -> dict[str, Any]:
                 scores = score.score(scorer, batch)
                 gold_mean = (float(score.score(gold, batch).mean.mean()) if gold is not None
                              else float(scores.mean.mean()) if p.reward == "gold" else None)
-            u_bar.update(scores.uncertainty)
+            u_bar.update(_gather(scores.uncertainty, world))  # ū over every sample of every rank
             seq_reward = (rl.uncertainty_penalised_reward(scores.mean, scores.uncertainty, u_bar.mean, p.beta2)
                           if p.beta2 > 0 else scores.mean)
             mask, lp, ref = batch.mask, batch.logprobs, batch.ref_logprobs
@@ -237,7 +255,7 @@ def run(cfg: PPOConfig, progress: Any | None = None) -> dict[str, Any]:
                     order = torch.randperm(len(batch), generator=torch.Generator().manual_seed(
                         iteration_seed(cfg.train.seed, it) + 1 + epoch))
                     for rows in order.split(p.minibatch_size):
-                        logits = rollout.completion_logits(policy, batch, rows, p.temperature)
+                        logits = rollout.completion_logits(train_policy, batch, rows, p.temperature)
                         new_lp = rollout.token_logprobs(logits, batch, rows)
                         loss, st = rl.policy_loss(new_lp, d_lp[rows], adv[rows], d_mask[rows], p.clip_eps)
                         st["policy_loss"] = loss.item()
@@ -252,7 +270,7 @@ def run(cfg: PPOConfig, progress: Any | None = None) -> dict[str, Any]:
                         torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.train.max_grad_norm)
                         opt.step()
                         if critic is not None:
-                            v_loss, vst = rl.value_loss(critic.values(batch, rows), d_values[rows],
+                            v_loss, vst = rl.value_loss(train_critic(batch, rows), d_values[rows],
                                                         d_returns[rows], d_mask[rows], p.vf_clip)
                             loop.guard(v_loss)
                             critic_opt.zero_grad(set_to_none=True)
@@ -276,8 +294,9 @@ def run(cfg: PPOConfig, progress: Any | None = None) -> dict[str, Any]:
                    if critic is not None else {}),
                 "length": float(batch.lengths.float().mean()), "eos_rate": float(batch.finished.float().mean()),
             }
-            if p.kl_target is not None:  # for the next iteration, from this rollout's KL
-                kl_coef = adaptive_kl_coef(kl_coef, last["kl_k1"], p.kl_target, len(batch), p.kl_horizon)
+            last = _mean_over_ranks(last, world)
+            if p.kl_target is not None:  # for the next iteration, from this rollout's KL (the same on every rank)
+                kl_coef = adaptive_kl_coef(kl_coef, last["kl_k1"], p.kl_target, len(batch) * world, p.kl_horizon)
             loop.advance(f"reward {last['reward']:.3f} kl {last['kl_k1']:.2f}")
             if task is not None:
                 progress.update(task, completed=loop.step)
@@ -290,11 +309,14 @@ def run(cfg: PPOConfig, progress: Any | None = None) -> dict[str, Any]:
         loop.guard(None, *[m for m in (policy, critic) if m is not None])
 
     # -- save: the policy as safetensors + tokenizer in DIR/model (`alignkit eval DIR` reads it) ---------
-    policy.save_pretrained(str(loop.run.path("model")), safe_serialization=True)
-    tokenizer.save_pretrained(str(loop.run.path("model")))
-    metrics = loop.run.read_metrics()
-    _plot(metrics, loop.run.path("plots", "reward_vs_kl.png"), title=f"PPO {cfg.model.name} ({p.reward})")
-    shutil.rmtree(loop.run.path("checkpoints"), ignore_errors=True)
+    parallel = _shard_report(seen, world)
+    if loop.run.is_main:
+        policy.save_pretrained(str(loop.run.path("model")), safe_serialization=True)
+        tokenizer.save_pretrained(str(loop.run.path("model")))
+        _plot(loop.run.read_metrics(), loop.run.path("plots", "reward_vs_kl.png"),
+              title=f"PPO {cfg.model.name} ({p.reward})")
+        shutil.rmtree(loop.run.path("checkpoints"), ignore_errors=True)
+    metrics = loop.run.read_metrics() if loop.run.is_main else []
     first = metrics[0] if metrics else {}
     summary = {
         "command": "ppo", "model": cfg.model.name, "reward": p.reward, "advantage": p.advantage,
@@ -305,9 +327,78 @@ def run(cfg: PPOConfig, progress: Any | None = None) -> dict[str, Any]:
         "peak_gold": max((m["gold"] for m in metrics if m.get("gold") is not None), default=None),
         "last_kl_k1": last.get("kl_k1"), "last_kl_k3": last.get("kl_k3"),
     }
-    final = loop.finish(summary, readme=_readme(cfg, summary))
+    if parallel:
+        summary["data_parallel"] = parallel
+    final = loop.finish(summary, readme=_readme(cfg, summary) if loop.run.is_main else None)
     summary["output_dir"] = str(final)
     return summary
+
+
+# ------------------------------------------------------------------------------ ranks (DDP)
+def _start_ranks(device: str) -> tuple[int, int, str]:
+    """(rank, world size, device). In a launched rank (launch.num_processes > 1) start torch.distributed:
+    gloo on CPU, nccl on GPU with each rank on its own GPU (cuda:LOCAL_RANK)."""
+    import torch
+    import torch.distributed as dist
+
+    from alignkit.launch import rank_info
+    from alignkit.models import choose_device
+
+    info = rank_info()
+    if info["world_size"] == 1:
+        return 0, 1, device
+    cuda = choose_device(device).type == "cuda"
+    if cuda:
+        device = f"cuda:{info['local_rank']}"
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo")
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def _barrier(world: int) -> None:
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+def _gather(x: Any, world: int) -> Any:
+    """Every rank's (equal-sized) tensor `x`, concatenated in rank order (`x` itself on one process)."""
+    if world == 1:
+        return x
+    import torch
+    import torch.distributed as dist
+
+    parts = [torch.empty_like(x) for _ in range(world)]
+    dist.all_gather(parts, x.contiguous())
+    return torch.cat(parts)
+
+
+def _mean_over_ranks(row: dict[str, float], world: int) -> dict[str, float]:
+    """Each metric's mean over the ranks (every rank logs the same keys; equal shards, so a plain mean)."""
+    if world == 1:
+        return row
+    import torch
+    import torch.distributed as dist
+
+    values = torch.tensor([float(v) for v in row.values()], dtype=torch.float64)
+    dist.all_reduce(values)
+    return dict(zip(row, (values / world).tolist(), strict=True))
+
+
+def _shard_report(seen: set[tuple[int, int]], world: int) -> dict[str, Any] | None:
+    """The data-parallel report (None on one process): prompts per rank, and how many (iteration, prompt)
+    pairs more than one rank sampled (0: the shards are disjoint)."""
+    if world == 1:
+        return None
+    import torch.distributed as dist
+
+    per_rank: list[Any] = [None] * world
+    dist.all_gather_object(per_rank, sorted(seen))
+    sets = [set(map(tuple, s)) for s in per_rank]
+    shared = sum(len(a & b) for i, a in enumerate(sets) for b in sets[i + 1 :])
+    return {"world_size": world, "prompts_per_rank": [len(s) for s in sets], "prompts_sampled_by_two_ranks": shared}
 
 
 def _plot(metrics: list[dict[str, Any]], path: Path, title: str) -> None:
