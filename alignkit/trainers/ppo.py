@@ -244,10 +244,10 @@ def run(cfg: PPOConfig, progress: Any | None = None) -> dict[str, Any]:
                 returns = None
             if p.whiten_advantages:
                 adv = rl.masked_whiten(adv, mask)
-            device = next(policy.parameters()).device  # the update's tensors live beside the policy
-            adv, d_mask, d_lp, d_ref = (t.to(device) for t in (adv, mask, lp, ref))
+            beside = next(policy.parameters()).device  # the update's tensors live beside the policy
+            adv, d_mask, d_lp, d_ref = (t.to(beside) for t in (adv, mask, lp, ref))
             if critic is not None:
-                d_values, d_returns = batch.values.to(device), returns.to(device)
+                d_values, d_returns = batch.values.to(beside), returns.to(beside)
             # -- update: ppo_epochs × minibatches ----------------------------------------------------
             stats: dict[str, list[float]] = {}
             with loop.timer("update"):
