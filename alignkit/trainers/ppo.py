@@ -317,6 +317,7 @@ def run(cfg: PPOConfig, progress: Any | None = None) -> dict[str, Any]:
               title=f"PPO {cfg.model.name} ({p.reward})")
         shutil.rmtree(loop.run.path("checkpoints"), ignore_errors=True)
     metrics = loop.run.read_metrics() if loop.run.is_main else []
+    on = next(policy.parameters()).device
     first = metrics[0] if metrics else {}
     summary = {
         "command": "ppo", "model": cfg.model.name, "reward": p.reward, "advantage": p.advantage,
@@ -326,6 +327,8 @@ def run(cfg: PPOConfig, progress: Any | None = None) -> dict[str, Any]:
         "first_gold": first.get("gold"), "last_gold": last.get("gold"),
         "peak_gold": max((m["gold"] for m in metrics if m.get("gold") is not None), default=None),
         "last_kl_k1": last.get("kl_k1"), "last_kl_k3": last.get("kl_k3"),
+        # this rank's peak GPU memory over the run (policy, reference, critic, optimisers, activations); None on CPU
+        "peak_gpu_memory_gib": (torch.cuda.max_memory_allocated(on) / 2**30 if on.type == "cuda" else None),
     }
     if parallel:
         summary["data_parallel"] = parallel
@@ -370,9 +373,10 @@ def _gather(x: Any, world: int) -> Any:
     import torch
     import torch.distributed as dist
 
+    x = _for_collectives(x.contiguous())
     parts = [torch.empty_like(x) for _ in range(world)]
-    dist.all_gather(parts, x.contiguous())
-    return torch.cat(parts)
+    dist.all_gather(parts, x)
+    return torch.cat(parts).cpu()
 
 
 def _mean_over_ranks(row: dict[str, float], world: int) -> dict[str, float]:
@@ -382,9 +386,17 @@ def _mean_over_ranks(row: dict[str, float], world: int) -> dict[str, float]:
     import torch
     import torch.distributed as dist
 
-    values = torch.tensor([float(v) for v in row.values()], dtype=torch.float64)
+    values = _for_collectives(torch.tensor([float(v) for v in row.values()], dtype=torch.float64))
     dist.all_reduce(values)
     return dict(zip(row, (values / world).tolist(), strict=True))
+
+
+def _for_collectives(x: Any) -> Any:
+    """`x` where the process group's backend can reach it: the rank's GPU under nccl, CPU under gloo."""
+    import torch
+    import torch.distributed as dist
+
+    return x.to(torch.device("cuda", torch.cuda.current_device())) if dist.get_backend() == "nccl" else x
 
 
 def _shard_report(seen: set[tuple[int, int]], world: int) -> dict[str, Any] | None:
