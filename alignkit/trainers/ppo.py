@@ -51,8 +51,9 @@ class PPOTrainSection(Block):
     """The optimiser and run bookkeeping. One step of the loop is one PPO iteration."""
 
     learning_rate: float = Field(1e-5, gt=0.0, description="policy learning rate (AdamW)")
-    critic_learning_rate: float | None = Field(None, gt=0.0,
-                                               description="critic learning rate (default: learning_rate)")
+    critic_learning_rate: float | None = Field(
+        None, gt=0.0, description="critic learning rate (default: learning_rate); the critic has its own model and "
+        "optimiser, so this, not a value-loss weight, sets how fast it learns")
     max_grad_norm: float = Field(1.0, gt=0.0, description="clip each model's gradient norm to this")
     save_steps: int = Field(10, ge=0, description="checkpoint every N iterations for --resume (0: none)")
     seed: int = Field(42, ge=0, description="seed of sampling, minibatch order and prompt order")
@@ -82,7 +83,6 @@ class PPOSection(Block):
     gamma: float = Field(1.0, ge=0.0, le=1.0, description="GAE discount γ")
     lam: float = Field(0.95, ge=0.0, le=1.0, description="GAE λ")
     clip_eps: float = Field(0.2, gt=0.0, description="PPO ratio clip ε")
-    vf_coef: float = Field(0.1, gt=0.0, description="value-loss weight (scales the critic's gradient)")
     vf_clip: float = Field(0.2, gt=0.0, description="value clip around the rollout's values")
     ppo_epochs: int = Field(4, ge=1, description="passes over each rollout batch")
     minibatch_size: int = Field(8, ge=1, description="sequences per optimiser step")
@@ -97,7 +97,7 @@ _ONLY_WHEN = {
     "kl_coef": ("kl_mode", "reward"), "kl_target": ("kl_mode", "reward"), "kl_horizon": ("kl_mode", "reward"),
     "beta1": ("kl_mode", "loss"),
     "gamma": ("advantage", "gae"), "lam": ("advantage", "gae"),
-    "vf_coef": ("advantage", "gae"), "vf_clip": ("advantage", "gae"),
+    "vf_clip": ("advantage", "gae"),
 }
 
 
@@ -274,7 +274,7 @@ def run(cfg: PPOConfig, progress: Any | None = None) -> dict[str, Any]:
                                                         d_returns[rows], d_mask[rows], p.vf_clip)
                             loop.guard(v_loss)
                             critic_opt.zero_grad(set_to_none=True)
-                            (p.vf_coef * v_loss).backward()
+                            v_loss.backward()
                             torch.nn.utils.clip_grad_norm_(critic.parameters(), cfg.train.max_grad_norm)
                             critic_opt.step()
                             st |= {"value_loss": v_loss.item(), "vf_clipfrac": vst["vf_clipfrac"]}
