@@ -255,3 +255,14 @@ def test_two_process_cpu_run_splits_the_prompts(tmp_path: Path, tiny_model_dir, 
     assert summary["data_parallel"] == {"world_size": 2, "prompts_per_rank": [4, 4], "prompts_sampled_by_two_ranks": 0}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ddp"]
     assert [m["step"] for m in _metrics(out)] == [1, 2]
+
+
+def test_beta2_with_a_single_reward_model_is_one_line(tmp_path: Path, tiny_model_dir, monkeypatch, capsys):
+    rm, tok = models.load_sequence_classifier(str(tiny_model_dir), device="cpu")  # one model: no members
+    rm.save_pretrained(str(tmp_path / "rm"))
+    tok.save_pretrained(str(tmp_path / "rm"))
+    capsys.readouterr()  # transformers' loading bar above is the test's, not the command's
+    code, _, err = run_cli(["ppo", "--model", "tiny", "--device", "cpu", "--reward", str(tmp_path / "rm"),
+                            "--beta2", "0.1", "-o", str(tmp_path / "run")], monkeypatch, capsys)
+    one_line_error(code, err, "beta2", "no members", str(tmp_path / "rm"))
+    assert not (tmp_path / "run").exists() and not (tmp_path / "run.partial").exists()
