@@ -172,6 +172,7 @@ def _empty(tmp: Path) -> str:
     (["--advantage", "rloo"], ["ppo.k", "2"]),
     (["--advantage", "grpo", "--k", "1"], ["ppo.k"]),
     (["--kl-mode", "loss", "--kl-coef", "0.1"], ["kl_coef", "kl_mode"]),
+    (["--set", "ppo.kl_horizon=100"], ["kl_horizon", "kl_target"]),
     (["--set", "launch.accelerate_config=zero2"], ["accelerate_config"]),
     (["--set", "launch.num_processes=2", "--prompts-per-iteration", "3"], ["multiple", "num_processes"]),
     ("EMPTY", ["empty.jsonl"]),

@@ -120,6 +120,8 @@ class PPOConfig(JobConfig):
             if name in p.model_fields_set and getattr(p, switch) != value:
                 raise ValueError(f"ppo.{name} acts only with ppo.{switch}={value} (got ppo.{switch}="
                                  f"{getattr(p, switch)}): drop it or change ppo.{switch}")
+        if "kl_horizon" in p.model_fields_set and p.kl_target is None:
+            raise ValueError("ppo.kl_horizon acts only with the adaptive controller: set ppo.kl_target too, or drop it")
         if self.launch.accelerate_config not in (None, "ddp"):
             raise ValueError(f"launch.accelerate_config={self.launch.accelerate_config} is not supported by ppo yet: "
                              "it runs plain DDP (launch.num_processes; accelerate_config ddp or none)")
