@@ -1,4 +1,4 @@
-"""The training commands: sft, rm, rm-ensemble, dpo, kto, quickstart and `run RECIPE`, plus `rm eval`.
+"""The training commands: sft, rm, rm-ensemble, dpo, kto, ppo, quickstart and `run RECIPE`, plus `rm eval`.
 
 Each one builds its config (defaults < recipe < `--set` < flags, cli/flags.py), re-launches
 through accelerate when asked (launch.py), runs the trainer from the `TRAINERS` table and prints
@@ -124,6 +124,15 @@ app.command("kto")(training_command(
            Flag("undesirable_weight", "kto.undesirable_weight", ("--undesirable-weight",), float),
            Flag("precompute_ref", "kto.precompute_ref_log_probs", (PRECOMPUTE_REF,), bool),
            Flag("ref_model", "kto.ref_model", ("--ref-model",), str)),
+))
+
+app.command("ppo")(training_command(
+    "ppo", "PPO / UP-RLHF on a reward (gold, RM, ensemble, function): explicit rollout → score → update loop.", train,
+    extra=tuple(Flag(n, f"ppo.{n}", (f"--{n.replace('_', '-')}",), t) for n, t in (
+        ("reward", str), ("iterations", int), ("prompts_per_iteration", int), ("k", int), ("advantage", str),
+        ("kl_mode", str), ("kl_coef", float), ("kl_target", float), ("beta1", float), ("beta2", float),
+        ("ppo_epochs", int), ("minibatch_size", int), ("max_new_tokens", int), ("temperature", float))),
+    without=("accelerate_config",),
 ))
 
 

@@ -18,6 +18,7 @@ TRAINERS: dict[str, tuple[str, str, str]] = {
     "rm-ensemble": ("alignkit.trainers.reward", "RMEnsembleConfig", "run_ensemble"),
     "dpo": ("alignkit.trainers.preference", "DPOConfig", "run"),
     "kto": ("alignkit.trainers.preference", "KTOConfig", "run_kto"),
+    "ppo": ("alignkit.trainers.ppo", "PPOConfig", "run"),
 }
 
 

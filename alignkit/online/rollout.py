@@ -1,0 +1,160 @@
+"""Rollout: K completions per prompt from the current policy, laid out for teacher-forced forwards.
+
+Layout of a `Batch` of B = prompts × K sequences (prompt-major, as `generation.generate` returns them):
+
+    input_ids  (B, P + C)   the prompt left-padded to P tokens, then the completion right-padded to C
+    mask       (B, C)       1 on completion tokens, the EOS included when the sample finished
+    logprobs / ref_logprobs / values   (B, C)   aligned with `mask`: entry t belongs to completion token t
+
+Token t of the completion sits at column P + t; the model's distribution for it is the output at
+column P + t − 1, which is also where the critic's value V(s_t) is read (the state before the action),
+as in OpenRLHF and TRL's former PPOTrainer. Position ids count real tokens only, so left padding
+does not shift them (what `generate` does too).
+
+The per-token log-probs of the policy are NOT taken from `generate`'s logits: they come from a
+teacher-forced forward over this very layout — the same computation the update repeats with
+gradients — so that the PPO ratio π_θ/π_old is exactly 1 on the first minibatch. The policy's and the
+reference's logits are divided by the sampling temperature (the distribution the tokens were drawn
+from), as TRL's trainers do.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from alignkit import generation
+
+
+@dataclass
+class Batch:
+    """One rollout batch (see the module docstring for the layout)."""
+
+    prompts: list[str]  # (B,) the prompt text, repeated K times
+    completions: list[str]  # (B,) decoded, EOS excluded
+    finished: torch.Tensor  # (B,) bool: EOS emitted within max_new_tokens
+    lengths: torch.Tensor  # (B,) completion tokens, EOS excluded
+    input_ids: torch.Tensor  # (B, P + C)
+    attention_mask: torch.Tensor  # (B, P + C)
+    mask: torch.Tensor  # (B, C) float
+    prompt_len: int  # P
+    logprobs: torch.Tensor | None = None  # (B, C) π_old, filled by `score_tokens`
+    ref_logprobs: torch.Tensor | None = None  # (B, C) π_ref
+    values: torch.Tensor | None = None  # (B, C) V(s_t), PPO only
+
+    def __len__(self) -> int:
+        return len(self.completions)
+
+    @property
+    def position_ids(self) -> torch.Tensor:
+        return (self.attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def prompt_indices(pool_size: int, iteration: int, n: int, seed: int, rank: int = 0, world_size: int = 1) -> list[int]:
+    """The pool indices of this rank's prompts in `iteration`: the iteration takes the next `n` entries of
+    one seeded permutation of the pool per pass over it, and rank r keeps entries r, r + world_size, ...
+    (disjoint shards). A pure function of its arguments, so a resumed run draws the same prompts."""
+    perms: dict[int, np.ndarray] = {}
+    out = []
+    for j in range(iteration * n, (iteration + 1) * n):
+        epoch, i = divmod(j, pool_size)
+        if epoch not in perms:
+            perms[epoch] = np.random.default_rng([seed, epoch]).permutation(pool_size)
+        out.append(int(perms[epoch][i]))
+    return out[rank::world_size]
+
+
+def sample(policy: Any, tokenizer: Any, prompts: list[Any], *, k: int, max_new_tokens: int, temperature: float,
+           seed: int, batch_size: int = 64) -> Batch:
+    """K completions per prompt from `policy` (`generation.generate`, seeded by `seed`), padded into a `Batch`."""
+    samples = generation.generate(policy, tokenizer, prompts, k=k, max_new_tokens=max_new_tokens,
+                                  temperature=temperature, batch_size=batch_size, seed=seed, progress=False)
+    prompt_ids = [ids for ids in generation.prompt_ids(tokenizer, prompts) for _ in range(k)]
+    completion_ids = [s.token_ids + ([s.eos_token_id] if s.finished else []) for s in samples]
+    pad = tokenizer.pad_token_id
+    P, C = max(map(len, prompt_ids)), max(1, max(map(len, completion_ids)))
+    B = len(samples)
+    input_ids = torch.full((B, P + C), pad, dtype=torch.long)
+    attention = torch.zeros((B, P + C), dtype=torch.long)
+    mask = torch.zeros((B, C))
+    for row, (p, c) in enumerate(zip(prompt_ids, completion_ids, strict=True)):
+        input_ids[row, P - len(p) : P] = torch.tensor(p)
+        input_ids[row, P : P + len(c)] = torch.tensor(c, dtype=torch.long)
+        attention[row, P - len(p) : P + len(c)] = 1
+        mask[row, : len(c)] = 1.0
+    return Batch(prompts=[s.prompt for s in samples], completions=[s.completion for s in samples],
+                 finished=torch.tensor([s.finished for s in samples]),
+                 lengths=torch.tensor([s.n_tokens for s in samples]),
+                 input_ids=input_ids, attention_mask=attention, mask=mask, prompt_len=P)
+
+
+def completion_logits(model: Any, batch: Batch, rows: torch.Tensor | slice = slice(None),
+                      temperature: float = 1.0) -> torch.Tensor:
+    """(b, C, V) logits / temperature of the completion tokens of `rows`, one forward (with gradients
+    when enabled: the update calls it too)."""
+    device = next(model.parameters()).device
+    out = model(input_ids=batch.input_ids[rows].to(device), attention_mask=batch.attention_mask[rows].to(device),
+                position_ids=batch.position_ids[rows].to(device))
+    P = batch.prompt_len
+    return out.logits[:, P - 1 : -1].float() / temperature
+
+
+def token_logprobs(logits: torch.Tensor, batch: Batch, rows: torch.Tensor | slice = slice(None)) -> torch.Tensor:
+    """(b, C) log π(token t) from completion logits, gathered at the sampled tokens (0 where masked)."""
+    targets = batch.input_ids[rows][:, batch.prompt_len :].to(logits.device)
+    lp = torch.log_softmax(logits, dim=-1).gather(-1, targets[..., None]).squeeze(-1)
+    return lp * batch.mask[rows].to(lp.device)
+
+
+class Critic(torch.nn.Module):
+    """The value model: the transformer body of its own copy of the policy and a linear head on the
+    last hidden state (zero-initialised: V ≡ 0 at the start, so the first advantages are the returns).
+    With `lora`, the body is frozen and trains its own LoRA adapter (peft FEATURE_EXTRACTION); the head
+    always trains."""
+
+    def __init__(self, lm: Any, lora: Any | None = None) -> None:
+        super().__init__()
+        self.body = lm.base_model  # the decoder without its LM head
+        if lora is not None:
+            from alignkit.models import apply_lora
+
+            self.body = apply_lora(self.body, lora, "FEATURE_EXTRACTION")
+        self.head = torch.nn.Linear(lm.config.hidden_size, 1)
+        torch.nn.init.zeros_(self.head.weight)
+        torch.nn.init.zeros_(self.head.bias)
+        self.head.to(next(self.body.parameters()).device)
+
+    def forward(self, batch: Batch, rows: torch.Tensor | slice = slice(None)) -> torch.Tensor:
+        """(b, C) V(s_t) for the completion tokens of `rows` (0 where masked), one forward."""
+        device = self.head.weight.device
+        hidden = self.body(input_ids=batch.input_ids[rows].to(device),
+                           attention_mask=batch.attention_mask[rows].to(device),
+                           position_ids=batch.position_ids[rows].to(device)).last_hidden_state
+        v = self.head(hidden[:, batch.prompt_len - 1 : -1].float()).squeeze(-1)
+        return v * batch.mask[rows].to(v.device)
+
+
+@torch.no_grad()
+def score_tokens(batch: Batch, policy: Any, reference: Any | None, critic: Critic | None, temperature: float,
+                 minibatch: int) -> None:
+    """Fill `batch.logprobs` (π_old), `batch.ref_logprobs` and, with a critic, `batch.values`: one
+    teacher-forced forward of each model over the batch (in chunks of `minibatch` rows), on CPU after.
+    `reference` None: the policy is a peft LoRA model and the reference is its base, adapters disabled."""
+    lp, ref, val = [], [], []
+    for lo in range(0, len(batch), minibatch):
+        rows = slice(lo, lo + minibatch)
+        lp.append(token_logprobs(completion_logits(policy, batch, rows, temperature), batch, rows).cpu())
+        with policy.disable_adapter() if reference is None else contextlib.nullcontext():
+            ref_logits = completion_logits(reference or policy, batch, rows, temperature)
+        ref.append(token_logprobs(ref_logits, batch, rows).cpu())
+        if critic is not None:
+            val.append(critic(batch, rows).cpu())
+    batch.logprobs, batch.ref_logprobs = torch.cat(lp), torch.cat(ref)
+    batch.values = torch.cat(val) if critic is not None else None
+
+
+__all__ = ["Batch", "Critic", "completion_logits", "prompt_indices", "sample", "score_tokens", "token_logprobs"]

@@ -1,0 +1,450 @@
+"""PPO for RLHF, and UP-RLHF's uncertainty-penalised PPO: an explicit rollout → score → update loop.
+
+Setup → for each iteration: rollout → score → advantages → `ppo_epochs` × minibatches update → log →
+checkpoint, top to bottom, on `trainers.loop.Loop` (run directory, metrics, checkpoints that resume
+bit-exactly). The maths are the pure functions of `alignkit.rl_losses`; the rollout and scoring stages are
+`alignkit.online`. Equations and the choices below: docs/algorithms/ppo.md.
+
+- Actor–critic PPO (Schulman et al. 2017): GAE(γ, λ) advantages (Schulman et al. 2016), whitened per
+  rollout batch, the clipped surrogate and the clipped value loss, the critic a value head on its own
+  copy of the policy. `advantage: rloo | grpo` swaps GAE for the critic-free estimators over the K
+  samples of a prompt (no critic is built), broadcast to every token of the completion.
+- `kl_mode: reward` is classic RLHF (InstructGPT): −kl_coef·(log π − log π_ref) on every token, the
+  sequence reward at the last one; with `kl_target` the coefficient follows Ziegler et al.'s adaptive
+  controller (its value resumes with the run). `kl_mode: loss` is UP-RLHF eq. 15: β1·E[(log π − log π_ref)²] (k2,
+  a per-token mean) added to the policy loss, the reward left free of KL (eq. 16).
+- UP-RLHF eq. 14: with an ensemble scorer the reward is r̄ − β2·(u − ū), ū the running mean of u over
+  every sample seen so far (this batch included), checkpointed with the run.
+- Deviations: the reference is the starting policy (π_SFT when `model.name` is an SFT run); old
+  log-probs come from a teacher-forced forward, not from `generate` (alignkit.online.rollout); dropout
+  is off in every model (as OpenRLHF), so that the ratio is exactly 1 before the first step; no reward
+  whitening, no learning-rate schedule, no entropy bonus (entropy is logged).
+- On N ranks (launch.num_processes, DDP over gloo on CPU / nccl on GPU) each rank samples its own
+  disjoint shard of every iteration's prompts; gradients are averaged by DDP, ū is updated with every
+  rank's u, the logged metrics are means over ranks, and advantages are whitened per rank.
+  ZeRO / FSDP are refused with one line.
+- Full fine-tuning keeps separate copies of policy, reference and critic. With LoRA (model.lora) the
+  reference is the policy's own frozen base with its adapter disabled, and the critic is a second copy
+  of the base with its own adapter and the value head (the issue's fully shared base is not built).
+  The weights train in the dtype they load in (model.dtype; auto is bf16 on a capable GPU, with no fp32
+  master copy): set model.dtype=float32 for small learning rates on a GPU.
+- Time split: `rollout` (sampling), `reference_value` (the teacher-forced forwards of the policy for π_old,
+  the reference and the critic), `score`, `update`.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, model_validator
+
+from alignkit.config import Block, DataSection, JobConfig
+
+
+class PPODataSection(DataSection):
+    source: str = Field("builtin:prompts", description="prompts: a file, dataset dir, hub id or builtin:prompts")
+
+
+class PPOTrainSection(Block):
+    """The optimiser and run bookkeeping. One step of the loop is one PPO iteration."""
+
+    learning_rate: float = Field(1e-5, gt=0.0, description="policy learning rate (AdamW)")
+    critic_learning_rate: float | None = Field(
+        None, gt=0.0, description="critic learning rate (default: learning_rate); the critic has its own model and "
+        "optimiser, so this, not a value-loss weight, sets how fast it learns")
+    max_grad_norm: float = Field(1.0, gt=0.0, description="clip each model's gradient norm to this")
+    save_steps: int = Field(10, ge=0, description="checkpoint every N iterations for --resume (0: none)")
+    seed: int = Field(42, ge=0, description="seed of sampling, minibatch order and prompt order")
+
+
+class PPOSection(Block):
+    """PPO and UP-RLHF settings; defaults from TRL's former PPOConfig and the PPO/UP-RLHF papers."""
+
+    reward: str = Field("gold", description="scorer: gold, an rm / rm-ensemble run dir, a reward-model dir, "
+                        "module:function or mbpp:SOURCE (docs/rewards.md)")
+    iterations: int = Field(100, ge=1, description="rollout → update iterations")
+    prompts_per_iteration: int = Field(16, ge=1, description="prompts sampled per iteration (rollout batch)")
+    k: int = Field(1, ge=1, description="completions per prompt (rloo and grpo need 2 or more)")
+    advantage: Literal["gae", "rloo", "grpo"] = Field(
+        "gae", description="gae (actor-critic), rloo (leave-one-out) or grpo (group-normalised) over the k samples")
+    kl_mode: Literal["reward", "loss"] = Field(
+        "reward", description="reward: −kl_coef·log(π/π_ref) per token in the reward; loss: β1·k2 KL loss "
+        "(UP-RLHF eq. 15)")
+    kl_coef: float = Field(0.05, ge=0.0, description="per-token KL penalty in the reward (kl_mode reward); the "
+                           "starting value when kl_target is set")
+    kl_target: float | None = Field(None, gt=0.0, description="adaptive KL controller (Ziegler et al. 2019): steer "
+                                     "kl_coef towards this KL per sequence (none: kl_coef stays fixed)")
+    kl_horizon: int = Field(10000, ge=1, description="the adaptive controller's horizon, in samples")
+    beta1: float = Field(0.05, ge=0.0, description="weight of the k2 KL loss (kl_mode loss, UP-RLHF eq. 15)")
+    beta2: float = Field(0.0, ge=0.0, description="uncertainty penalty r̄ − β2·(u − ū) (UP-RLHF eq. 14; needs "
+                         "an ensemble reward)")
+    gamma: float = Field(1.0, ge=0.0, le=1.0, description="GAE discount γ")
+    lam: float = Field(0.95, ge=0.0, le=1.0, description="GAE λ")
+    clip_eps: float = Field(0.2, gt=0.0, description="PPO ratio clip ε")
+    vf_clip: float = Field(0.2, gt=0.0, description="value clip around the rollout's values")
+    ppo_epochs: int = Field(4, ge=1, description="passes over each rollout batch")
+    minibatch_size: int = Field(8, ge=1, description="sequences per optimiser step")
+    whiten_advantages: bool = Field(True, description="whiten the advantages of each rollout batch over its "
+                                    "completion tokens (TRL's GRPO/RLOO do not: false to compare with them)")
+    max_new_tokens: int = Field(48, ge=1, description="completion tokens per sample")
+    temperature: float = Field(1.0, gt=0.0, description="sampling temperature (log-probs use the same)")
+
+
+# fields that only act under one setting: giving one under another is an error, not a silent no-op
+_ONLY_WHEN = {
+    "kl_coef": ("kl_mode", "reward"), "kl_target": ("kl_mode", "reward"), "kl_horizon": ("kl_mode", "reward"),
+    "beta1": ("kl_mode", "loss"),
+    "gamma": ("advantage", "gae"), "lam": ("advantage", "gae"),
+    "vf_clip": ("advantage", "gae"),
+}
+
+
+class PPOConfig(JobConfig):
+    command: str = "ppo"
+    data: PPODataSection = Field(default_factory=PPODataSection)
+    train: PPOTrainSection = Field(default_factory=PPOTrainSection)  # type: ignore[assignment]
+    ppo: PPOSection = Field(default_factory=PPOSection)
+
+    @model_validator(mode="after")
+    def _check_ppo(self) -> PPOConfig:
+        p = self.ppo
+        if p.advantage != "gae" and p.k < 2:
+            raise ValueError(f"ppo.advantage={p.advantage} compares the k samples of a prompt: set ppo.k to 2 or more "
+                             f"(got {p.k})")
+        if p.prompts_per_iteration * p.k < 2:
+            raise ValueError("ppo.prompts_per_iteration × ppo.k must be 2 or more: advantage whitening and explained "
+                             "variance need at least 2 samples per iteration")
+        for name, (switch, value) in _ONLY_WHEN.items():
+            if name in p.model_fields_set and getattr(p, switch) != value:
+                raise ValueError(f"ppo.{name} acts only with ppo.{switch}={value} (got ppo.{switch}="
+                                 f"{getattr(p, switch)}): drop it or change ppo.{switch}")
+        if "kl_horizon" in p.model_fields_set and p.kl_target is None:
+            raise ValueError("ppo.kl_horizon acts only with the adaptive controller: set ppo.kl_target too, or drop it")
+        if self.launch.accelerate_config not in (None, "ddp"):
+            raise ValueError(f"launch.accelerate_config={self.launch.accelerate_config} is not supported by ppo yet: "
+                             "it runs plain DDP (launch.num_processes; accelerate_config ddp or none)")
+        if p.prompts_per_iteration % self.launch.num_processes:
+            raise ValueError(f"ppo.prompts_per_iteration={p.prompts_per_iteration} must be a multiple of "
+                             f"launch.num_processes={self.launch.num_processes}: every rank samples an equal shard")
+        if self.data.eval_fraction > 0:
+            raise ValueError("ppo holds out no prompts: data.eval_fraction must be 0 (evaluate with `alignkit eval`)")
+        return self
+
+
+def adaptive_kl_coef(coef: float, kl: float, target: float, n: int, horizon: int) -> float:
+    """The adaptive KL controller of Ziegler et al. 2019 (§2.2; TRL's former AdaptiveKLController):
+    e = clip(KL / target − 1, −0.2, 0.2), β ← β·(1 + e·n / horizon), after a batch of n samples whose
+    mean KL per sequence is `kl`."""
+    error = min(max(kl / target - 1.0, -0.2), 0.2)
+    return coef * (1.0 + error * n / horizon)
+
+
+def iteration_seed(seed: int, iteration: int) -> int:
+    """The sampling seed of `iteration`: a pure function of (seed, iteration), so that a resumed run
+    samples what the uninterrupted run sampled. `generate` seeds batch b with seed + b."""
+    return seed * 1_000_003 + iteration * 10_007
+
+
+def run(cfg: PPOConfig, progress: Any | None = None) -> dict[str, Any]:
+    """Train; returns the summary (also written to summary.json)."""
+    import copy
+    import shutil
+
+    import torch
+
+    from alignkit import data, models, rewards
+    from alignkit import rl_losses as rl
+    from alignkit.config import to_yaml
+    from alignkit.online import rollout, score
+    from alignkit.trainers import _hf
+    from alignkit.trainers.loop import Loop
+
+    p = cfg.ppo
+    out, _ = _hf.begin(cfg)
+    rank, world, device = _start_ranks(cfg.model.device)
+
+    # -- setup: every check that can fail cheaply comes before the run directory is opened ----------
+    rewards.check_scorer_spec(p.reward)
+    ds, _ = data.load_source(cfg.data, expected=("prompts",))
+    pool = list(ds["prompt"])
+    scorer = rewards.load_scorer(p.reward, device=device, trust_remote_code=cfg.model.trust_remote_code)
+    score.check_uncertainty(scorer, p.reward, p.beta2)
+    # the built-in task has a gold reward: with a proxy scorer, log it too (over-optimisation shows)
+    gold = rewards.load_scorer("gold") if p.reward != "gold" and cfg.data.source == "builtin:prompts" else None
+
+    torch.manual_seed(cfg.train.seed)  # LoRA A matrices are initialised from the global RNG
+    load = dict(dtype=cfg.model.dtype, device=device, trust_remote_code=cfg.model.trust_remote_code)
+    lora = models.LoraSpec(**cfg.model.lora.model_dump(exclude={"enabled"})) if cfg.model.lora.enabled else None
+    policy, tokenizer = models.load_causal_lm(cfg.model.name, lora=lora, **load)
+    # π_ref = π_SFT, the starting policy, frozen: with LoRA the policy's own base with its adapter disabled
+    # (None), else a copy
+    reference = None if lora else copy.deepcopy(policy).requires_grad_(False)
+    critic = (rollout.Critic(models.load_causal_lm(cfg.model.name, **load)[0], lora)
+              if p.advantage == "gae" else None)
+    for m in (policy, reference, critic):
+        if m is not None:
+            m.eval()  # dropout off everywhere: the ratio is 1 before the first step (gradients still flow)
+    trainable, total = models.trainable_parameters(policy)
+    opt = torch.optim.AdamW([q for q in policy.parameters() if q.requires_grad], lr=cfg.train.learning_rate)
+    critic_opt = (torch.optim.AdamW([q for q in critic.parameters() if q.requires_grad],
+                                    lr=cfg.train.critic_learning_rate or cfg.train.learning_rate)
+                  if critic is not None else None)
+    # the update runs through DDP wrappers on N ranks (gradients averaged); sampling and scoring use the modules
+    train_policy, train_critic = policy, critic
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        train_policy = DistributedDataParallel(policy)
+        train_critic = DistributedDataParallel(critic) if critic is not None else None
+    u_bar = rl.RunningMean()  # ū of UP-RLHF eq. 14
+    kl_coef = p.kl_coef if p.kl_mode == "reward" else 0.0  # moves only with the adaptive controller
+
+    loop = Loop.open(out, overwrite=cfg.output.overwrite, resume=cfg.output.resume, config_yaml=to_yaml(cfg),
+                     total=p.iterations, desc="ppo", unit="iteration", progress=progress is None)
+    task = None  # the CLI passes its live rich Progress: one bar there, not a second live display
+    _barrier(world)  # the main rank has prepared DIR.partial before any rank looks for a checkpoint in it
+    seen: set[tuple[int, int]] = set()  # (iteration, pool index) of this rank's prompts: the shard report
+    objects: dict[str, Any] = {"policy": policy, "optimizer": opt}
+    if critic is not None:
+        objects |= {"critic": critic, "critic_optimizer": critic_opt}
+    last: dict[str, Any] = {}
+    with loop:
+        if loop.restore(objects):
+            u_bar.load_state_dict(loop.stats["u_bar"])
+            kl_coef = loop.stats["kl_coef"]
+        if progress is not None:
+            task = progress.add_task("ppo", total=loop.total, completed=loop.step)
+        while loop.step < loop.total:
+            it = loop.step
+            # -- rollout: K completions per prompt, then π_old, π_ref and V from one forward each ---------
+            with loop.timer("rollout"):
+                index = rollout.prompt_indices(len(pool), it, p.prompts_per_iteration, cfg.train.seed, rank, world)
+                seen.update((it, i) for i in index)
+                batch = rollout.sample(policy, tokenizer, [pool[i] for i in index], k=p.k,
+                                       max_new_tokens=p.max_new_tokens, temperature=p.temperature,
+                                       seed=iteration_seed(cfg.train.seed, it) + 7919 * rank)
+            with loop.timer("reference_value"):
+                rollout.score_tokens(batch, policy, reference, critic, p.temperature, p.minibatch_size)
+            # -- score: the proxy reward (and the gold one, for the plot) -----------------------------
+            with loop.timer("score"):
+                scores = score.score(scorer, batch)
+                gold_mean = (float(score.score(gold, batch).mean.mean()) if gold is not None
+                             else float(scores.mean.mean()) if p.reward == "gold" else None)
+            u_bar.update(_gather(scores.uncertainty, world))  # ū over every sample of every rank
+            seq_reward = (rl.uncertainty_penalised_reward(scores.mean, scores.uncertainty, u_bar.mean, p.beta2)
+                          if p.beta2 > 0 else scores.mean)
+            mask, lp, ref = batch.mask, batch.logprobs, batch.ref_logprobs
+            # -- advantages -------------------------------------------------------------------------
+            if critic is not None:
+                token_r = rl.token_rewards(seq_reward, lp, ref, mask, kl_coef)
+                adv, returns = rl.gae(token_r, batch.values, mask, p.gamma, p.lam)
+            else:  # critic-free: the KL-penalised sequence reward, compared within each prompt's k samples
+                kl_seq = torch.where(mask.bool(), lp - ref, torch.zeros_like(lp)).sum(1)
+                adv = rl.ADVANTAGES[p.advantage](seq_reward - kl_coef * kl_seq, p.k)[:, None] * mask
+                returns = None
+            if p.whiten_advantages:
+                adv = rl.masked_whiten(adv, mask)
+            beside = next(policy.parameters()).device  # the update's tensors live beside the policy
+            adv, d_mask, d_lp, d_ref = (t.to(beside) for t in (adv, mask, lp, ref))
+            if critic is not None:
+                d_values, d_returns = batch.values.to(beside), returns.to(beside)
+            # -- update: ppo_epochs × minibatches ----------------------------------------------------
+            stats: dict[str, list[float]] = {}
+            with loop.timer("update"):
+                for epoch in range(p.ppo_epochs):
+                    order = torch.randperm(len(batch), generator=torch.Generator().manual_seed(
+                        iteration_seed(cfg.train.seed, it) + 1 + epoch))
+                    for rows in order.split(p.minibatch_size):
+                        logits = rollout.completion_logits(train_policy, batch, rows, p.temperature)
+                        new_lp = rollout.token_logprobs(logits, batch, rows)
+                        loss, st = rl.policy_loss(new_lp, d_lp[rows], adv[rows], d_mask[rows], p.clip_eps)
+                        st["policy_loss"] = loss.item()
+                        if p.kl_mode == "loss":
+                            kl_loss = rl.kl_k2_loss(new_lp, d_ref[rows], d_mask[rows], p.beta1)
+                            st["kl_loss"] = kl_loss.item()
+                            loss = loss + kl_loss
+                        st["entropy"] = rl.entropy_from_logits(logits.detach(), d_mask[rows]).item()
+                        loop.guard(loss)
+                        opt.zero_grad(set_to_none=True)
+                        loss.backward()
+                        torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.train.max_grad_norm)
+                        opt.step()
+                        if critic is not None:
+                            v_loss, vst = rl.value_loss(train_critic(batch, rows), d_values[rows],
+                                                        d_returns[rows], d_mask[rows], p.vf_clip)
+                            loop.guard(v_loss)
+                            critic_opt.zero_grad(set_to_none=True)
+                            v_loss.backward()
+                            torch.nn.utils.clip_grad_norm_(critic.parameters(), cfg.train.max_grad_norm)
+                            critic_opt.step()
+                            st |= {"value_loss": v_loss.item(), "vf_clipfrac": vst["vf_clipfrac"]}
+                        for key, value in st.items():
+                            stats.setdefault(key, []).append(value)
+            # -- log ------------------------------------------------------------------------------------
+            kl = rl.kl_estimates(lp, ref, mask)
+            last = {
+                "reward": float(scores.mean.mean()),
+                **({"gold": gold_mean} if gold_mean is not None else {}),
+                **({"reward_penalised": float(seq_reward.mean()), "u": float(scores.uncertainty.mean()),
+                    "u_bar": u_bar.mean} if score.has_members(scorer) else {}),
+                "kl_k1": float(kl["k1"].mean()), "kl_k3": float(kl["k3"].mean()),
+                **({"kl_coef": kl_coef} if p.kl_mode == "reward" else {}),
+                **{key: sum(v) / len(v) for key, v in stats.items()},
+                **({"explained_variance": rl.explained_variance(batch.values, returns, mask)}
+                   if critic is not None else {}),
+                "length": float(batch.lengths.float().mean()), "eos_rate": float(batch.finished.float().mean()),
+            }
+            last = _mean_over_ranks(last, world)
+            if p.kl_target is not None:  # for the next iteration, from this rollout's KL (the same on every rank)
+                kl_coef = adaptive_kl_coef(kl_coef, last["kl_k1"], p.kl_target, len(batch) * world, p.kl_horizon)
+            loop.advance(f"reward {last['reward']:.3f} kl {last['kl_k1']:.2f}")
+            if task is not None:
+                progress.update(task, completed=loop.step)
+            loop.log(last)
+            # -- checkpoint -------------------------------------------------------------------------
+            if cfg.train.save_steps and loop.step % cfg.train.save_steps == 0 and loop.step < loop.total:
+                loop.guard(None, *[m for m in (policy, critic) if m is not None])
+                loop.stats |= {"u_bar": u_bar.state_dict(), "kl_coef": kl_coef}
+                loop.save(objects)
+        loop.guard(None, *[m for m in (policy, critic) if m is not None])
+
+    # -- save: the policy as safetensors + tokenizer in DIR/model (`alignkit eval DIR` reads it) ---------
+    parallel = _shard_report(seen, world)
+    if loop.run.is_main:
+        policy.save_pretrained(str(loop.run.path("model")), safe_serialization=True)
+        tokenizer.save_pretrained(str(loop.run.path("model")))
+        _plot(loop.run.read_metrics(), loop.run.path("plots", "reward_vs_kl.png"),
+              title=f"PPO {cfg.model.name} ({p.reward})")
+        shutil.rmtree(loop.run.path("checkpoints"), ignore_errors=True)
+    metrics = loop.run.read_metrics() if loop.run.is_main else []
+    on = next(policy.parameters()).device
+    first = metrics[0] if metrics else {}
+    summary = {
+        "command": "ppo", "model": cfg.model.name, "reward": p.reward, "advantage": p.advantage,
+        "kl_mode": p.kl_mode, "iterations": loop.step, "lora": lora is not None,
+        "trainable_params": trainable, "total_params": total,
+        "first_reward": first.get("reward"), "last_reward": last.get("reward"),
+        "first_gold": first.get("gold"), "last_gold": last.get("gold"),
+        "peak_gold": max((m["gold"] for m in metrics if m.get("gold") is not None), default=None),
+        "last_kl_k1": last.get("kl_k1"), "last_kl_k3": last.get("kl_k3"),
+        # this rank's peak GPU memory over the run (policy, reference, critic, optimisers, activations); None on CPU
+        "peak_gpu_memory_gib": (torch.cuda.max_memory_allocated(on) / 2**30 if on.type == "cuda" else None),
+    }
+    if parallel:
+        summary["data_parallel"] = parallel
+    final = loop.finish(summary, readme=_readme(cfg, summary) if loop.run.is_main else None)
+    summary["output_dir"] = str(final)
+    return summary
+
+
+# ------------------------------------------------------------------------------ ranks (DDP)
+def _start_ranks(device: str) -> tuple[int, int, str]:
+    """(rank, world size, device). In a launched rank (launch.num_processes > 1) start torch.distributed:
+    gloo on CPU, nccl on GPU with each rank on its own GPU (cuda:LOCAL_RANK)."""
+    import torch
+    import torch.distributed as dist
+
+    from alignkit.launch import rank_info
+    from alignkit.models import choose_device
+
+    info = rank_info()
+    if info["world_size"] == 1:
+        return 0, 1, device
+    cuda = choose_device(device).type == "cuda"
+    if cuda:
+        device = f"cuda:{info['local_rank']}"
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo")
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def _barrier(world: int) -> None:
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+def _gather(x: Any, world: int) -> Any:
+    """Every rank's (equal-sized) tensor `x`, concatenated in rank order (`x` itself on one process)."""
+    if world == 1:
+        return x
+    import torch
+    import torch.distributed as dist
+
+    x = _for_collectives(x.contiguous())
+    parts = [torch.empty_like(x) for _ in range(world)]
+    dist.all_gather(parts, x)
+    return torch.cat(parts).cpu()
+
+
+def _mean_over_ranks(row: dict[str, float], world: int) -> dict[str, float]:
+    """Each metric's mean over the ranks (every rank logs the same keys; equal shards, so a plain mean)."""
+    if world == 1:
+        return row
+    import torch
+    import torch.distributed as dist
+
+    values = _for_collectives(torch.tensor([float(v) for v in row.values()], dtype=torch.float64))
+    dist.all_reduce(values)
+    return dict(zip(row, (values / world).tolist(), strict=True))
+
+
+def _for_collectives(x: Any) -> Any:
+    """`x` where the process group's backend can reach it: the rank's GPU under nccl, CPU under gloo."""
+    import torch
+    import torch.distributed as dist
+
+    return x.to(torch.device("cuda", torch.cuda.current_device())) if dist.get_backend() == "nccl" else x
+
+
+def _shard_report(seen: set[tuple[int, int]], world: int) -> dict[str, Any] | None:
+    """The data-parallel report (None on one process): prompts per rank, and how many (iteration, prompt)
+    pairs more than one rank sampled (0: the shards are disjoint)."""
+    if world == 1:
+        return None
+    import torch.distributed as dist
+
+    per_rank: list[Any] = [None] * world
+    dist.all_gather_object(per_rank, sorted(seen))
+    sets = [set(map(tuple, s)) for s in per_rank]
+    shared = sum(len(a & b) for i, a in enumerate(sets) for b in sets[i + 1 :])
+    return {"world_size": world, "prompts_per_rank": [len(s) for s in sets], "prompts_sampled_by_two_ranks": shared}
+
+
+def _plot(metrics: list[dict[str, Any]], path: Path, title: str) -> None:
+    """Gold and proxy reward against KL to the reference (k1), one point per iteration (UP-RLHF Figs. 4–5)."""
+    from alignkit.runs import pyplot, save_figure
+
+    fig, ax = pyplot().subplots(figsize=(5, 3.2))
+    for key, label in (("reward", "proxy reward"), ("gold", "gold reward")):
+        pts = [(m["kl_k1"], m[key]) for m in metrics if m.get(key) is not None and m.get("kl_k1") is not None
+               and math.isfinite(m[key])]
+        if pts:
+            ax.plot(*zip(*pts, strict=True), marker=".", label=label)
+    ax.set_xlabel("KL(π ‖ π_ref), k1 per sequence")
+    ax.set_ylabel("reward")
+    ax.set_title(title)
+    if ax.lines:
+        ax.legend()
+    save_figure(fig, path)
+
+
+def _readme(cfg: PPOConfig, summary: dict[str, Any]) -> str:
+    from alignkit.runs import run_readme
+
+    p = cfg.ppo
+    kl = f"KL in the reward (β={p.kl_coef})" if p.kl_mode == "reward" else f"k2 KL loss (β1={p.beta1})"
+    tuned = f"LoRA r={cfg.model.lora.r} (DIR/model is a peft adapter)" if cfg.model.lora.enabled else "full fine-tuning"
+    return run_readme(
+        "PPO run",
+        f"Policy: `{cfg.model.name}`; prompts: `{cfg.data.source}`; reward: `{p.reward}`"
+        f"{f', uncertainty penalty β2={p.beta2}' if p.beta2 else ''}; advantage {p.advantage}, {kl}; {tuned}.",
+        f"{summary['iterations']} iterations; proxy reward {summary['first_reward']:.3f} → "
+        f"{summary['last_reward']:.3f}, "
+        f"KL (k1) {summary['last_kl_k1']:.3f} at the end. Curves: plots/reward_vs_kl.png, metrics.jsonl.",
+        "Load the policy with `alignkit generate --model <this dir>/model`; evaluate it with `alignkit eval`.",
+    )
