@@ -41,13 +41,21 @@ def tiny_model_dir(alignkit_cache):
 @pytest.fixture(scope="session")
 def sft_tiny_dir(tiny_model_dir, tmp_path_factory):
     """The tiny model after a short SFT on the built-in task: the backbone reward models start from
-    (the RM is the SFT model with a scalar head, docs/algorithms/rm-ensemble.md)."""
+    (the RM is the SFT model with a scalar head, docs/algorithms/rm-ensemble.md). Built once for the
+    whole test run: under pytest-xdist the first worker trains it and the others wait and read it."""
+    from filelock import FileLock
+
     from alignkit.trainers import sft
 
-    out = tmp_path_factory.mktemp("sft-base") / "run"
-    sft.run(sft.SFTConfig(
-        model={"name": "tiny", "device": "cpu"}, data={"source": "builtin:sft", "max_samples": 1024},
-        train={"learning_rate": 3e-3, "epochs": 2, "batch_size": 32, "max_length": 96, "logging_steps": 10},
-        output={"dir": str(out)},
-    ))
+    base = tmp_path_factory.getbasetemp()
+    shared = base.parent if "PYTEST_XDIST_WORKER" in os.environ else base  # xdist: the workers' common dir
+    out = shared / "sft-base" / "run"
+    with FileLock(str(shared / "sft-base.lock")):
+        if not (out / "summary.json").is_file():  # a finished run (renamed into place at the end)
+            sft.run(sft.SFTConfig(
+                model={"name": "tiny", "device": "cpu"}, data={"source": "builtin:sft", "max_samples": 1024},
+                train={"learning_rate": 3e-3, "epochs": 2, "batch_size": 32, "max_length": 96,
+                       "logging_steps": 10},
+                output={"dir": str(out), "overwrite": True},
+            ))
     return out / "model"

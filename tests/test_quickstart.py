@@ -36,7 +36,9 @@ def test_quickstart_small_writes_a_complete_run(tmp_path: Path, tiny_model_dir):
     assert (out / "dpo" / "model" / "model.safetensors").is_file()
 
 
-@pytest.mark.parametrize("name", ["sft-tiny", "sft-tiny-lora", "rm-tiny", "rm-ensemble-tiny", "dpo-tiny", "kto-tiny"])
+@pytest.mark.parametrize("name", [
+    "sft-tiny", "sft-tiny-lora", "rm-tiny", pytest.param("rm-ensemble-tiny", marks=pytest.mark.slow),  # 12 s; the
+    "dpo-tiny", "kto-tiny"])  # default run trains ensembles in test_reward.py
 def test_tiny_recipes_run(name: str, tmp_path: Path, tiny_model_dir):
     cfg = validate_recipe(recipes_dir() / f"{name}.yaml")
     cfg.output.dir = str(tmp_path / name)

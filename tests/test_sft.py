@@ -173,6 +173,7 @@ def test_messages_column_holding_a_string_is_one_line(tmp_path: Path, monkeypatc
     assert not (tmp_path / "run").exists() and not (tmp_path / "run.partial").exists()
 
 
+@pytest.mark.slow  # 12 s in a subprocess (a hang regression): `make test-all`
 def test_huge_max_length_with_long_rows_finishes(tmp_path: Path, tiny_model_dir, alignkit_cache):
     """Packing into 10^8-token blocks built a bin tree of 2^27 entries (TRL's BFD packing) and hung:
     max_length is capped to the model's positions (256 for tiny)."""
