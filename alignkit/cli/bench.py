@@ -326,3 +326,52 @@ def bench_rm_scoring(
     out.append(("mixed | loop vs separate (throughput)",
                 f"{q['mixed_vs_separate_throughput']:.2f}x | {q['loop_vs_separate_throughput']:.2f}x"))
     _bench_out(r, out, f"alignkit bench rm-scoring --backbone {backbone}", json_out)
+
+
+@bench_app.command("up-rlhf")
+def bench_up_rlhf(
+    pairs: Annotated[int, typer.Option("--pairs", min=16, help="oracle-labelled pairs the proxies train on")] = 256,
+    iterations: Annotated[int, typer.Option("--iterations", min=2, help="PPO iterations per run")] = 60,
+    prompts: Annotated[int, typer.Option("--prompts", min=2, help="prompts per PPO iteration")] = 16,
+    rm_epochs: Annotated[float, typer.Option("--rm-epochs", min=0.01, help="epochs per proxy")] = 2.0,
+    n_members: Annotated[int, typer.Option("--n-members", min=2, help="ensemble size N")] = 5,
+    beta2: Annotated[float, typer.Option("--beta2", min=0.0, help="(c)'s uncertainty penalty β2 (eq. 14)")] = 1.0,
+    plain: Annotated[bool, typer.Option("--plain-ensemble/--no-plain-ensemble",
+                                        help="also a λ = 0 ensemble and a PPO run on its mean (Fig. 3)")] = False,
+    ppo_seeds: Annotated[list[int] | None, typer.Option("--ppo-seed", help="PPO seeds (repeatable; curves are "
+                                                        "averaged over them; default: --seed)")] = None,
+    seed: SeedOpt = None,
+    plot_out: Annotated[
+        Path | None, typer.Option("--plot", help="write the gold/proxy-vs-KL plot here", callback=_writable("--plot"))
+    ] = None,
+    json_out: JsonOpt = None,
+) -> None:
+    """UP-RLHF on the built-in task: PPO on a full-FT RM (KL in reward) vs ensemble mean vs UP-RLHF, gold vs proxy."""
+    from alignkit.paper_tables import up_rlhf
+
+    check_seed(seed)
+    r = up_rlhf.up_rlhf_table(pairs=pairs, iterations=iterations, prompts_per_iteration=prompts, rm_epochs=rm_epochs,
+                              n_members=n_members, beta2=beta2, plain_ensemble=plain, seed=seed or 0,
+                              ppo_seeds=tuple(ppo_seeds) if ppo_seeds else None)
+    m, st = r["machine"], r["settings"]
+    rows = [("machine", f"{m['cpu']}, {m['cores']} cores; load avg {m['load_avg_1m']:.2f} -> "
+                        f"{r['load_avg_1m_end']:.2f}"),
+            ("setup", f"{st['pairs']} pairs ({st['eval_fraction']:.0%} held out), {st['rm_epochs']:g} epoch(s); "
+                      f"{st['iterations']} iterations x {st['prompts_per_iteration']} prompts; kl_coef "
+                      f"{st['kl_coef']:g}, β1 {st['beta1']:g}, β2 {st['beta2']:g}; "
+                      f"N={st['n_members']}, λ={st['lam']:g}; PPO seeds {st['ppo_seeds']} (curves averaged)")]
+    for name, p in r["proxies"].items():
+        rows.append((f"proxy {name}", f"held-out accuracy {p['accuracy']:.3f} on {p['eval_pairs']} pairs"
+                     + (f", mean u {p['uncertainty_in_dist']:.3f}" if name != "rm" else "")))
+    for x in r["runs"].values():
+        s = x["stats"]
+        rows.append((x["label"], f"gold start {s['start_gold']:+.3f} | peak {s['peak_gold']:+.3f} "
+                                 f"(it {s['peak_gold_iteration']}, KL {s['peak_gold_kl']:.2f}) | "
+                                 f"final {s['final_gold']:+.3f} ± {s['final_gold_se']:.3f}"
+                                 f" | proxy {s['start_proxy']:+.3f} -> {s['final_proxy']:+.3f} | final KL "
+                                 f"{s['final_kl']:.2f} | over-optimised {'yes' if s['over_optimised'] else 'no'}"))
+    rows.append(("total wall s", f"{r['timings']['total_s']:.0f}"))
+    if plot_out is not None:
+        up_rlhf.up_rlhf_plot(r, plot_out)
+        console.print(f"wrote {plot_out}")
+    _bench_out(r, rows, "alignkit bench up-rlhf", json_out)
