@@ -2,7 +2,8 @@
 
 Not library code: each module trains and evaluates a whole table through the trainers' Python API
 (`rm_table1`: UP-RLHF Table 1; `preference_table`: DPO/IPO/KTO/SPPO from SFT; `qprobe_table`:
-Q-probe policies; `up_rlhf`: UP-RLHF's RL experiment, Figs. 3–5). They share the benchmarks' helpers (`alignkit.bench.common`). docs/benchmarks.md.
+Q-probe policies; `up_rlhf`: UP-RLHF's RL experiment, Figs. 3–5). They share the benchmarks'
+helpers (`alignkit.bench.common`). docs/benchmarks.md.
 """
 
 from __future__ import annotations
