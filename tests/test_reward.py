@@ -107,10 +107,10 @@ def test_nnm_term_raises_diversity(tmp_path: Path, sft_tiny_dir):
 
 
 def test_ensemble_resume_reproduces_the_uninterrupted_run(tmp_path: Path, sft_tiny_dir):
-    short = {"train__save_steps": 3, "train__epochs": 1, "data__max_samples": 320}
+    short = {"train__save_steps": 2, "train__epochs": 1, "data__max_samples": 160}  # 4 steps
     straight = reward.run_ensemble(_ens_cfg(tmp_path / "a", sft_tiny_dir, **short))
     with pytest.raises(KeyboardInterrupt):
-        reward.run_ensemble(_ens_cfg(tmp_path / "b", sft_tiny_dir, **short), callbacks=[Interrupt(5)])
+        reward.run_ensemble(_ens_cfg(tmp_path / "b", sft_tiny_dir, **short), callbacks=[Interrupt(3)])
     resumed = reward.run_ensemble(_ens_cfg(tmp_path / "b", sft_tiny_dir, output__resume=True, **short))
     assert resumed["steps"] == straight["steps"]
     a = rewards.RewardEnsemble.load(tmp_path / "a", device="cpu")

@@ -37,16 +37,16 @@ def _sample_stats(model_dir: str, n: int = 24) -> dict[str, float]:
     return {"eos": sum(s.finished for s in samples) / n, "gold": float(gold.mean())}
 
 
-def test_sft_learns_the_builtin_task(tmp_path: Path, tiny_model_dir):
-    cfg = _cfg(tmp_path / "run", epochs=3, batch_size=32)
-    cfg.data.max_samples = 1024
-    summary = sft.run(cfg)
-    out = Path(summary["output_dir"])
+def test_sft_learns_the_builtin_task(sft_tiny_dir: Path, tiny_model_dir):
+    """On the session's SFT run (conftest.sft_tiny_dir: 1024 rows, 2 epochs), trained once for every test
+    that starts from an SFT policy."""
+    out = sft_tiny_dir.parent
+    summary = json.loads((out / "summary.json").read_text())
     assert summary["last_loss"] < 0.6 * summary["first_loss"], summary
     assert (out / "model" / "model.safetensors").is_file() and not (out / "model" / "training_args.bin").exists()
     assert {"config.yaml", "metrics.jsonl", "summary.json", "README.md"} <= {p.name for p in out.iterdir()}
     assert (out / "plots" / "loss.png").stat().st_size > 0
-    assert not (tmp_path / "run.partial").exists() and not (out / "checkpoints").exists()
+    assert not out.with_name(out.name + ".partial").exists() and not (out / "checkpoints").exists()
     before, after = _sample_stats(str(tiny_model_dir)), _sample_stats(str(out))
     # the untrained model babbles until max tokens; the SFT policy writes reviews that end with EOS
     assert after["eos"] >= 0.8 > before["eos"] + 0.3, (before, after)
