@@ -231,10 +231,7 @@ def sft_overhead(
     result["overhead_s"] = med["alignkit"] - med["trl"]
     result["ratio_cpu"] = result["alignkit"]["median_cpu_s"] / result["trl"]["median_cpu_s"]
     result["loss_curves"] = {
-        "identical": all(p["identical"] for p in pairs),
-        "max_abs_diff": max(p["max_abs_diff"] for p in pairs),
-        "max_abs_diff_running_mean": max(p["max_abs_diff_running_mean"] for p in pairs),
-        "steps_compared": pairs[0]["steps_compared"],
+        **_curves_agree(pairs),
         "same_window_steps": pairs[0]["same_window_steps"],
         "tokens_identical": all(r["num_tokens"] == a["num_tokens"] for r, a in zip(raws, aks, strict=True)),
     }
@@ -380,13 +377,16 @@ def dpo_overhead(
     out["pair_ratios_wall"] = [a["wall_s"] / r["wall_s"] for r, a in zip(raws, aks, strict=True)]
     out["median_pair_ratio_wall"] = statistics.median(out["pair_ratios_wall"])
     out["ratio_train_runtime"] = out["alignkit"]["median_train_runtime_s"] / out["trl"]["median_train_runtime_s"]
-    out["loss_curves"] = {
+    out["loss_curves"] = _curves_agree(pairs)
+    out["load_avg_1m_end"] = os.getloadavg()[0]
+    return out
+
+
+def _curves_agree(pairs: list[dict[str, Any]]) -> dict[str, Any]:
+    """How close alignkit's loss curves were to TRL's over every interleaved pair of runs."""
+    return {
         "identical": all(p["identical"] for p in pairs),
         "max_abs_diff": max(p["max_abs_diff"] for p in pairs),
         "max_abs_diff_running_mean": max(p["max_abs_diff_running_mean"] for p in pairs),
         "steps_compared": pairs[0]["steps_compared"],
     }
-    out["load_avg_1m_end"] = os.getloadavg()[0]
-    return out
-
-
