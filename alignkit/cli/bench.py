@@ -33,6 +33,9 @@ app.add_typer(bench_app, name="bench")
 JsonOpt = Annotated[
     Path | None, typer.Option("--json", help="also write the full result as JSON here", callback=_writable("--json"))
 ]
+PlotOpt = Annotated[  # the paper tables' figure
+    Path | None, typer.Option("--plot", help="write the reward-vs-KL figure here", callback=_writable("--plot"))
+]
 
 
 def _bench_out(result: dict[str, Any], rows: list[tuple[str, str]], title: str, out: Path | None) -> None:
@@ -129,9 +132,7 @@ def bench_pref(
     eval_prompts: Annotated[int, typer.Option("--eval-prompts", min=4, help="held-out prompts")] = 64,
     betas: Annotated[list[float] | None, typer.Option("--beta", help="extra DPO β values (repeatable)")] = None,
     seed: SeedOpt = None,
-    plot_out: Annotated[
-        Path | None, typer.Option("--plot", help="write the reward-vs-KL plot here", callback=_writable("--plot"))
-    ] = None,
+    plot_out: PlotOpt = None,
     json_out: JsonOpt = None,
 ) -> None:
     """SFT → on-policy pairs → DPO, IPO, KTO, pairwise SPPO (+ a DPO β sweep), all evaluated against SFT."""
@@ -341,9 +342,7 @@ def bench_up_rlhf(
     ppo_seeds: Annotated[list[int] | None, typer.Option("--ppo-seed", help="PPO seeds (repeatable; curves are "
                                                         "averaged over them; default: --seed)")] = None,
     seed: SeedOpt = None,
-    plot_out: Annotated[
-        Path | None, typer.Option("--plot", help="write the gold/proxy-vs-KL plot here", callback=_writable("--plot"))
-    ] = None,
+    plot_out: PlotOpt = None,
     json_out: JsonOpt = None,
 ) -> None:
     """UP-RLHF on the built-in task: PPO on a full-FT RM (KL in reward) vs ensemble mean vs UP-RLHF, gold vs proxy."""
