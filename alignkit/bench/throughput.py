@@ -248,3 +248,110 @@ def qprobe_fit_time(n: int = 10_000, d: int = 4096, per_prompt: int = 10, loss: 
             "last_train_loss": fits[0]["last_train_loss"], "first_train_loss": fits[0]["first_train_loss"]}
 
 
+
+
+# ------------------------------------------------------------- PPO: rollout throughput and the loop's time split
+ROLLOUT_MODES = ("generate", "sample", "sample_score")
+
+
+def ppo_rollout(model: str = "tiny", n_prompts: int = 64, k: int = 1, max_new_tokens: int = 48, batch_size: int = 64,
+                repeats: int = 5, score_minibatch: int = 8, iterations: int = 10, ppo_prompts: int = 16,
+                device: str = "cpu", dtype: str = "float32", seed: int = 0) -> dict[str, Any]:
+    """Issue 10's rollout figures, in one process.
+
+    1. Throughput on the same prompts and seed, interleaved (generate, sample, sample_score, generate, ...):
+       `generate`: `generation.generate` alone (what `alignkit generate` runs); `sample`: `rollout.sample`
+       (the PPO rollout's sampling stage: generate + padding into a Batch); `sample_score`: `rollout.sample`
+       + `rollout.score_tokens` with policy, reference (a copy) and critic (its own copy), the whole rollout
+       stage of a GAE iteration (minibatch `score_minibatch`, PPO's default 8). The token ids of generate
+       and sample are checked to be identical.
+    2. The time split of `ppo.run` (GAE, KL in reward, defaults otherwise) over `iterations` iterations of
+       `ppo_prompts` prompts × k, from the run's summary.json `time_split_s` (`iterations` 0: skipped).
+    """
+    import copy
+    import json
+
+    import torch
+
+    from alignkit import arena, generation, models
+    from alignkit.online import rollout
+    from alignkit.trainers import _hf
+
+    _hf.quiet_libraries()
+    model_dir = str(models.resolve(model))
+    lm, tok = models.load_causal_lm(model_dir, device=device, dtype=dtype)
+    reference = copy.deepcopy(lm).requires_grad_(False)
+    critic = rollout.Critic(models.load_causal_lm(model_dir, device=device, dtype=dtype)[0])
+    for m in (lm, reference, critic):
+        m.eval()
+    prompts = [p for p, _ in arena.all_prompts()[:n_prompts]]
+    kw = dict(k=k, max_new_tokens=max_new_tokens, temperature=1.0, batch_size=batch_size, seed=seed)
+
+    def run_mode(mode: str, ps: list[str]) -> list[list[int]]:
+        if mode == "generate":
+            return [s.token_ids for s in generation.generate(lm, tok, ps, **kw, progress=False)]
+        batch = rollout.sample(lm, tok, ps, **kw)
+        if mode == "sample_score":
+            rollout.score_tokens(batch, lm, reference, critic, 1.0, score_minibatch)
+        P = batch.prompt_len
+        return [batch.input_ids[i, P : P + int(n)].tolist() for i, n in enumerate(batch.lengths)]
+
+    for mode in ROLLOUT_MODES:  # warm-up: first-call allocations
+        run_mode(mode, prompts[: max(1, batch_size // k)])
+    times: dict[str, list[float]] = {m: [] for m in ROLLOUT_MODES}
+    ids: dict[str, list] = {}
+    with torch.no_grad():
+        for _ in range(repeats):
+            for mode in ROLLOUT_MODES:
+                if torch.cuda.is_available():
+                    torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                out = run_mode(mode, prompts)
+                if torch.cuda.is_available():
+                    torch.cuda.synchronize()
+                times[mode].append(time.perf_counter() - t0)
+                ids[mode] = out
+    n_params = sum(p.numel() for p in lm.parameters())
+    med = {m: statistics.median(t) for m, t in times.items()}
+    result: dict[str, Any] = {
+        "machine": machine(),
+        "settings": {"model": model, "params": n_params, "n_prompts": n_prompts, "k": k,
+                     "max_new_tokens": max_new_tokens, "batch_size": batch_size, "repeats": repeats,
+                     "score_minibatch": score_minibatch, "temperature": 1.0, "device": device, "dtype": dtype,
+                     "seed": seed},
+        "seconds": times, "median_s": med,
+        "samples_per_s": {m: n_prompts * k / med[m] for m in med},
+        "ratio_sample_vs_generate": med["generate"] / med["sample"],  # throughput ratio (ii)/(i)
+        "ratio_sample_score_vs_generate": med["generate"] / med["sample_score"],  # (iii)/(i)
+        # the same ratios per interleaved round (generate and sample ran back to back), then the median
+        "median_round_ratio_sample_vs_generate": statistics.median(
+            g / x for g, x in zip(times["generate"], times["sample"], strict=True)),
+        "median_round_ratio_sample_score_vs_generate": statistics.median(
+            g / x for g, x in zip(times["generate"], times["sample_score"], strict=True)),
+        "same_tokens": ids["generate"] == ids["sample"] == ids["sample_score"],
+    }
+    if iterations > 0:
+        from alignkit.trainers import ppo
+
+        with tempfile.TemporaryDirectory(prefix="alignkit-bench-ppo-") as tmp:
+            cfg = ppo.PPOConfig(model={"name": model_dir, "device": device, "dtype": dtype},
+                                ppo={"iterations": iterations, "prompts_per_iteration": ppo_prompts, "k": k,
+                                     "max_new_tokens": max_new_tokens, "advantage": "gae"},
+                                train={"save_steps": 0, "seed": seed}, output={"dir": str(Path(tmp) / "ppo")})
+            t0 = time.perf_counter()
+            summary = ppo.run(cfg)
+            wall = time.perf_counter() - t0
+            split = json.loads((Path(summary["output_dir"]) / "summary.json").read_text())["time_split_s"]
+        total = sum(split.values())
+        result["ppo"] = {
+            "settings": {"iterations": iterations, "prompts_per_iteration": ppo_prompts, "k": k,
+                         "max_new_tokens": max_new_tokens, "advantage": "gae", "kl_mode": "reward",
+                         "ppo_epochs": cfg.ppo.ppo_epochs, "minibatch_size": cfg.ppo.minibatch_size,
+                         "reward": cfg.ppo.reward},
+            "wall_s": wall, "time_split_s": split,
+            "time_split_share": {name: s / total for name, s in split.items()},
+            "outside_timers_s": wall - total,
+            "first_gold": summary["first_gold"], "last_gold": summary["last_gold"],
+        }
+    result["load_avg_1m_end"] = os.getloadavg()[0]
+    return result

@@ -190,6 +190,55 @@ def bench_generate(
     _bench_out(r, rows, "alignkit bench generate", json_out)
 
 
+@bench_app.command("ppo-rollout")
+def bench_ppo_rollout(
+    model: Annotated[str, typer.Option("--model", help="tiny, or a dir (e.g. an SFT run's model)")] = "tiny",
+    prompts: Annotated[int, typer.Option("--prompts", min=1, help="prompts of the throughput runs")] = 64,
+    k: Annotated[int, typer.Option("--k", min=1, help="samples per prompt")] = 1,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=1)] = 48,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="sequences per generate call")] = 64,
+    repeats: Annotated[int, typer.Option("--repeats", min=1, help="interleaved rounds (median)")] = 5,
+    iterations: Annotated[int, typer.Option("--iterations", min=0, help="PPO iterations for the time split "
+                                            "(0: skip)")] = 10,
+    ppo_prompts: Annotated[int, typer.Option("--ppo-prompts", min=2, help="prompts per PPO iteration")] = 16,
+    device: DeviceOpt = None,
+    dtype: Annotated[str, typer.Option("--dtype", help="float32 or bfloat16")] = "float32",
+    json_out: JsonOpt = None,
+) -> None:
+    """PPO rollout throughput vs plain generation (same prompts and seed), and the PPO loop's time split."""
+    from alignkit import bench
+
+    if dtype not in ("float32", "bfloat16"):
+        raise UserError(f"--dtype must be float32 or bfloat16, got '{dtype}'")
+    r = bench.ppo_rollout(model=model, n_prompts=prompts, k=k, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                          repeats=repeats, iterations=iterations, ppo_prompts=ppo_prompts, device=device or "cpu",
+                          dtype=dtype)
+    m, st, med, sps = r["machine"], r["settings"], r["median_s"], r["samples_per_s"]
+    rows = [("machine", f"{m['gpu'] or m['cpu']}, {m['cores']} cores; load avg {m['load_avg_1m']:.2f} -> "
+                        f"{r['load_avg_1m_end']:.2f}"),
+            ("job", f"{model} ({st['params'] / 1e6:.1f}M params, {dtype}), {prompts} prompts x {k}, "
+                    f"{max_new_tokens} new tokens, batch {batch_size}, {repeats} interleaved rounds")]
+    labels = {"generate": "(i) generation.generate", "sample": "(ii) rollout.sample",
+              "sample_score": "(iii) sample + score_tokens (policy, ref, critic)"}
+    for mode, label in labels.items():
+        rows.append((label, f"median {med[mode]:.3f} s ({sps[mode]:.1f} samples/s); runs "
+                            + ", ".join(f"{x:.2f}" for x in r["seconds"][mode])))
+    rows += [("throughput (ii)/(i) (target ≥ 0.9): medians | per round",
+              f"{r['ratio_sample_vs_generate']:.3f} | {r['median_round_ratio_sample_vs_generate']:.3f}"),
+             ("throughput (iii)/(i): medians | per round",
+              f"{r['ratio_sample_score_vs_generate']:.3f} | {r['median_round_ratio_sample_score_vs_generate']:.3f}"),
+             ("same token ids (i), (ii), (iii)", str(r["same_tokens"]))]
+    if "ppo" in r:
+        p, ps = r["ppo"], r["ppo"]["settings"]
+        rows.append(("ppo run", f"{ps['iterations']} iterations x {ps['prompts_per_iteration']} prompts x {ps['k']}, "
+                                f"GAE, ppo_epochs {ps['ppo_epochs']}, minibatch {ps['minibatch_size']}, reward "
+                                f"{ps['reward']}; wall {p['wall_s']:.1f} s (setup/save outside timers "
+                                f"{p['outside_timers_s']:.1f} s)"))
+        for name, sec in p["time_split_s"].items():
+            rows.append((f"  {name}", f"{sec:.2f} s ({p['time_split_share'][name]:.0%})"))
+    _bench_out(r, rows, "alignkit bench ppo-rollout", json_out)
+
+
 @bench_app.command("qprobe-fit")
 def bench_qprobe_fit(
     n: Annotated[int, typer.Option("--n", min=10, help="synthetic features")] = 10_000,
