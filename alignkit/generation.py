@@ -237,10 +237,10 @@ def prompt_ids(
     """The token ids `generate` feeds for each prompt (what a teacher-forced forward must reuse).
     Plain prompts get the tokenizer's own special tokens (BOS); chat templates already contain them."""
     texts = texts or [format_prompt(tokenizer, p, chat=chat, join=join) for p in prompts]
-    return [
-        tokenizer(t, add_special_tokens=isinstance(p, str) and not chat)["input_ids"]
-        for p, t in zip(prompts, texts, strict=True)
-    ]
+    special = [isinstance(p, str) and not chat for p in prompts]
+    if len(set(special)) == 1:  # the usual case: ONE batched tokenizer call (no padding: the same ids)
+        return [list(ids) for ids in tokenizer(texts, add_special_tokens=special[0])["input_ids"]]
+    return [tokenizer(t, add_special_tokens=sp)["input_ids"] for sp, t in zip(special, texts, strict=True)]
 
 
 def _logprobs(
