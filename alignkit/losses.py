@@ -369,15 +369,23 @@ def sppo_self_play_loss(
     ``mean 1/2 [(logratio_w - eta (P_hat_w - 1/2))^2 + (logratio_l - eta (P_hat_l - 1/2))^2]``, eta = 1/beta,
     where ``P_hat(y) = P_hat(y > pi_t | x)`` is y's mean win rate against the K samples (self included,
     SPPO Algorithm 1 step 3). Takes log-ratios (summed, against pi_t) directly. Both targets are free: the
-    loser's P_hat_l is usually but not necessarily < 1/2.
+    loser's P_hat_l is usually but not necessarily < 1/2. Equal to :func:`sppo_sample_loss` over the 2B samples.
     """
     if logratio_w.shape != logratio_l.shape:
         raise ValueError(f"logratio_w {tuple(logratio_w.shape)} and logratio_l {tuple(logratio_l.shape)} differ")
+    p_w, p_l = _as_prob(p_hat_w, logratio_w, "p_hat_w"), _as_prob(p_hat_l, logratio_l, "p_hat_l")
+    targets = torch.cat([p_w.expand_as(logratio_w), p_l.expand_as(logratio_l)])
+    return sppo_sample_loss(torch.cat([logratio_w, logratio_l]), targets, beta)
+
+
+def sppo_sample_loss(logratio: Tensor, p_hat: Tensor | float, beta: float) -> Tensor:
+    """SPPO eq. 4.7 per sample, ``mean (logratio - eta (P_hat - 1/2))^2`` with eta = 1/beta: the loss of
+    ``alignkit sppo --select all`` (every sample with its own P_hat) and, over the winners and losers, of
+    :func:`sppo_self_play_loss`."""
     if not beta > 0:
         raise ValueError(f"beta must be > 0, got {beta}")
-    target_w = (_as_prob(p_hat_w, logratio_w, "p_hat_w") - 0.5) / beta
-    target_l = (_as_prob(p_hat_l, logratio_l, "p_hat_l") - 0.5) / beta
-    return (0.5 * ((logratio_w - target_w) ** 2 + (logratio_l - target_l) ** 2)).mean()
+    target = (_as_prob(p_hat, logratio, "p_hat") - 0.5) / beta
+    return ((logratio - target) ** 2).mean()
 
 
 def kto_loss(

@@ -229,6 +229,35 @@ def test_lora_policy_uses_its_base_as_the_reference_and_saves_an_adapter(tmp_pat
     assert any(not torch.equal(a, b) for a, b in zip(merged.state_dict().values(), base.state_dict().values()))
 
 
+def test_shared_base_layout_computes_what_separate_copies_compute_and_checkpoints_only_adapters(tmp_path: Path):
+    """With LoRA, policy, reference and critic share one frozen base (the critic a second adapter on the
+    policy's peft model): the same numbers as separate copies, and a checkpoint holds no base weight."""
+    rows, states = {}, {}
+    for share in (True, False):
+        cfg = _cfg(tmp_path / str(share), iterations=2)
+        cfg.model.lora.enabled, cfg.ppo.share_base, cfg.train.learning_rate = True, share, 1e-2
+        cfg.train.save_steps = 1
+        def save(self, objects, share=share, real_save=Loop.save):  # read each checkpoint back (removed at the end)
+            path = real_save(self, objects)
+            states[share] = torch.load(path / "state.pt", weights_only=True)["objects"]
+            return path
+
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(Loop, "save", save)
+            summary = ppo.run(cfg)
+        assert summary["layout"] == ("shared base" if share else "separate copies")
+        rows[share] = _metrics(Path(summary["output_dir"]))
+    assert rows[True] == rows[False] and rows[True][-1]["kl_k3"] > 0
+    shared = states[True]
+    assert shared["policy"] and all("lora_" in k for k in shared["policy"])
+    assert all("lora_" in k and ".critic." in k or k.startswith("head.") for k in shared["critic"])
+    assert {k.replace(".critic.", ".default.") for k in shared["critic"] if "lora_" in k} == set(shared["policy"])
+    # the run's model is the policy's adapter only
+    model_dir = tmp_path / "True" / "model"
+    assert (model_dir / "adapter_model.safetensors").is_file() and not (model_dir / "critic").exists()
+    assert all(".critic." not in k for k in load_file(model_dir / "adapter_model.safetensors"))
+
+
 def test_each_rank_samples_a_disjoint_shard_of_the_iterations_prompts():
     for it in range(5):  # 5 iterations of 6 prompts from a pool of 16: passes over the pool wrap around
         whole = rollout.prompt_indices(16, it, 6, seed=3)
@@ -267,3 +296,34 @@ def test_beta2_with_a_single_reward_model_is_one_line(tmp_path: Path, tiny_model
                             "--beta2", "0.1", "-o", str(tmp_path / "run")], monkeypatch, capsys)
     one_line_error(code, err, "beta2", "no members", str(tmp_path / "rm"))
     assert not (tmp_path / "run").exists() and not (tmp_path / "run.partial").exists()
+
+
+def _average_on_rank(rank: int, world: int, port: int, out: str) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    a = torch.nn.Parameter(torch.full((2, 2), float(rank)))  # rank 0's value wins the broadcast
+    b, c = torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(1))
+    ppo._broadcast([a], world)
+    a.grad, b.grad = torch.full((2, 2), 1.0 + rank), torch.tensor([2.0, 4.0, 6.0]) * (rank + 1)  # c: no gradient
+    ppo._average_gradients([a, b, c], world)
+    torch.save({"a": a.detach(), "a_grad": a.grad, "b_grad": b.grad, "c_grad": c.grad}, f"{out}/{rank}.pt")
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow  # spawns 2 processes
+def test_gradients_are_averaged_over_ranks_and_weights_start_equal(tmp_path: Path):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_average_on_rank, args=(2, port, str(tmp_path)), nprocs=2)
+    for rank in (0, 1):
+        got = torch.load(tmp_path / f"{rank}.pt")
+        assert torch.equal(got["a"], torch.zeros(2, 2))  # broadcast from rank 0
+        assert torch.equal(got["a_grad"], torch.full((2, 2), 1.5))  # (1 + 2) / 2
+        assert torch.equal(got["b_grad"], torch.tensor([3.0, 6.0, 9.0]))  # ([2,4,6] + [4,8,12]) / 2
+        assert got["c_grad"] is None

@@ -239,6 +239,38 @@ def bench_ppo_rollout(
     _bench_out(r, rows, "alignkit bench ppo-rollout", json_out)
 
 
+@bench_app.command("ppo-memory")
+def bench_ppo_memory(
+    hidden: Annotated[int, typer.Option("--hidden", min=64, help="hidden size of the random Llama")] = 1024,
+    layers: Annotated[int, typer.Option("--layers", min=1)] = 12,
+    iterations: Annotated[int, typer.Option("--iterations", min=1, help="PPO iterations per layout")] = 2,
+    device: DeviceOpt = None,
+    dtype: Annotated[str, typer.Option("--dtype", help="float32 or bfloat16")] = "float32",
+    json_out: JsonOpt = None,
+) -> None:
+    """Peak memory of PPO with LoRA: policy, reference and critic on one shared base vs separate copies."""
+    from alignkit.bench.ppo_memory import ppo_memory
+
+    if dtype not in ("float32", "bfloat16"):
+        raise UserError(f"--dtype must be float32 or bfloat16, got '{dtype}'")
+    r = ppo_memory(hidden=hidden, layers=layers, iterations=iterations, device=device or "cpu", dtype=dtype)
+    m, st, peak = r["machine"], r["settings"], r["peak_gib"]
+    rows = [("machine", f"{m['gpu'] or m['cpu']}, {m['cores']} cores"),
+            ("job", f"random Llama {st['params'] / 1e6:.0f}M params ({dtype}, {st['weights_gib_per_copy']:.2f} GiB "
+                    f"a copy), LoRA r={st['lora_r']}, GAE, {iterations} iterations x {st['prompts']} prompts x "
+                    f"{st['k']}, {st['max_new_tokens']} new tokens"),
+            ("measure", r["measure"]),
+            ("baseline (imports + tokenizer)", f"{peak['baseline']:.2f} GiB")]
+    for name in ("shared", "separate"):
+        rows.append((f"{name}: loop peak | whole run (loading included)",
+                     f"{r['loop_peak_gib'][name]:.2f} GiB ({r['loop_above_baseline_gib'][name]:.2f} above baseline) | "
+                     f"{peak[name]:.2f} GiB"))
+    rows += [("shared / separate, loop peak (target ≤ 0.5): total | above baseline",
+              f"{r['ratio_loop_peak']:.3f} | {r['ratio_loop_above_baseline']:.3f}"),
+             ("shared / separate, whole-run peak", f"{r['ratio_whole_run_peak']:.3f}")]
+    _bench_out(r, rows, "alignkit bench ppo-memory", json_out)
+
+
 @bench_app.command("qprobe-fit")
 def bench_qprobe_fit(
     n: Annotated[int, typer.Option("--n", min=10, help="synthetic features")] = 10_000,

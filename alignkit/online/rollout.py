@@ -111,10 +111,19 @@ def token_logprobs(logits: torch.Tensor, batch: Batch, rows: torch.Tensor | slic
 
 
 class Critic(torch.nn.Module):
-    """The value model: the transformer body of its own copy of the policy and a linear head on the
-    last hidden state (zero-initialised: V ≡ 0 at the start, so the first advantages are the returns).
-    With `lora`, the body is frozen and trains its own LoRA adapter (peft FEATURE_EXTRACTION); the head
-    always trains."""
+    """The value model: a transformer body and a linear head on its last hidden state (zero-initialised:
+    V ≡ 0 at the start, so the first advantages are the returns). Two layouts:
+
+    - `Critic(lm, lora)`: the body of its own copy `lm` of the policy; with `lora` the body is frozen and
+      trains its own LoRA adapter (peft FEATURE_EXTRACTION), else it trains whole.
+    - `Critic.on_policy_base(policy)`: `policy` is a peft LoRA model; the critic adds a second adapter,
+      "critic", to it and reads the same frozen base (one copy of the weights for policy, reference and
+      critic). Its forward switches the active adapter to "critic" and back to the policy's.
+
+    `trainable` names the parameters its optimiser steps and its checkpoint holds (adapter or body, and
+    the head; never a frozen base)."""
+
+    ADAPTER = "critic"
 
     def __init__(self, lm: Any, lora: Any | None = None) -> None:
         super().__init__()
@@ -123,17 +132,55 @@ class Critic(torch.nn.Module):
             from alignkit.models import apply_lora
 
             self.body = apply_lora(self.body, lora, "FEATURE_EXTRACTION")
-        self.head = torch.nn.Linear(lm.config.hidden_size, 1)
+        self._host: Any = None  # the policy's peft model when the base is shared
+        self._adapter: list[torch.nn.Parameter] = []
+        self._add_head(lm.config.hidden_size, next(self.body.parameters()).device)
+        self.trainable = {name: q for name, q in self.named_parameters() if q.requires_grad}
+
+    @classmethod
+    def on_policy_base(cls, policy: Any) -> Critic:
+        """A critic on `policy`'s own frozen base: its adapter is a second one on the peft model `policy`
+        (same LoRA settings as the policy's, initialised from the global RNG)."""
+        import copy
+
+        critic = cls.__new__(cls)
+        torch.nn.Module.__init__(critic)
+        critic._host = policy  # not a submodule: the critic's state is its adapter and head, not the base
+        critic._policy_adapter = policy.active_adapter
+        policy.add_adapter(cls.ADAPTER, copy.deepcopy(policy.peft_config[critic._policy_adapter]))
+        adapter = {name: q for name, q in policy.named_parameters() if f".{cls.ADAPTER}." in name}
+        critic._adapter = list(adapter.values())
+        critic._add_head(policy.config.hidden_size, next(policy.parameters()).device)
+        critic.trainable = adapter | {f"head.{name}": q for name, q in critic.head.named_parameters()}
+        critic._use(critic._policy_adapter)
+        return critic
+
+    def _add_head(self, hidden_size: int, device: torch.device) -> None:
+        self.head = torch.nn.Linear(hidden_size, 1, device=device)
         torch.nn.init.zeros_(self.head.weight)
         torch.nn.init.zeros_(self.head.bias)
-        self.head.to(next(self.body.parameters()).device)
+
+    def _use(self, adapter: str) -> None:
+        """Make `adapter` the host's active one. peft's set_adapter also freezes every other adapter; the
+        policy's and the critic's stay trainable (each forward uses only its own, so the other gets no
+        gradient)."""
+        self._host.set_adapter(adapter)
+        for q in self._adapter:
+            q.requires_grad_(True)
 
     def forward(self, batch: Batch, rows: torch.Tensor | slice = slice(None)) -> torch.Tensor:
         """(b, C) V(s_t) for the completion tokens of `rows` (0 where masked), one forward."""
         device = self.head.weight.device
-        hidden = self.body(input_ids=batch.input_ids[rows].to(device),
-                           attention_mask=batch.attention_mask[rows].to(device),
-                           position_ids=batch.position_ids[rows].to(device)).last_hidden_state
+        inputs = dict(input_ids=batch.input_ids[rows].to(device), attention_mask=batch.attention_mask[rows].to(device),
+                      position_ids=batch.position_ids[rows].to(device))
+        if self._host is None:
+            hidden = self.body(**inputs).last_hidden_state
+        else:
+            self._use(self.ADAPTER)
+            try:
+                hidden = self._host.get_base_model().base_model(**inputs).last_hidden_state
+            finally:
+                self._use(self._policy_adapter)
         v = self.head(hidden[:, batch.prompt_len - 1 : -1].float()).squeeze(-1)
         return v * batch.mask[rows].to(v.device)
 

@@ -179,6 +179,25 @@ class Loop:
         return self.run.finish({**summary, **self.summary()}, readme=readme)
 
 
+class Trainable:
+    """Named parameters as a checkpoint object: `Loop.save` stores them, `restore` copies them back in place.
+    A LoRA run passes its adapters here, so that a checkpoint holds what trains, not the frozen base."""
+
+    def __init__(self, params: dict[str, torch.nn.Parameter]) -> None:
+        self.params = params
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {name: q.detach().clone() for name, q in self.params.items()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        if set(state) != set(self.params):
+            raise UserError("the checkpoint's trainable parameters are not this model's (another LoRA or model "
+                            "setting?): start again with --overwrite")
+        with torch.no_grad():
+            for name, q in self.params.items():
+                q.copy_(state[name])
+
+
 def latest_checkpoint(work: Path) -> Path | None:
     """The newest complete checkpoints/step-N under a run's work directory (half-written ones skipped)."""
     done = _complete_checkpoints(Path(work))
@@ -225,4 +244,4 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-__all__ = ["COMPLETE", "CHECKPOINTS", "Loop", "STATE_FILE", "latest_checkpoint"]
+__all__ = ["COMPLETE", "CHECKPOINTS", "Loop", "STATE_FILE", "Trainable", "latest_checkpoint"]

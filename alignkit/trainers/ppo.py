@@ -19,13 +19,13 @@ bit-exactly). The maths are the pure functions of `alignkit.rl_losses`; the roll
   log-probs come from a teacher-forced forward, not from `generate` (alignkit.online.rollout); dropout
   is off in every model (as OpenRLHF), so that the ratio is exactly 1 before the first step; no reward
   whitening, no learning-rate schedule, no entropy bonus (entropy is logged).
-- On N ranks (launch.num_processes, DDP over gloo on CPU / nccl on GPU) each rank samples its own
-  disjoint shard of every iteration's prompts; gradients are averaged by DDP, ū is updated with every
+- On N ranks (launch.num_processes; gloo on CPU / nccl on GPU) each rank samples its own disjoint
+  shard of every iteration's prompts; gradients are averaged over ranks, ū is updated with every
   rank's u, the logged metrics are means over ranks, and advantages are whitened per rank.
   ZeRO / FSDP are refused with one line.
 - Full fine-tuning keeps separate copies of policy, reference and critic. With LoRA (model.lora) the
-  reference is the policy's own frozen base with its adapter disabled, and the critic is a second copy
-  of the base with its own adapter and the value head (the issue's fully shared base is not built).
+  three share one frozen base: the reference is the base with the adapter disabled, the critic a second
+  adapter on the same peft model plus the value head (`ppo.share_base: false` keeps separate copies).
   The weights train in the dtype they load in (model.dtype; auto is bf16 on a capable GPU, with no fp32
   master copy): set model.dtype=float32 for small learning rates on a GPU.
 - Time split: `rollout` (sampling), `reference_value` (the teacher-forced forwards of the policy for π_old,
@@ -89,6 +89,9 @@ class PPOSection(Block):
     whiten_advantages: bool = Field(True, description="whiten the advantages of each rollout batch over its "
                                     "completion tokens (TRL's GRPO/RLOO do not: false to compare with them)")
     max_new_tokens: int = Field(48, ge=1, description="completion tokens per sample")
+    share_base: bool = Field(True, description="with LoRA, policy, reference and critic share one frozen base "
+                             "(reference = adapter disabled, critic = a second adapter + value head); false: "
+                             "separate copies, as full fine-tuning has (for comparison)")
     temperature: float = Field(1.0, gt=0.0, description="sampling temperature (log-probs use the same)")
 
 
@@ -159,6 +162,7 @@ def run(cfg: PPOConfig, progress: Any | None = None) -> dict[str, Any]:
     from alignkit.config import to_yaml
     from alignkit.online import rollout, score
     from alignkit.trainers import _hf
+    from alignkit.trainers import loop as loop_mod
     from alignkit.trainers.loop import Loop
 
     p = cfg.ppo
@@ -178,26 +182,25 @@ def run(cfg: PPOConfig, progress: Any | None = None) -> dict[str, Any]:
     load = dict(dtype=cfg.model.dtype, device=device, trust_remote_code=cfg.model.trust_remote_code)
     lora = models.LoraSpec(**cfg.model.lora.model_dump(exclude={"enabled"})) if cfg.model.lora.enabled else None
     policy, tokenizer = models.load_causal_lm(cfg.model.name, lora=lora, **load)
-    # π_ref = π_SFT, the starting policy, frozen: with LoRA the policy's own base with its adapter disabled
-    # (None), else a copy
-    reference = None if lora else copy.deepcopy(policy).requires_grad_(False)
-    critic = (rollout.Critic(models.load_causal_lm(cfg.model.name, **load)[0], lora)
-              if p.advantage == "gae" else None)
+    trainable, total = models.trainable_parameters(policy)
+    policy_trainable = {name: q for name, q in policy.named_parameters() if q.requires_grad}
+    policy_params = list(policy_trainable.values())
+    shared = lora is not None and p.share_base
+    # π_ref = π_SFT, the starting policy, frozen: on the shared base the policy's own base with its adapter
+    # disabled (None), else a copy
+    reference = (None if shared else copy.deepcopy(policy).requires_grad_(False) if lora is None
+                 else models.load_causal_lm(cfg.model.name, **load)[0].requires_grad_(False))
+    critic = (None if p.advantage != "gae" else rollout.Critic.on_policy_base(policy) if shared
+              else rollout.Critic(models.load_causal_lm(cfg.model.name, **load)[0], lora))
     for m in (policy, reference, critic):
         if m is not None:
             m.eval()  # dropout off everywhere: the ratio is 1 before the first step (gradients still flow)
-    trainable, total = models.trainable_parameters(policy)
-    opt = torch.optim.AdamW([q for q in policy.parameters() if q.requires_grad], lr=cfg.train.learning_rate)
-    critic_opt = (torch.optim.AdamW([q for q in critic.parameters() if q.requires_grad],
-                                    lr=cfg.train.critic_learning_rate or cfg.train.learning_rate)
+    critic_params = list(critic.trainable.values()) if critic is not None else []
+    opt = torch.optim.AdamW(policy_params, lr=cfg.train.learning_rate)
+    critic_opt = (torch.optim.AdamW(critic_params, lr=cfg.train.critic_learning_rate or cfg.train.learning_rate)
                   if critic is not None else None)
-    # the update runs through DDP wrappers on N ranks (gradients averaged); sampling and scoring use the modules
-    train_policy, train_critic = policy, critic
-    if world > 1:
-        from torch.nn.parallel import DistributedDataParallel
-
-        train_policy = DistributedDataParallel(policy)
-        train_critic = DistributedDataParallel(critic) if critic is not None else None
+    # on N ranks every rank starts from rank 0's trainable weights; gradients are averaged before each step
+    _broadcast(policy_params + critic_params, world)
     u_bar = rl.RunningMean()  # ū of UP-RLHF eq. 14
     kl_coef = p.kl_coef if p.kl_mode == "reward" else 0.0  # moves only with the adaptive controller
 
@@ -206,9 +209,11 @@ def run(cfg: PPOConfig, progress: Any | None = None) -> dict[str, Any]:
     task = None  # the CLI passes its live rich Progress: one bar there, not a second live display
     _barrier(world)  # the main rank has prepared DIR.partial before any rank looks for a checkpoint in it
     seen: set[tuple[int, int]] = set()  # (iteration, pool index) of this rank's prompts: the shard report
-    objects: dict[str, Any] = {"policy": policy, "optimizer": opt}
+    # a checkpoint holds what trains (with LoRA the adapters and the value head, not the frozen base)
+    objects: dict[str, Any] = {"policy": loop_mod.Trainable(policy_trainable),
+                               "optimizer": opt}
     if critic is not None:
-        objects |= {"critic": critic, "critic_optimizer": critic_opt}
+        objects |= {"critic": loop_mod.Trainable(critic.trainable), "critic_optimizer": critic_opt}
     last: dict[str, Any] = {}
     with loop:
         if loop.restore(objects):
@@ -257,7 +262,7 @@ def run(cfg: PPOConfig, progress: Any | None = None) -> dict[str, Any]:
                     order = torch.randperm(len(batch), generator=torch.Generator().manual_seed(
                         iteration_seed(cfg.train.seed, it) + 1 + epoch))
                     for rows in order.split(p.minibatch_size):
-                        logits = rollout.completion_logits(train_policy, batch, rows, p.temperature)
+                        logits = rollout.completion_logits(policy, batch, rows, p.temperature)
                         new_lp = rollout.token_logprobs(logits, batch, rows)
                         loss, st = rl.policy_loss(new_lp, d_lp[rows], adv[rows], d_mask[rows], p.clip_eps)
                         st["policy_loss"] = loss.item()
@@ -269,15 +274,17 @@ def run(cfg: PPOConfig, progress: Any | None = None) -> dict[str, Any]:
                         loop.guard(loss)
                         opt.zero_grad(set_to_none=True)
                         loss.backward()
-                        torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.train.max_grad_norm)
+                        _average_gradients(policy_params, world)
+                        torch.nn.utils.clip_grad_norm_(policy_params, cfg.train.max_grad_norm)
                         opt.step()
                         if critic is not None:
-                            v_loss, vst = rl.value_loss(train_critic(batch, rows), d_values[rows],
+                            v_loss, vst = rl.value_loss(critic(batch, rows), d_values[rows],
                                                         d_returns[rows], d_mask[rows], p.vf_clip)
                             loop.guard(v_loss)
                             critic_opt.zero_grad(set_to_none=True)
                             v_loss.backward()
-                            torch.nn.utils.clip_grad_norm_(critic.parameters(), cfg.train.max_grad_norm)
+                            _average_gradients(critic_params, world)
+                            torch.nn.utils.clip_grad_norm_(critic_params, cfg.train.max_grad_norm)
                             critic_opt.step()
                             st |= {"value_loss": v_loss.item(), "vf_clipfrac": vst["vf_clipfrac"]}
                         for key, value in st.items():
@@ -313,7 +320,8 @@ def run(cfg: PPOConfig, progress: Any | None = None) -> dict[str, Any]:
     # -- save: the policy as safetensors + tokenizer in DIR/model (`alignkit eval DIR` reads it) ---------
     parallel = _shard_report(seen, world)
     if loop.run.is_main:
-        policy.save_pretrained(str(loop.run.path("model")), safe_serialization=True)
+        policy.save_pretrained(str(loop.run.path("model")), safe_serialization=True,
+                               **({"selected_adapters": [policy.active_adapter]} if shared else {}))
         tokenizer.save_pretrained(str(loop.run.path("model")))
         _plot(loop.run.read_metrics(), loop.run.path("plots", "reward_vs_kl.png"),
               title=f"PPO {cfg.model.name} ({p.reward})")
@@ -324,6 +332,7 @@ def run(cfg: PPOConfig, progress: Any | None = None) -> dict[str, Any]:
     summary = {
         "command": "ppo", "model": cfg.model.name, "reward": p.reward, "advantage": p.advantage,
         "kl_mode": p.kl_mode, "iterations": loop.step, "lora": lora is not None,
+        "layout": "shared base" if shared else "separate copies",
         "trainable_params": trainable, "total_params": total,
         "first_reward": first.get("reward"), "last_reward": last.get("reward"),
         "first_gold": first.get("gold"), "last_gold": last.get("gold"),
@@ -339,7 +348,7 @@ def run(cfg: PPOConfig, progress: Any | None = None) -> dict[str, Any]:
     return summary
 
 
-# ------------------------------------------------------------------------------ ranks (DDP)
+# ------------------------------------------------------------------------------ ranks (data parallel)
 def _start_ranks(device: str) -> tuple[int, int, str]:
     """(rank, world size, device). In a launched rank (launch.num_processes > 1) start torch.distributed:
     gloo on CPU, nccl on GPU with each rank on its own GPU (cuda:LOCAL_RANK)."""
@@ -379,6 +388,41 @@ def _gather(x: Any, world: int) -> Any:
     parts = [torch.empty_like(x) for _ in range(world)]
     dist.all_gather(parts, x)
     return torch.cat(parts).cpu()
+
+
+def _broadcast(params: list[Any], world: int) -> None:
+    """Copy rank 0's values of `params` to every rank (one collective per tensor, at start-up only)."""
+    if world == 1:
+        return
+    import torch
+    import torch.distributed as dist
+
+    with torch.no_grad():
+        for q in params:
+            buf = _for_collectives(q.data)
+            dist.broadcast(buf, src=0)
+            q.data.copy_(buf)
+
+
+def _average_gradients(params: list[Any], world: int) -> None:
+    """Replace each gradient of `params` by its mean over the ranks, in one all-reduce of a flat buffer
+    (what DDP does, without its wrapper: the policy and the critic may share a base and switch adapters,
+    which DDP's fixed parameter sets do not allow). Parameters without a gradient are skipped."""
+    if world == 1:
+        return
+    import torch
+    import torch.distributed as dist
+
+    grads = [q.grad for q in params if q.grad is not None]
+    if not grads:
+        return
+    flat = _for_collectives(torch.cat([g.reshape(-1) for g in grads]))
+    dist.all_reduce(flat)
+    flat /= world
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset : offset + g.numel()].view_as(g))
+        offset += g.numel()
 
 
 def _mean_over_ranks(row: dict[str, float], world: int) -> dict[str, float]:
