@@ -113,6 +113,7 @@ class VLLMEngine:
             enable_prefix_caching=enable_prefix_caching,  # the K samples of a prompt share its prefill
             distributed_executor_backend="external_launcher",
             max_model_len=max_positions,
+            max_num_batched_tokens=4096,  # as TRL: vLLM v1's memory profiler misreads the colocated default
             # sample from the model's own distribution: no repetition penalty etc. from generation_config.json
             generation_config="vllm",
         )
@@ -270,6 +271,11 @@ def vllm_named_weights(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tens
     so the adapters keep training; its LoRA tensors are skipped, `base_model.model.` / `.base_layer` are
     dropped from the names, and a `modules_to_save` copy replaces its original. Tied weights come once
     (named_parameters dedups them), as vLLM wants."""
+    sharded = next((n for n, p in model.named_parameters() if hasattr(p, "ds_id") or type(p).__name__ == "DTensor"
+                    or type(p).__name__ == "FlatParameter"), None)
+    if sharded is not None:  # a ZeRO-3 / FSDP shard is not the whole tensor vLLM must receive
+        raise UserError(f"--backend vllm pushes whole weights after each update, but {sharded} is sharded "
+                        "(DeepSpeed ZeRO-3 or FSDP): use ZeRO-2 / DDP, or --backend hf")
     peft = hasattr(model, "merge_adapter") and hasattr(model, "peft_config")
     if not peft:
         for name, param in model.named_parameters():

@@ -262,6 +262,23 @@ def test_cli_generate_and_eval_with_vllm_backend(fake_vllm, monkeypatch, capsys,
     assert summary["settings"]["backend"] == "vllm"
     assert summary["policies"]["tiny"]["kl"] == pytest.approx(0.0, abs=1e-4)  # log π from vLLM = HF forward
     assert fake_vllm.CALLS["cleanup"]  # the engine was closed before the reference model loaded
+    pairs = tmp_path / "pairs.jsonl"
+    code, out, err = run_cli(["pairs", "-m", "tiny", "--backend", "vllm", "--max-samples", "3", "--k", "3",
+                              "--max-new-tokens", "6", "--out", str(pairs)], monkeypatch, capsys)
+    assert code == 0, err
+    assert [p.n for p in fake_vllm.CALLS["generate"][-1]["params"]] == [3, 3, 3]  # sampled by the engine
+    assert "wrote" in out and pairs.is_file()
+
+
+def test_sync_refuses_sharded_weights(engine):
+    """A ZeRO-3 / FSDP shard cannot be pushed as a whole tensor: one line, before anything is pushed."""
+    from alignkit.errors import UserError
+
+    eng, _ = engine
+    lm, _ = _hf()
+    next(lm.parameters()).ds_id = 0  # what DeepSpeed ZeRO-3 marks its partitioned parameters with
+    with pytest.raises(UserError, match="sharded"):
+        eng.sync_weights(lm)
 
 
 # --------------------------------------------------------------------------------- real vLLM
@@ -278,18 +295,25 @@ def _real_vllm() -> bool:
 
 
 @pytest.mark.skipif(not _real_vllm(), reason="needs a CUDA GPU and the real vLLM (pip install 'alignkit[vllm]')")
-def test_real_vllm_greedy_texts_equal_hf(tiny_model_dir):
-    """On a GPU: the same prompts sampled greedily by HF generate and by vLLM give the same texts."""
+def test_real_vllm_greedy_texts_equal_hf(tmp_path, tiny_model_dir):
+    """On a GPU: the same prompts sampled greedily by HF generate and by vLLM give the same texts, in fp32
+    (the tiny model with noisy weights, saved as a model directory, so that greedy texts vary)."""
     from alignkit import generation, models
 
+    lm, tok = _varied_hf()
+    lm.save_pretrained(tmp_path / "model")
+    tok.save_pretrained(tmp_path / "model")
+    spec = str(tmp_path / "model")
     prompts = [f"{p} and" for p in PROMPTS] * 4
-    lm, tok = models.load_causal_lm("tiny", device="cuda", dtype="float32")
+    lm, tok = models.load_causal_lm(spec, device="cuda", dtype="float32")
     hf = generation.generate(lm, tok, prompts, k=1, temperature=0, max_new_tokens=24, progress=False)
     del lm
-    eng, tok = generation.load_sampler("tiny", backend="vllm", dtype="float32")
+    torch.cuda.empty_cache()
+    eng, tok = generation.load_sampler(spec, backend="vllm", dtype="float32")
     try:
         ours = generation.generate(eng, tok, prompts, k=1, temperature=0, max_new_tokens=24, progress=False)
     finally:
         eng.close()
+    assert len({s.completion for s in hf}) > 1  # the texts differ between prompts: the comparison means something
     assert [s.completion for s in ours] == [s.completion for s in hf]
     assert [s.finished for s in ours] == [s.finished for s in hf]
