@@ -191,18 +191,32 @@ def test_sync_weights_merges_lora_and_leaves_it_unmerged(engine, fake_vllm):
     _same(generation.generate(eng, tok, PROMPTS, **kw), generation.generate(policy, tok_hf, PROMPTS, **kw))
 
 
-def test_rollout_sample_with_engine_syncs_then_samples_the_same_layout(engine, fake_vllm):
-    """rollout.sample(engine=...) pushes the policy first and builds the same Batch as the HF path (greedy)."""
+def test_rollout_sample_with_engine_follows_the_policy_across_updates(engine, fake_vllm):
+    """rollout.sample(engine=...) pushes the policy before sampling, so after an update (here: the LoRA
+    policy's B matrices moved) the engine samples the updated policy, and the Batch equals the HF path's."""
+    from alignkit import models
     from alignkit.online import rollout
 
-    eng, tok = engine
-    lm, tok_hf = _hf()
+    eng, _ = engine
+    lm, tok_hf = _varied_hf()
+    n_base = len(list(lm.named_parameters()))
+    policy = models.apply_lora(lm, models.LoraSpec(r=4, alpha=8, target_modules=["q_proj", "v_proj"]))
     kw = dict(k=2, max_new_tokens=8, temperature=0.0, seed=3)
-    ours = rollout.sample(lm, tok_hf, PROMPTS, engine=eng, **kw)
-    assert len(fake_vllm.CALLS["load_weights"]) == len(list(lm.parameters()))
-    theirs = rollout.sample(lm, tok_hf, PROMPTS, **kw)
-    assert torch.equal(ours.input_ids, theirs.input_ids) and torch.equal(ours.mask, theirs.mask)
-    assert ours.completions == theirs.completions and ours.prompt_len == theirs.prompt_len
+    first = None
+    for update in range(2):
+        if update:
+            with torch.no_grad():
+                for name, p in policy.named_parameters():
+                    if "lora_B" in name:
+                        p.normal_(0, 0.5)
+        n_pushed = len(fake_vllm.CALLS["load_weights"])
+        ours = rollout.sample(policy, tok_hf, PROMPTS, engine=eng, **kw)
+        assert len(fake_vllm.CALLS["load_weights"]) - n_pushed == n_base
+        theirs = rollout.sample(policy, tok_hf, PROMPTS, **kw)
+        assert torch.equal(ours.input_ids, theirs.input_ids) and torch.equal(ours.mask, theirs.mask)
+        assert ours.completions == theirs.completions and ours.prompt_len == theirs.prompt_len
+        assert first is None or ours.completions != first  # the update reached the engine
+        first = ours.completions
 
 
 # --------------------------------------------------------------------------------- the CLI
