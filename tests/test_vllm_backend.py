@@ -191,6 +191,33 @@ def test_sync_weights_merges_lora_and_leaves_it_unmerged(engine, fake_vllm):
     _same(generation.generate(eng, tok, PROMPTS, **kw), generation.generate(policy, tok_hf, PROMPTS, **kw))
 
 
+def test_adapter_spec_loads_its_base_and_pushes_the_merged_weights(fake_vllm, tmp_path, tiny_model_dir):
+    """A LoRA adapter directory: vLLM loads the base model, the merged weights are pushed once, and the
+    engine samples what `models.load_causal_lm(adapter)` (merged) samples."""
+    from alignkit import generation, models
+
+    lm, tok = _hf()
+    policy = models.apply_lora(lm, models.LoraSpec(r=4, alpha=8, target_modules=["q_proj", "v_proj"]))
+    with torch.no_grad():
+        for name, p in policy.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    policy.save_pretrained(tmp_path / "adapter")
+    tok.save_pretrained(tmp_path / "adapter")
+    spec = str(tmp_path / "adapter")
+    eng, tok_v = generation.load_sampler(spec, backend="vllm")
+    try:
+        assert fake_vllm.CALLS["engines"][-1]["model"] == str(tiny_model_dir)  # the base, from adapter_config
+        assert len(fake_vllm.CALLS["load_weights"]) == len(list(_hf()[0].named_parameters()))
+        merged, tok_m = models.load_causal_lm(spec, device="cpu")
+        kw = dict(k=1, temperature=0, max_new_tokens=10, progress=False)
+        _same(generation.generate(eng, tok_v, PROMPTS, **kw), generation.generate(merged, tok_m, PROMPTS, **kw))
+        plain = generation.generate(_hf()[0], tok, PROMPTS, **kw)
+        assert [s.completion for s in plain] != [s.completion for s in generation.generate(eng, tok_v, PROMPTS, **kw)]
+    finally:
+        eng.close()
+
+
 def test_rollout_sample_with_engine_follows_the_policy_across_updates(engine, fake_vllm):
     """rollout.sample(engine=...) pushes the policy before sampling, so after an update (here: the LoRA
     policy's B matrices moved) the engine samples the updated policy, and the Batch equals the HF path's."""
