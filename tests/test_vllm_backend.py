@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import os
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -32,6 +33,8 @@ def fake_vllm(monkeypatch):
         monkeypatch.delitem(sys.modules, name)
     monkeypatch.syspath_prepend(str(FAKE))
     monkeypatch.setattr(vllm_backend, "_cuda_available", lambda: True)
+    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(key, raising=False)  # the engine sets them (external_launcher): restored after
     vllm = importlib.import_module("vllm")
     assert vllm.__file__.startswith(str(FAKE))
     vllm.reset_calls()
@@ -142,6 +145,9 @@ def test_engine_settings_and_max_new_tokens_cap(engine, fake_vllm, capsys):
     assert args["distributed_executor_backend"] == "external_launcher" and args["enable_prefix_caching"] is True
     assert args["generation_config"] == "vllm" and args["max_model_len"] == 256
     assert args["dtype"] in ("float32", "bfloat16")
+    # one process: rank 0 of 1, the variables external_launcher reads (a launcher's own are kept)
+    assert (os.environ["RANK"], os.environ["WORLD_SIZE"], os.environ["LOCAL_RANK"]) == ("0", "1", "0")
+    assert os.environ["MASTER_PORT"].isdigit()
     stats: dict = {}
     generation.generate(eng, tok, PROMPTS[:1], k=1, temperature=0, max_new_tokens=10_000, progress=False, stats=stats)
     assert stats["max_new_tokens"] < 256 and "beyond the model's 256 positions" in capsys.readouterr().err
