@@ -49,6 +49,9 @@ class PolicyEvalConfig(Block):
     top_p: float = Field(1.0, gt=0.0, le=1.0, description="nucleus sampling; KL is exact at 1")
     batch_size: int = Field(32, ge=1, description="sequences (prompts x k) per generate / reference forward")
     seed: int = Field(0, ge=0, description="sampling seed (and seed of the built-in prompts)")
+    backend: Literal["hf", "vllm"] = Field(
+        "hf", description="sampler: hf (transformers generate) or vllm (extra alignkit[vllm], a CUDA GPU)"
+    )
     device: str = Field("auto", description="auto, cpu, cuda, cuda:N")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="auto: bf16 on a capable GPU, fp32 on CPU"
@@ -206,15 +209,18 @@ def evaluate_policies(
     device: str = "auto",
     dtype: str = "auto",
     progress: bool = True,
+    backend: str = "hf",
 ) -> dict[str, Any]:
     """Sample, score and compare policies; writes nothing. Definitions and choices: docs/eval.md.
 
     Returns {"policies": {name: metrics}, "settings": {...}, "samples": [one dict per sample]}.
-    A baseline that is not one of `policies` gets a row of its own ("baseline").
+    A baseline that is not one of `policies` gets a row of its own ("baseline"). `backend` samples with
+    transformers (`hf`) or vLLM (`vllm`, docs/vllm.md); the reference's log-probs are always an HF forward.
     """
-    from alignkit import generation, models, rewards
+    from alignkit import generation, models, rewards, vllm_backend
 
     generation.check_settings(k, max_new_tokens, temperature, top_p, batch_size)
+    vllm_backend.check_backend(backend, device)
     check_specs(reward, preference)
     if not policies:
         raise UserError("no policies to evaluate: pass at least one POLICY (a run dir, model dir or tiny)")
@@ -256,13 +262,15 @@ def evaluate_policies(
     ref_lp: dict[str, np.ndarray] = {}
     order = [s for s in specs if s != ref_spec] + ([ref_spec] if ref_spec else [])
     for spec in order:
-        model, tok = models.load_causal_lm(spec, dtype=dtype, device=device)
+        model = tok = None
         if spec in rows.values():
             names = [n for n, s in rows.items() if s == spec]
-            say(f"sampling {', '.join(names)} ({spec}): {len(prompts)} prompts x {k}")
+            sampler, tok = generation.load_sampler(spec, backend, dtype=dtype, device=device, seed=seed)
+            say(f"sampling {', '.join(names)} ({spec}): {len(prompts)} prompts x {k}" +
+                (" with vLLM" if backend == "vllm" else ""))
             stats: dict[str, float] = {}
             samples[spec] = generation.generate(
-                model, tok, prompts, k=k, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                sampler, tok, prompts, k=k, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                 batch_size=batch_size, seed=sample_seed(seed, spec), progress=progress, stats=stats,
                 return_logprobs=bool(ref_spec),
             )
@@ -270,11 +278,19 @@ def evaluate_policies(
             if stats["max_new_tokens"] < max_new_tokens:
                 capped.append(f"{spec}: max_new_tokens capped at {stats['max_new_tokens']} to fit the model's "
                               "positions")
-            shaped = _logit_processors(model)
+            # vLLM samples from the raw distribution (docs/vllm.md); the HF sampler applies generation_config
+            shaped = _logit_processors(sampler) if backend == "hf" else []
             if ref_spec and shaped:  # the sampler is not π itself: log π from the raw logits is not its log-prob
                 sampler_warnings.append(f"{spec}: its generation_config sets {', '.join(shaped)}, so samples do not "
                                         "come from the model's own distribution and the KL is not exact")
             timing[spec] = stats
+            if backend == "hf":
+                model = sampler  # the reference's log-probs reuse it
+            else:
+                sampler.close()  # its GPU memory, before the next model loads
+            del sampler
+        if spec == ref_spec and model is None:  # the teacher-forced forward needs the HF model
+            model, tok = models.load_causal_lm(spec, dtype=dtype, device=device)
         if spec == ref_spec:
             say(f"reference log-probs under {ref_spec}")
             for s_spec, s_samples in samples.items():
@@ -340,7 +356,7 @@ def evaluate_policies(
         "n_prompts": n_prompts, "k": k, "reward": reward, "preference": preference if pref else None,
         "baseline": base_name, "baseline_spec": base_spec, "reference": ref_name or ref_spec,
         "reference_spec": ref_spec, "max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p,
-        "batch_size": batch_size, "seed": seed, "device": device, "dtype": dtype,
+        "batch_size": batch_size, "seed": seed, "device": device, "dtype": dtype, "backend": backend,
         "kl_estimator": "k1: mean over samples of sum_t [log pi - log pi_ref], EOS included" if ref_spec else None,
         "kl_exact_in_expectation": bool(ref_spec) and temperature == 1.0 and top_p == 1.0 and not sampler_warnings,
         "se_unit": "prompt", "warnings": warnings,
@@ -379,7 +395,7 @@ def run(cfg: PolicyEvalConfig, progress: Any | None = None, console: Any | None 
     from rich.console import Console
     from rich.markup import escape
 
-    from alignkit import data
+    from alignkit import data, vllm_backend
     from alignkit.config import to_yaml
     from alignkit.runs import RunDir, atomic_write_text, checked_output
     from alignkit.trainers._hf import quiet_libraries
@@ -389,12 +405,13 @@ def run(cfg: PolicyEvalConfig, progress: Any | None = None, console: Any | None 
     t0 = time.perf_counter()
     out = checked_output(cfg.output.dir, cfg.output.overwrite, "eval")  # before any work: can it be written?
     check_specs(cfg.reward, cfg.preference)
+    vllm_backend.check_backend(cfg.backend, cfg.device)
     ds, _ = data.load(cfg.prompts, kind="prompts", max_samples=cfg.max_samples, seed=cfg.seed)
     result = evaluate_policies(
         cfg.policies, list(ds["prompt"]), reward=cfg.reward, preference=cfg.preference, baseline=cfg.baseline,
         reference=cfg.reference, k=cfg.k, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
         top_p=cfg.top_p, batch_size=cfg.batch_size, seed=cfg.seed, device=cfg.device, dtype=cfg.dtype,
-        progress=progress is None,
+        progress=progress is None, backend=cfg.backend,
     )
     run_dir = RunDir.open(out, cfg.output.overwrite, False, to_yaml(cfg))
     settings = {**result["settings"], "prompts": cfg.prompts}

@@ -2,7 +2,8 @@
 
 `generate` is what every command samples with (generate, pairs, eval, qprobe collect). Conventions
 (prompt formats, prompt-major order, seeding, greedy decoding, `capture_layer`, `return_logprobs`,
-the cap on `max_new_tokens`): docs/models.md#generation.
+the cap on `max_new_tokens`): docs/models.md#generation. `load_sampler` picks the backend: an HF model
+(`hf`, `model.generate`) or a `vllm_backend.VLLMEngine` (`vllm`), which `generate` hands the work to.
 """
 
 from __future__ import annotations
@@ -71,7 +72,8 @@ def format_prompt(tokenizer: Any, prompt: Prompt, chat: bool = False, join: str 
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
-def _eos_ids(model: Any, tokenizer: Any) -> list[int]:
+def eos_ids(model: Any, tokenizer: Any) -> list[int]:
+    """Every id that ends a completion: the model's generation_config EOS id(s), then the tokenizer's."""
     ids = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
     ids = [ids] if isinstance(ids, int) else list(ids or [])
     if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
@@ -101,7 +103,17 @@ def generate(
     """K samples for each prompt (prompt-major order); conventions in docs/models.md#generation.
 
     `max_new_tokens` is capped, with one warning line on stderr, so that the longest prompt plus its
-    completion fits the model's positions; `stats["max_new_tokens"]` holds the value used."""
+    completion fits the model's positions; `stats["max_new_tokens"]` holds the value used.
+    `model` is an HF causal LM, or a `vllm_backend.VLLMEngine` (from `load_sampler`), which samples with
+    its own tokenizer under the same contract (docs/vllm.md)."""
+    from alignkit.vllm_backend import VLLMEngine
+
+    if isinstance(model, VLLMEngine):
+        return model.generate(
+            prompts, k=k, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+            do_sample=do_sample, batch_size=batch_size, seed=seed, progress=progress, join=join, chat=chat,
+            capture_layer=capture_layer, stats=stats, return_logprobs=return_logprobs,
+        )
     check_settings(k, max_new_tokens, temperature, top_p, batch_size)
     texts = [format_prompt(tokenizer, p, chat=chat, join=join) for p in prompts]
     shown = [p if isinstance(p, str) and not chat else t for p, t in zip(prompts, texts, strict=True)]
@@ -109,13 +121,13 @@ def generate(
     extra = 1 if capture_layer is not None else 0
     max_new_tokens = fit_new_tokens(model, encoded, max_new_tokens, extra)
     greedy = temperature == 0 or not do_sample
-    eos_ids = _eos_ids(model, tokenizer)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
+    eos = eos_ids(model, tokenizer)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
     gen_kwargs: dict[str, Any] = {
         "max_new_tokens": max_new_tokens + extra,
         "do_sample": not greedy,
         "pad_token_id": pad_id,
-        "eos_token_id": eos_ids,
+        "eos_token_id": eos,
     }
     if greedy:  # neutralise sampling knobs a checkpoint's generation_config may carry
         gen_kwargs.update(temperature=None, top_p=None, top_k=None)
@@ -147,7 +159,7 @@ def generate(
                     out = model.generate(**batch, **gen_kwargs)
                 seqs = out.sequences if as_dict else out
                 gen = seqs[:, batch["input_ids"].shape[1] :]
-                new = _split_completions(gen, eos_ids, pad_id, max_new_tokens, tokenizer)
+                new = _split_completions(gen, eos, pad_id, max_new_tokens, tokenizer)
                 if capture_layer is None:
                     emb = None
                 elif hook is not None:
@@ -188,6 +200,19 @@ def generate(
             max_new_tokens=max_new_tokens,
         )
     return samples
+
+
+def load_sampler(spec: str, backend: str = "hf", dtype: str = "auto", device: str = "auto",
+                 seed: int = 0) -> tuple[Any, Any]:
+    """(sampler, tokenizer) for a policy spec: the HF model (`hf`) or a vLLM engine (`vllm`), what `generate`
+    samples from. The backend is checked (`vllm_backend.check_backend`) before anything is loaded;
+    close a vLLM engine (`close()`) before loading the next model."""
+    from alignkit import models, vllm_backend
+
+    vllm_backend.check_backend(backend, device)
+    if backend == "vllm":
+        return vllm_backend.VLLMEngine.from_spec(spec, dtype=dtype, seed=seed)
+    return models.load_causal_lm(spec, dtype=dtype, device=device)
 
 
 def fit_new_tokens(model: Any, prompt_ids: list[list[int]], max_new_tokens: int, extra: int = 0) -> int:

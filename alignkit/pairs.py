@@ -73,7 +73,8 @@ def build(
     progress: bool = True,
     **generate_kwargs: Any,
 ) -> tuple[list[dict], dict[str, Any]]:
-    """Sample k completions per prompt, judge them in ONE `preference.matrices` call, pick. Returns
+    """Sample k completions per prompt from `model` (an HF model or a vLLM engine, `generation.load_sampler`),
+    judge them in ONE `preference.matrices` call, pick. Returns
     (pairwise rows, stats). An empty sample (EOS first) is judged as a copy of the prompt's first non-empty
     one, so it is never picked; prompts whose picks are the same text or whose P̂ are all equal are dropped
     (`dropped_ties`), as are prompts without two different non-empty samples (`dropped_identical`)."""

@@ -23,6 +23,9 @@ from alignkit.cli.common import (
 )
 from alignkit.errors import UserError
 
+BackendOpt = Annotated[str, typer.Option("--backend", help="sampler: hf (transformers generate) or vllm "
+                                                         "(pip install 'alignkit\\[vllm]', a CUDA GPU)")]
+
 
 @app.command("eval")
 def eval_cmd(
@@ -39,6 +42,7 @@ def eval_cmd(
     top_p: Annotated[float, typer.Option("--top-p", help="nucleus sampling; KL is exact at 1")] = 1.0,
     batch_size: Annotated[int, typer.Option("--batch-size", help="sequences per generate/forward")] = 32,
     seed: Annotated[int, typer.Option("--seed", help="sampling seed (>= 0)")] = 0,
+    backend: BackendOpt = "hf",
     dtype: DtypeOpt = None, device: DeviceOpt = None, output_dir: OutOpt = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="replace an existing run directory")] = False,
 ) -> None:
@@ -50,7 +54,8 @@ def eval_cmd(
         "policies": evaluate.parse_policies(policies), "prompts": prompts, "max_samples": max_samples,
         "reward": reward, "preference": preference, "baseline": baseline, "reference": reference, "k": k,
         "max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p, "batch_size": batch_size,
-        "seed": seed, "dtype": dtype, "device": device, "output.dir": output_dir, "output.overwrite": overwrite,
+        "seed": seed, "backend": backend, "dtype": dtype, "device": device, "output.dir": output_dir,
+        "output.overwrite": overwrite,
     }
     evaluate.run(build_config(evaluate.PolicyEvalConfig, {}, None, flags, origin="eval"))
 
@@ -61,11 +66,13 @@ NewTokensOpt = Annotated[int, typer.Option(help="tokens per completion")]
 GenBatchOpt = Annotated[int, typer.Option(help="sequences (prompts x k) per generate call")]
 
 
-def _check_sampling(k: int, max_new_tokens: int, temperature: float, top_p: float, batch_size: int, seed: int) -> None:
-    from alignkit import generation
+def _check_sampling(k: int, max_new_tokens: int, temperature: float, top_p: float, batch_size: int, seed: int,
+                    backend: str, device: str | None) -> None:
+    from alignkit import generation, vllm_backend
 
     generation.check_settings(k, max_new_tokens, temperature, top_p, batch_size)
     check_seed(seed)
+    vllm_backend.check_backend(backend, device)
 
 
 @app.command()
@@ -77,19 +84,19 @@ def generate(
     temperature: Annotated[float, typer.Option(help="0 = greedy")] = 1.0,
     top_p: TopPOpt = 1.0, max_new_tokens: NewTokensOpt = 48, batch_size: GenBatchOpt = 32,
     max_samples: MaxSamplesOpt = None, columns: ColumnsOpt = None,
-    seed: Annotated[int, typer.Option(help="sampling seed (>= 0)")] = 0,
+    seed: Annotated[int, typer.Option(help="sampling seed (>= 0)")] = 0, backend: BackendOpt = "hf",
     dtype: DtypeOpt = None, device: DeviceOpt = None, overwrite: OverwriteOutOpt = False,
 ) -> None:
     """Sample K completions per prompt and write them as JSONL (prompt, completion, finished, ...)."""
     from alignkit import data as data_mod
-    from alignkit import generation, models
+    from alignkit import generation
     from alignkit.trainers._hf import quiet_libraries
 
     quiet_libraries()
-    _check_sampling(k, max_new_tokens, temperature, top_p, batch_size, seed)
+    _check_sampling(k, max_new_tokens, temperature, top_p, batch_size, seed, backend, device)
     check_output_file(out, overwrite)
     ds, _ = data_mod.load(prompts, kind="prompts", columns=columns, max_samples=max_samples)
-    lm, tok = models.load_causal_lm(model, dtype=dtype or "auto", device=device or "auto")
+    lm, tok = generation.load_sampler(model, backend, dtype=dtype or "auto", device=device or "auto", seed=seed)
     stats: dict[str, Any] = {}
     samples = generation.generate(
         lm, tok, list(ds["prompt"]), k=k, max_new_tokens=max_new_tokens, temperature=temperature,
@@ -115,14 +122,14 @@ def pairs(
     temperature: Annotated[float, typer.Option(help="sampling temperature (> 0)")] = 1.0,
     top_p: TopPOpt = 1.0, max_new_tokens: NewTokensOpt = 48, batch_size: GenBatchOpt = 32,
     max_samples: MaxSamplesOpt = None, columns: ColumnsOpt = None,
-    seed: Annotated[int, typer.Option(help="sampling and selection seed (>= 0)")] = 0,
+    seed: Annotated[int, typer.Option(help="sampling and selection seed (>= 0)")] = 0, backend: BackendOpt = "hf",
     dtype: DtypeOpt = None, device: DeviceOpt = None, overwrite: OverwriteOutOpt = False,
 ) -> None:
     """On-policy preference pairs: K samples per prompt from a policy, judged, one pair per prompt."""
     import datasets
 
     from alignkit import data as data_mod
-    from alignkit import models
+    from alignkit import generation
     from alignkit import pairs as pairs_mod
     from alignkit.rewards import load_preference
     from alignkit.trainers._hf import quiet_libraries
@@ -132,13 +139,13 @@ def pairs(
         raise UserError(f"--k must be at least 2 to form a pair (got {k})")
     if select not in ("best-worst", "random") or label not in ("prob", "sample"):
         raise UserError(f"--select must be best-worst or random and --label prob or sample (got {select}, {label})")
-    _check_sampling(k, max_new_tokens, temperature, top_p, batch_size, seed)
+    _check_sampling(k, max_new_tokens, temperature, top_p, batch_size, seed, backend, device)
     if temperature == 0:
         raise UserError("--temperature must be > 0: greedy decoding gives K identical samples")
     check_output_file(out, overwrite)
     ds, _ = data_mod.load(prompts, kind="prompts", columns=columns, max_samples=max_samples)
     judge = load_preference(preference, device=device or "auto")
-    lm, tok = models.load_causal_lm(model, dtype=dtype or "auto", device=device or "auto")
+    lm, tok = generation.load_sampler(model, backend, dtype=dtype or "auto", device=device or "auto", seed=seed)
     rows, stats = pairs_mod.build(
         lm, tok, list(ds["prompt"]), judge, k=k, select=select, label=label, seed=seed,  # type: ignore[arg-type]
         temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, batch_size=batch_size,

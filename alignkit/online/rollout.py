@@ -69,10 +69,17 @@ def prompt_indices(pool_size: int, iteration: int, n: int, seed: int, rank: int 
 
 
 def sample(policy: Any, tokenizer: Any, prompts: list[Any], *, k: int, max_new_tokens: int, temperature: float,
-           seed: int, batch_size: int = 64) -> Batch:
-    """K completions per prompt from `policy` (`generation.generate`, seeded by `seed`), padded into a `Batch`."""
-    samples = generation.generate(policy, tokenizer, prompts, k=k, max_new_tokens=max_new_tokens,
-                                  temperature=temperature, batch_size=batch_size, seed=seed, progress=False)
+           seed: int, batch_size: int = 64, engine: Any | None = None) -> Batch:
+    """K completions per prompt from `policy` (`generation.generate`, seeded by `seed`), padded into a `Batch`.
+
+    With `engine` (a colocated `vllm_backend.VLLMEngine`, docs/vllm.md) the policy's current weights are
+    pushed into it first (`sync_weights`: one push per rollout, so after every update and after a resume)
+    and vLLM samples; the layout, and the teacher-forced log-probs computed from it, are the same."""
+    if engine is not None:
+        engine.sync_weights(policy)
+    samples = generation.generate(engine if engine is not None else policy, tokenizer, prompts, k=k,
+                                  max_new_tokens=max_new_tokens, temperature=temperature, batch_size=batch_size,
+                                  seed=seed, progress=False)
     prompt_ids = [ids for ids in generation.prompt_ids(tokenizer, prompts) for _ in range(k)]
     completion_ids = [s.token_ids + ([s.eos_token_id] if s.finished else []) for s in samples]
     pad = tokenizer.pad_token_id
