@@ -147,16 +147,16 @@ def run_alignkit(model: str, out: Path, steps: int, n_prompts: int, k: int, max_
     }
 
 
-def run_trl(model_dir: Path, pool: Sequence[str], out: Path, steps: int, n_prompts: int, k: int,
-            max_new_tokens: int, lr: float, seed: int) -> dict[str, Any]:
-    """TRL's GRPOTrainer on the job, timed like `run_alignkit`: model load, trainer set-up, train, save."""
+def trl_trainer(model_dir: Path, pool: Sequence[str], out: Path, steps: int, n_prompts: int, k: int,
+                max_new_tokens: int, lr: float, seed: int) -> Any:
+    """TRL's GRPOTrainer of the job, the policy loaded from `model_dir`; its dataset is `step_prompts`,
+    flattened and unshuffled."""
     import datasets
     import torch
     import trl
     from transformers import AutoModelForCausalLM, AutoTokenizer, PrinterCallback
 
     prompts = [p for batch in step_prompts(pool, steps, n_prompts, seed) for p in batch]
-    t0, c0 = time.perf_counter(), time.process_time()
     policy = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(model_dir, padding_side="left")
     trainer = trl.GRPOTrainer(
@@ -165,6 +165,14 @@ def run_trl(model_dir: Path, pool: Sequence[str], out: Path, steps: int, n_promp
         train_dataset=datasets.Dataset.from_dict({"prompt": prompts}), processing_class=tokenizer,
     )
     trainer.remove_callback(PrinterCallback)  # with disable_tqdm it prints every step's logs
+    return trainer
+
+
+def run_trl(model_dir: Path, pool: Sequence[str], out: Path, steps: int, n_prompts: int, k: int,
+            max_new_tokens: int, lr: float, seed: int) -> dict[str, Any]:
+    """TRL's GRPOTrainer on the job, timed like `run_alignkit`: model load, trainer set-up, train, save."""
+    t0, c0 = time.perf_counter(), time.process_time()
+    trainer = trl_trainer(model_dir, pool, out, steps, n_prompts, k, max_new_tokens, lr, seed)
     result = trainer.train()
     trainer.save_model(str(out / "model"))
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
@@ -203,7 +211,8 @@ def _mean_se(values: Sequence[float]) -> tuple[float, float]:
     return m, (statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else math.nan)
 
 
-def compare_curves(ours: Sequence[Sequence[float]], theirs: Sequence[Sequence[float]], z: float = 2.0) -> dict[str, Any]:
+def compare_curves(ours: Sequence[Sequence[float]], theirs: Sequence[Sequence[float]],
+                   z: float = 2.0) -> dict[str, Any]:
     """Do two sets of reward curves (one per seed, same steps) agree in distribution?
 
     For `last_half` and `gain`: each side's mean over seeds, the difference and its standard error. With
@@ -323,4 +332,4 @@ def grpo_trl_plot(result: dict[str, Any], path: str | Path) -> Path:
 
 __all__ = ["CLIP_EPS", "LEARNING_RATE", "TRL_LOSS_TYPE", "TRL_SCALE_REWARDS", "WEIGHT_DECAY", "alignkit_config",
            "compare_curves", "curve_stats", "grpo_trl", "grpo_trl_plot", "run_alignkit", "run_trl", "step_prompts",
-           "trl_config", "trl_gold_reward"]
+           "trl_config", "trl_gold_reward", "trl_trainer"]
