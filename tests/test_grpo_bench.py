@@ -85,6 +85,10 @@ def test_trl_trains_on_our_prompts_at_every_step(tmp_path):
     want = [[pool[i] for i in prompt_indices(len(pool), it, n, seed) for _ in range(k)] for it in range(steps)]
     assert batches == want
     assert len({p for b in want for p in b}) > n  # the steps do get different prompts
+    # and TRL tokenises them into the ids `alignkit ppo` samples from (BOS included)
+    from alignkit import generation
+
+    assert trainer._tokenize_prompts(want[0])[0] == generation.prompt_ids(trainer.processing_class, want[0])
 
 
 def test_bad_flags_are_one_line(monkeypatch, capsys):
