@@ -143,7 +143,7 @@ def run_alignkit(model: str, out: Path, steps: int, n_prompts: int, k: int, max_
         "wall_s": wall, "cpu_s": cpu, "steps": summary["iterations"],
         "loop_s": sum(split.values()), "time_split_s": split,
         "rewards": [float(m["reward"]) for m in metrics if "reward" in m],
-        "lengths": [float(m["length"]) for m in metrics if "length" in m],
+        "lengths": [float(m["length"]) for m in metrics if "length" in m],  # EOS not counted (TRL counts it)
     }
 
 
@@ -282,16 +282,24 @@ def grpo_trl(steps: int = 30, n_prompts: int = 8, k: int = 4, max_new_tokens: in
                 out = Path(tmp) / f"{side}-{seed}"
                 r = (run_alignkit(model, out, steps, n_prompts, k, max_new_tokens, lr, seed) if side == "alignkit"
                      else run_trl(model_dir, pool, out, steps, n_prompts, k, max_new_tokens, lr, seed))
-                r |= {"seed": seed, "order": order.index(side), "s_per_step": r["wall_s"] / max(r["steps"], 1)}
+                tokens = sum(r["lengths"]) * n_prompts * k  # completion tokens sampled over the run
+                r |= {"seed": seed, "order": order.index(side), "s_per_step": r["wall_s"] / max(r["steps"], 1),
+                      "completion_tokens": tokens, "ms_per_completion_token": 1e3 * r["wall_s"] / max(tokens, 1)}
                 runs[side].append(r)
     a, t = runs["alignkit"], runs["trl"]
     med = lambda rs, key: statistics.median(r[key] for r in rs)  # noqa: E731
+    keys = ("wall_s", "cpu_s", "loop_s", "s_per_step", "ms_per_completion_token")
     result |= {
-        "alignkit": {"runs": a, "median_wall_s": med(a, "wall_s"), "median_loop_s": med(a, "loop_s"),
-                     "median_s_per_step": med(a, "s_per_step")},
-        "trl": {"runs": t, "median_wall_s": med(t, "wall_s"), "median_loop_s": med(t, "loop_s"),
-                "median_s_per_step": med(t, "s_per_step")},
+        "alignkit": {"runs": a, **{f"median_{x}": med(a, x) for x in keys},
+                     "mean_length": statistics.fmean(x for r in a for x in r["lengths"])},
+        "trl": {"runs": t, **{f"median_{x}": med(t, x) for x in keys},
+                "mean_length": statistics.fmean(x for r in t for x in r["lengths"])},
+        "alignkit_median_time_split_s": {x: statistics.median(r["time_split_s"][x] for r in a)
+                                         for x in a[0]["time_split_s"]},
         "ratio_wall": med(a, "wall_s") / med(t, "wall_s"),
+        # the sampled lengths differ run to run (and so the work): wall time per completion token sampled
+        "ratio_wall_per_token": med(a, "ms_per_completion_token") / med(t, "ms_per_completion_token"),
+        "ratio_cpu": med(a, "cpu_s") / med(t, "cpu_s"),  # process CPU time: less sensitive to other load
         "ratio_loop": med(a, "loop_s") / med(t, "loop_s"),
         "pair_ratios_wall": [x["wall_s"] / y["wall_s"] for x, y in zip(a, t, strict=True)],
         "reward_curves": {"alignkit": [r["rewards"] for r in a], "trl": [r["rewards"] for r in t]},

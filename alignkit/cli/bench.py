@@ -272,7 +272,9 @@ def bench_grpo_trl(
             ("TRL wall s", f"{walls(t)} (median {t['median_wall_s']:.2f}, {t['median_s_per_step']:.3f} s/step)"),
             ("ratio alignkit/TRL wall (target ≤ 1.05): medians | per pair",
              f"{r['ratio_wall']:.3f} | {r['median_pair_ratio_wall']:.3f}"),
-            ("ratio inside train loop", f"{r['ratio_loop']:.3f}")]
+            ("ratio per completion token | CPU time | inside train loop",
+             f"{r['ratio_wall_per_token']:.3f} | {r['ratio_cpu']:.3f} | {r['ratio_loop']:.3f}"),
+            ("mean completion length alignkit | TRL", f"{a['mean_length']:.1f} | {t['mean_length']:.1f} tokens")]
     for key, label in (("last_half", "reward, last half"), ("gain", "gain, first → last quarter")):
         x = c[key]
         rows.append((f"{label}: alignkit | TRL", f"{x['alignkit']:+.3f}{se(x['alignkit_se'])} | "
