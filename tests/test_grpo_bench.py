@@ -91,6 +91,47 @@ def test_trl_trains_on_our_prompts_at_every_step(tmp_path):
     assert trainer._tokenize_prompts(want[0])[0] == generation.prompt_ids(trainer.processing_class, want[0])
 
 
+def test_same_batch_gives_trl_and_us_the_same_advantages_and_gradient(tmp_path):
+    """On one batch TRL sampled and scored, TRL's advantages are `rl_losses.grpo_advantages` of its rewards and
+    its loss (loss_type dapo, beta 0) has the gradient of `rl_losses.policy_loss` on the same ids: the two runs
+    optimise the same objective, so their curves can differ only by sampling noise."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from alignkit import data, models
+    from alignkit import rl_losses as rl
+    from alignkit.online import rollout
+    from alignkit.trainers.ppo import PPODataSection
+
+    pool = list(data.load_source(PPODataSection(), expected=("prompts",))[0]["prompt"])
+    n, k = 3, 4
+    trainer = grpo_trl.trl_trainer(models.build_tiny(), pool, tmp_path / "t", 1, n, k, 12, 1e-3, 0)
+    theirs = trainer.model.train()
+    torch.manual_seed(0)
+    out = trainer._generate_and_score_completions([{"prompt": p} for p in grpo_trl.step_prompts(pool, 1, n, 0)[0]
+                                                   for _ in range(k)])
+    gold = torch.tensor(list(trainer._logs["rewards"]["gold"]))
+    assert torch.allclose(out["advantages"], rl.grpo_advantages(gold, k), atol=1e-6)
+    assert out["advantages"].abs().max() > 0.1
+    trainer.current_gradient_accumulation_steps = 1  # set by Trainer's train loop
+    trainer._compute_loss(theirs, out).backward()
+
+    ours = AutoModelForCausalLM.from_pretrained(models.build_tiny(), dtype=torch.float32).eval()
+    mask = out["completion_mask"].float()
+    ids = torch.cat([out["prompt_ids"], out["completion_ids"]], 1)
+    batch = rollout.Batch(prompts=[""] * len(ids), completions=[""] * len(ids),
+                          finished=torch.zeros(len(ids), dtype=torch.bool), lengths=mask.sum(1).long(),
+                          input_ids=ids, attention_mask=torch.cat([out["prompt_mask"], out["completion_mask"]], 1),
+                          mask=mask, prompt_len=out["prompt_ids"].shape[1])
+    lp = rollout.token_logprobs(rollout.completion_logits(ours, batch), batch)
+    loss, _ = rl.policy_loss(lp, lp.detach(), out["advantages"][:, None] * mask, mask)
+    loss.backward()
+    scale = max(p.grad.abs().max().item() for p in ours.parameters())
+    assert scale > 0
+    for (name, a), b in zip(ours.named_parameters(), theirs.parameters(), strict=True):
+        assert torch.allclose(a.grad, b.grad, atol=1e-5 * scale, rtol=1e-4), name
+
+
 def test_bad_flags_are_one_line(monkeypatch, capsys):
     code, _, err = run_cli(["bench", "grpo-trl", "--lr", "0"], monkeypatch, capsys)
     one_line_error(code, err, "--lr")
