@@ -271,6 +271,57 @@ def bench_ppo_memory(
     _bench_out(r, rows, "alignkit bench ppo-memory", json_out)
 
 
+@bench_app.command("grpo-trl")
+def bench_grpo_trl(
+    steps: Annotated[int, typer.Option("--steps", min=1, help="optimiser steps (= rollout batches) per run")] = 30,
+    prompts: Annotated[int, typer.Option("--prompts", min=1, help="prompts per step")] = 8,
+    k: Annotated[int, typer.Option("--k", min=2, help="completions per prompt (TRL num_generations)")] = 4,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=1)] = 32,
+    lr: Annotated[float, typer.Option("--lr", help="learning rate (AdamW, constant; > 0)")] = 1e-3,
+    seeds: Annotated[list[int] | None, typer.Option("--seed", help="seeds (repeatable; one run of each side per "
+                                                    "seed, the order alternating; default 0, 1, 2)")] = None,
+    plot_out: Annotated[Path | None, typer.Option("--plot", help="write the reward-curve figure here",
+                                                  callback=_writable("--plot"))] = None,
+    json_out: JsonOpt = None,
+) -> None:
+    """`alignkit ppo --advantage grpo` vs TRL's GRPOTrainer on the same job: wall time and reward curves."""
+    from alignkit.bench import grpo_trl
+
+    if not lr > 0 or lr != lr or lr == float("inf"):
+        raise UserError(f"--lr must be a positive number, got {lr}")
+    for s in seeds or []:
+        check_seed(s)
+    r = grpo_trl.grpo_trl(steps=steps, n_prompts=prompts, k=k, max_new_tokens=max_new_tokens, lr=lr,
+                          seeds=tuple(seeds) if seeds else (0, 1, 2))
+    m, st, a, t, c = r["machine"], r["settings"], r["alignkit"], r["trl"], r["curves"]
+    walls = lambda x: ", ".join(f"{run['wall_s']:.2f}" for run in x["runs"])  # noqa: E731
+    se = lambda x: "" if x != x else f" ± {x:.3f}"  # noqa: E731  (NaN: no SE)
+    rows = [("machine", f"{m['cpu']}, {m['cores']} cores; torch {m['torch']}, trl {m['trl']}; load avg "
+                        f"{m['load_avg_1m']:.2f} -> {r['load_avg_1m_end']:.2f}"),
+            ("job", f"tiny, full FT, fp32, {steps} steps x {prompts} prompts x k={k}, {max_new_tokens} new tokens, "
+                    f"lr {lr:g}, no KL, 1 step per batch; seeds {st['seeds']}"),
+            ("alignkit wall s", f"{walls(a)} (median {a['median_wall_s']:.2f}, {a['median_s_per_step']:.3f} s/step)"),
+            ("TRL wall s", f"{walls(t)} (median {t['median_wall_s']:.2f}, {t['median_s_per_step']:.3f} s/step)"),
+            ("ratio alignkit/TRL wall (target ≤ 1.05): medians | per pair",
+             f"{r['ratio_wall']:.3f} | {r['median_pair_ratio_wall']:.3f}"),
+            ("ratio per completion token | CPU time | inside train loop",
+             f"{r['ratio_wall_per_token']:.3f} | {r['ratio_cpu']:.3f} | {r['ratio_loop']:.3f}"),
+            ("mean completion length alignkit | TRL", f"{a['mean_length']:.1f} | {t['mean_length']:.1f} tokens")]
+    for key, label in (("last_half", "reward, last half"), ("gain", "gain, first → last quarter")):
+        x = c[key]
+        rows.append((f"{label}: alignkit | TRL", f"{x['alignkit']:+.3f}{se(x['alignkit_se'])} | "
+                     f"{x['trl']:+.3f}{se(x['trl_se'])} (diff {x['diff']:+.3f}{se(x['diff_se'])}, "
+                     f"{'agree' if x['agree'] else 'DIFFER'})"))
+    p = c["paired_by_step"]
+    rows.append(("paired by step: mean alignkit − TRL", f"{p['mean_diff']:+.3f}{se(p['diff_se'])} over {p['n']} "
+                                                      f"steps ({'agree' if p['agree'] else 'DIFFER'})"))
+    rows.append(("same reward curve in distribution", "yes" if c["agree"] else "no"))
+    if plot_out is not None:
+        grpo_trl.grpo_trl_plot(r, plot_out)
+        console.print(f"wrote {plot_out}")
+    _bench_out(r, rows, "alignkit bench grpo-trl", json_out)
+
+
 @bench_app.command("qprobe-fit")
 def bench_qprobe_fit(
     n: Annotated[int, typer.Option("--n", min=10, help="synthetic features")] = 10_000,
