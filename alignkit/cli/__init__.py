@@ -31,5 +31,7 @@ def main() -> None:
 
         rank = rank_info()
         where = "" if rank["is_main"] else f" (rank {rank['rank']})"
-        err_console.print(f"[bold red]error{where}:[/bold red] {exc}", highlight=False, soft_wrap=True)
+        from rich.markup import escape  # '[pairrm]' in "pip install 'alignkit[pairrm]'" is text, not markup
+
+        err_console.print(f"[bold red]error{where}:[/bold red] {escape(str(exc))}", highlight=False, soft_wrap=True)
         sys.exit(2)

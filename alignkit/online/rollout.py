@@ -69,7 +69,7 @@ def prompt_indices(pool_size: int, iteration: int, n: int, seed: int, rank: int 
 
 
 def sample(policy: Any, tokenizer: Any, prompts: list[Any], *, k: int, max_new_tokens: int, temperature: float,
-           seed: int, batch_size: int = 64, engine: Any | None = None) -> Batch:
+           seed: int, batch_size: int = 64, engine: Any | None = None, top_p: float = 1.0) -> Batch:
     """K completions per prompt from `policy` (`generation.generate`, seeded by `seed`), padded into a `Batch`.
 
     With `engine` (a colocated `vllm_backend.VLLMEngine`, docs/vllm.md) the policy's current weights are
@@ -78,25 +78,34 @@ def sample(policy: Any, tokenizer: Any, prompts: list[Any], *, k: int, max_new_t
     if engine is not None:
         engine.sync_weights(policy)
     samples = generation.generate(engine if engine is not None else policy, tokenizer, prompts, k=k,
-                                  max_new_tokens=max_new_tokens, temperature=temperature, batch_size=batch_size,
-                                  seed=seed, progress=False)
+                                  max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                                  batch_size=batch_size, seed=seed, progress=False)
     prompt_ids = [ids for ids in generation.prompt_ids(tokenizer, prompts) for _ in range(k)]
     completion_ids = [s.token_ids + ([s.eos_token_id] if s.finished else []) for s in samples]
-    pad = tokenizer.pad_token_id
+    batch = pack(prompt_ids, completion_ids, tokenizer.pad_token_id)
+    batch.prompts, batch.completions = [s.prompt for s in samples], [s.completion for s in samples]
+    batch.finished = torch.tensor([s.finished for s in samples])
+    batch.lengths = torch.tensor([s.n_tokens for s in samples])
+    return batch
+
+
+def pack(prompt_ids: list[list[int]], completion_ids: list[list[int]], pad_token_id: int) -> Batch:
+    """Token ids of (prompt, completion) pairs padded into a `Batch` (prompts left-padded to P, completions
+    right-padded to C; `completion_ids` include the EOS when one was emitted). Text fields are left empty,
+    `finished` is read as "ends in a token" unknown (False), `lengths` counts the completion ids."""
     P, C = max(map(len, prompt_ids)), max(1, max(map(len, completion_ids)))
-    B = len(samples)
-    input_ids = torch.full((B, P + C), pad, dtype=torch.long)
+    B = len(prompt_ids)
+    input_ids = torch.full((B, P + C), pad_token_id, dtype=torch.long)
     attention = torch.zeros((B, P + C), dtype=torch.long)
     mask = torch.zeros((B, C))
     for row, (p, c) in enumerate(zip(prompt_ids, completion_ids, strict=True)):
-        input_ids[row, P - len(p) : P] = torch.tensor(p)
+        input_ids[row, P - len(p) : P] = torch.tensor(p, dtype=torch.long)
         input_ids[row, P : P + len(c)] = torch.tensor(c, dtype=torch.long)
         attention[row, P - len(p) : P + len(c)] = 1
         mask[row, : len(c)] = 1.0
-    return Batch(prompts=[s.prompt for s in samples], completions=[s.completion for s in samples],
-                 finished=torch.tensor([s.finished for s in samples]),
-                 lengths=torch.tensor([s.n_tokens for s in samples]),
-                 input_ids=input_ids, attention_mask=attention, mask=mask, prompt_len=P)
+    return Batch(prompts=[""] * B, completions=[""] * B, finished=torch.zeros(B, dtype=torch.bool),
+                 lengths=torch.tensor([len(c) for c in completion_ids]), input_ids=input_ids,
+                 attention_mask=attention, mask=mask, prompt_len=P)
 
 
 def completion_logits(model: Any, batch: Batch, rows: torch.Tensor | slice = slice(None),
@@ -211,4 +220,4 @@ def score_tokens(batch: Batch, policy: Any, reference: Any | None, critic: Criti
     batch.values = torch.cat(val) if critic is not None else None
 
 
-__all__ = ["Batch", "Critic", "completion_logits", "prompt_indices", "sample", "score_tokens", "token_logprobs"]
+__all__ = ["Batch", "Critic", "completion_logits", "pack", "prompt_indices", "sample", "score_tokens", "token_logprobs"]

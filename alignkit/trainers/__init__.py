@@ -19,6 +19,7 @@ TRAINERS: dict[str, tuple[str, str, str]] = {
     "dpo": ("alignkit.trainers.preference", "DPOConfig", "run"),
     "kto": ("alignkit.trainers.preference", "KTOConfig", "run_kto"),
     "ppo": ("alignkit.trainers.ppo", "PPOConfig", "run"),
+    "sppo": ("alignkit.trainers.sppo", "SPPOConfig", "run"),
 }
 
 

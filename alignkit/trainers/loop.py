@@ -84,6 +84,17 @@ class Loop:
         if self._bar is not None:
             self._bar.update(self._task, completed=self.step, info=info)
 
+    def note(self, info: str) -> None:
+        """Show `info` beside the progress bar without a step (e.g. "sampled chunk 3/10")."""
+        if self._bar is not None:
+            self._bar.update(self._task, info=info)
+
+    def set_total(self, total: int) -> None:
+        """Change `total` (a loop whose length is known only as it goes, e.g. SPPO's steps per iteration)."""
+        self.total = total
+        if self._bar is not None:
+            self._bar.update(self._task, total=total)
+
     def _say(self, msg: str) -> None:
         from rich.console import Console
         from rich.markup import escape
@@ -149,6 +160,15 @@ class Loop:
             for old in _complete_checkpoints(self.run.work)[: -self.keep]:
                 shutil.rmtree(old, ignore_errors=True)
         return final
+
+    def peek(self) -> dict[str, Any] | None:
+        """The `step` and `stats` of the newest complete checkpoint, without restoring anything (None: none).
+        A loop whose objects depend on where it stopped reads this first, then calls `restore`."""
+        ckpt = latest_checkpoint(self.run.work)
+        if ckpt is None:
+            return None
+        state = torch.load(ckpt / STATE_FILE, map_location="cpu", weights_only=True, mmap=True)
+        return {"step": int(state["step"]), "stats": state["stats"], "objects": sorted(state["objects"])}
 
     def restore(self, objects: dict[str, Any]) -> bool:
         """Load the newest complete checkpoint into `objects` (in place) and restore step, stats, timers
