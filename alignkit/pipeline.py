@@ -18,7 +18,7 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import Field, model_validator
 
-from alignkit.config import Block, DataSection, LaunchSection, ModelSection, OutputSection
+from alignkit.config import Block, DataSection, LaunchSection, ModelSection, OutputSection, build_config, parse_override
 from alignkit.errors import UserError, closest
 
 PIPELINE = "pipeline"  # the `command:` of a pipeline recipe (optional in the file)
@@ -42,8 +42,6 @@ OUTPUTS: dict[str, dict[str, str]] = {
 }
 # commands whose run cannot continue from DIR.partial: an interrupted one is restarted on --resume
 NOT_RESUMABLE = frozenset({"quickstart", "pairs"})
-# steps that are not trainers: command -> (config class, run function) names in this module
-EXTRA_STEPS: dict[str, tuple[str, str]] = {"pairs": ("PairsStepConfig", "run_pairs")}
 
 
 def is_pipeline(tree: dict[str, Any]) -> bool:
@@ -63,7 +61,7 @@ def step_config_class(command: str) -> Any:
     """The config class of a step command (a trainer's, or one of `EXTRA_STEPS`)."""
     from alignkit.trainers import config_class
 
-    return globals()[EXTRA_STEPS[command][0]] if command in EXTRA_STEPS else config_class(command)
+    return EXTRA_STEPS[command][0] if command in EXTRA_STEPS else config_class(command)
 
 
 def step_outputs(command: str, cfg_cls: Any) -> dict[str, str]:
@@ -78,9 +76,8 @@ class Step:
     name: str
     command: str
     cfg: Any  # the step's validated config; output.dir is DIR/<name>
-    outputs: dict[str, str]  # name -> absolute-or-relative path inside DIR/<name>
-    inputs: dict[str, str] = field(default_factory=dict)  # "dotted.key" -> "${step.output}" it came from
-    overrides: list[str] = field(default_factory=list)  # the key=value overrides addressed to this step
+    outputs: dict[str, str]  # output name -> its path (DIR/<name>/...)
+    inputs: dict[str, str] = field(default_factory=dict)  # "dotted.key" -> the "${step.output}" it came from
 
     @property
     def dir(self) -> Path:
@@ -130,7 +127,6 @@ def load(tree: dict[str, Any], origin: str, overrides: list[str] | None = None,
          flags: dict[str, Any] | None = None) -> Pipeline:
     """Build and check a pipeline from its recipe tree, `step.key=value` / `output.KEY=value` overrides and
     flags (`output.overwrite`, `output.resume` from the command line). Writes nothing, loads no model."""
-    from alignkit.config import build_config, parse_override
     from alignkit.runs import default_dir
 
     for key in tree:
@@ -207,7 +203,7 @@ def load(tree: dict[str, Any], origin: str, overrides: list[str] | None = None,
             raise UserError(str(exc) if where in str(exc) else f"{where}: {exc}") from None
         outputs = {k: str(root / name / rel) if rel else str(root / name)
                    for k, rel in step_outputs(command, cfg_cls).items()}
-        steps.append(Step(name, command, cfg, outputs, inputs, step_sets))
+        steps.append(Step(name, command, cfg, outputs, inputs))
     return Pipeline(origin, root, steps, bool(output.get("overwrite")), bool(output.get("resume")))
 
 
@@ -260,16 +256,17 @@ def plan(pipe: Pipeline, only: str | None = None) -> list[tuple[Step, str]]:
     step after one that must run again is refused (it was made from older inputs)."""
     from alignkit.config import to_yaml
     from alignkit.launch import rank_info
-    from alignkit.runs import MARKER, RunDir, _marker, check_resume, check_writable
+    from alignkit.runs import MARKER, RunDir, RunLock, check_resume, check_writable
 
     is_main = rank_info()["is_main"]
     steps = [pipe.step(only)] if only else pipe.steps
     if not only:
         check_writable(pipe.dir)
+        RunLock.check_free(pipe.dir)  # another `alignkit run` on this pipeline
         nonempty = pipe.dir.is_dir() and any(pipe.dir.iterdir())
         if pipe.dir.exists() and not pipe.dir.is_dir():
             raise UserError(f"output.dir {pipe.dir} is a file: choose another output.dir")
-        if nonempty and (pipe.overwrite or pipe.resume) and _marker(pipe.dir).get("command") != PIPELINE:
+        if nonempty and (pipe.overwrite or pipe.resume) and not _is_pipeline_dir(pipe.dir):
             raise UserError(f"{pipe.dir} is not an alignkit pipeline directory (no {MARKER}): choose another "
                             "output.dir (alignkit never deletes your files)")
         if pipe.resume and not pipe.dir.is_dir():
@@ -307,6 +304,18 @@ def plan(pipe: Pipeline, only: str | None = None) -> list[tuple[Step, str]]:
     if pipe.resume and not only and all(a == SKIP for _, a in actions):
         raise UserError(f"{pipe.dir} already finished: every step is done, nothing to resume (use a new output.dir)")
     return actions
+
+
+def _is_pipeline_dir(path: Path) -> bool:
+    """Does `path` hold alignkit's marker saying it is a pipeline's directory?"""
+    import json
+
+    from alignkit.runs import MARKER
+
+    try:
+        return json.loads((path / MARKER).read_text()).get("command") == PIPELINE
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 # ----------------------------------------------------------------------------------------- run
@@ -375,8 +384,8 @@ def describe(pipe: Pipeline, actions: list[tuple[Step, str]] | None, recipe: str
                 where = f"unresolved: {exc}"
             lines.append(f"    model  : {cfg.model.name} -> {where}")
         lines.append(f"    data   : {cfg.data.source} (kind {cfg.data.kind or 'auto'})")
-        n = cfg.launch.num_processes
-        lines.append(f"    launch : {n} process{'es' if n > 1 else ''}, accelerate config {cfg.launch.accelerate_config}")
+        n, accelerate = cfg.launch.num_processes, cfg.launch.accelerate_config
+        lines.append(f"    launch : {n} process{'es' if n > 1 else ''}, accelerate config {accelerate}")
         lines.append(f"    outputs: {', '.join(f'${{{step.name}.{k}}}' for k in step.outputs)}")
     return lines
 
@@ -455,3 +464,7 @@ def run_pairs(cfg: PairsStepConfig, progress: bool = True) -> dict[str, Any]:
         "pairs", f"{stats['pairs']} on-policy pairs of `{cfg.model.name}` judged by `{p.preference}` "
         f"(k = {p.k}, {p.select}) in pairs.jsonl; summary.json holds the counts."))
     return {**summary, "output_dir": str(final)}
+
+
+# steps that are not trainers: command -> (config class, run function)
+EXTRA_STEPS: dict[str, tuple[type[Block], Callable[..., dict[str, Any]]]] = {"pairs": (PairsStepConfig, run_pairs)}

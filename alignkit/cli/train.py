@@ -205,7 +205,7 @@ def run_recipe(
                 raise typer.Exit(code)
             return
         if s.command in pipeline.EXTRA_STEPS:  # not a trainer: its run function, in this process
-            summary = getattr(pipeline, pipeline.EXTRA_STEPS[s.command][1])(s.cfg)
+            summary = pipeline.EXTRA_STEPS[s.command][1](s.cfg)
             print_summary(f"alignkit {s.command}", summary)
             return
         train(s.command, None, None, s.cfg.model_dump(exclude_unset=True, exclude={"command"}))
