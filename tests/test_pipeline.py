@@ -176,7 +176,7 @@ def test_pipeline_dry_run_imports_no_torch():
     )
 
 
-def test_shipped_pipelines_validate_and_name_their_steps():
+def test_shipped_pipelines_validate_and_name_their_steps(monkeypatch, capsys):
     for name, steps in (("up-rlhf-tiny-pipeline", ["sft", "rm-ensemble", "ppo"]),
                         ("sft-pairs-dpo-tiny", ["sft", "pairs", "dpo"]),
                         ("up-rlhf-opt-1.3b-tldr-pipeline", ["sft", "rm-ensemble", "ppo"])):
@@ -184,6 +184,8 @@ def test_shipped_pipelines_validate_and_name_their_steps():
         assert pipe.command == "pipeline" and pipe.names == steps
     up = validate_recipe(recipes_dir() / "up-rlhf-tiny-pipeline.yaml").step("ppo").cfg
     assert up.ppo.beta2 > 0 and up.ppo.kl_mode == "loss" and up.ppo.reward.endswith("rm-ensemble")
+    code, out, _ = run_cli(["recipes", "ls"], monkeypatch, capsys)
+    assert code == 0 and "pipeline:" in out
 
 
 def _files(root: Path) -> dict[str, tuple[int, bytes]]:
@@ -239,3 +241,18 @@ def test_shipped_up_rlhf_tiny_pipeline_runs(tmp_path, monkeypatch, capsys, tiny_
     metrics = [json.loads(x) for x in (root / "ppo" / "metrics.jsonl").read_text().splitlines()]
     assert metrics and all("u" in m and "reward_penalised" in m for m in metrics)
     assert (root / "ppo" / "model").is_dir()
+
+
+@pytest.mark.slow
+def test_a_step_with_two_processes_is_launched_on_its_own(tmp_path, monkeypatch, capsys, tiny_model_dir):
+    """A step with launch.num_processes 2 runs as `alignkit run RECIPE --step NAME` in 2 ranks (~50 s on CPU)."""
+    tree = _tree(output={"dir": "out"})
+    del tree["steps"]["pairs"], tree["steps"]["dpo"]
+    tree["steps"]["sft"]["launch"] = {"num_processes": 2}
+    f = _write(tmp_path, tree)
+    monkeypatch.chdir(tmp_path)
+    code, _, err = run_cli(["run", str(f)], monkeypatch, capsys)
+    assert code == 0, err
+    assert "--num_processes 2" in err and "--step sft" in err
+    assert json.loads((tmp_path / "out" / "sft" / "summary.json").read_text())["world_size"] == 2
+    assert (tmp_path / "out" / "summary.json").is_file()

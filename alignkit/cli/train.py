@@ -177,11 +177,11 @@ def run_recipe(
         train(recipe_command(path, tree), path, overrides, flags, dry_run)
         return
     pipe = pipeline.load(tree, str(path), overrides, flags)
-    actions = None if dry_run and not (resume or step) else pipeline.plan(pipe, only=step)
-    if dry_run:
+    if dry_run:  # with --resume or --step also what each step would do (which checks the directories)
         import yaml
 
-        for line in pipeline.describe(pipe, actions, recipe):
+        planned = pipeline.plan(pipe, only=step) if resume or step else None
+        for line in pipeline.describe(pipe, planned, recipe):
             console.print(line, markup=False, highlight=False, soft_wrap=True)
         console.print("[bold]resolved pipeline[/bold]:")
         console.print(yaml.safe_dump(pipe.to_tree(), sort_keys=False), markup=False, highlight=False)
@@ -191,7 +191,7 @@ def run_recipe(
     if launch.inside_launch() and not step:
         raise UserError("a pipeline starts the processes of each step itself: run `alignkit run` without "
                         "accelerate launch (set launch.num_processes in the steps that need several)")
-    assert actions is not None
+    actions = pipeline.plan(pipe, only=step)
 
     def run_step(s: pipeline.Step, action: str) -> None:
         launch_cfg = s.cfg.launch
