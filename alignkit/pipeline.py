@@ -30,7 +30,8 @@ PLAN_FILE = "pipeline.yaml"  # the resolved pipeline, written into its directory
 
 # What each command's run directory holds besides `dir` (the run directory itself), relative to it.
 # A command not listed here (a trainer added later) has `model` = DIR/model, unless its config class
-# declares its own `OUTPUTS` (a ClassVar dict of the same form).
+# declares its own `OUTPUTS`: a ClassVar dict of the same form, or a function of the step's config that
+# returns one (e.g. sppo: {"model": f"iter-{cfg.sppo.iterations}/model"}).
 OUTPUTS: dict[str, dict[str, str]] = {
     "sft": {"model": "model"},
     "rm": {"model": "model"},
@@ -64,9 +65,11 @@ def step_config_class(command: str) -> Any:
     return EXTRA_STEPS[command][0] if command in EXTRA_STEPS else config_class(command)
 
 
-def step_outputs(command: str, cfg_cls: Any) -> dict[str, str]:
-    """{output name: path relative to the step's run directory} of a command ('' is the directory)."""
-    declared = getattr(cfg_cls, "OUTPUTS", None)
+def step_outputs(command: str, cfg: Any) -> dict[str, str]:
+    """{output name: path relative to the step's run directory} of a step's config ('' is the directory)."""
+    declared = getattr(type(cfg), "OUTPUTS", None)
+    if callable(declared):
+        declared = declared(cfg)
     extra = declared if isinstance(declared, dict) else OUTPUTS.get(command, {"model": "model"})
     return {"dir": "", **extra}
 
@@ -202,7 +205,7 @@ def load(tree: dict[str, Any], origin: str, overrides: list[str] | None = None,
         except UserError as exc:
             raise UserError(str(exc) if where in str(exc) else f"{where}: {exc}") from None
         outputs = {k: str(root / name / rel) if rel else str(root / name)
-                   for k, rel in step_outputs(command, cfg_cls).items()}
+                   for k, rel in step_outputs(command, cfg).items()}
         steps.append(Step(name, command, cfg, outputs, inputs))
     return Pipeline(origin, root, steps, bool(output.get("overwrite")), bool(output.get("resume")))
 

@@ -85,6 +85,28 @@ def test_a_bad_reference_or_override_is_one_error_naming_the_step(edit, override
         assert word in message, (word, message)
 
 
+def test_a_trainer_added_to_the_table_is_a_step_with_its_declared_outputs(monkeypatch):
+    """How sppo plugs in: a new TRAINERS row is a step command; its outputs default to dir + model, or come
+    from its config class's OUTPUTS (a dict, or a function of the step's config)."""
+    from typing import ClassVar
+
+    from alignkit import trainers
+    from alignkit.trainers.sft import SFTConfig
+
+    class IteratedConfig(SFTConfig):
+        OUTPUTS: ClassVar = staticmethod(lambda cfg: {"model": f"iter-{cfg.train.max_steps}/model"})
+
+    monkeypatch.setitem(trainers.TRAINERS, "newsft", ("alignkit.trainers.sft", "SFTConfig", "run"))
+    monkeypatch.setattr(trainers, "config_class", lambda c: IteratedConfig if c == "iterated" else SFTConfig)
+    monkeypatch.setitem(trainers.TRAINERS, "iterated", ("x", "y", "z"))
+    tree = {"steps": {"a": {"command": "newsft", "train": {"max_steps": 3}},
+                      "b": {"command": "iterated", "model": "${a.model}", "train": {"max_steps": 3}},
+                      "c": {"command": "newsft", "model": "${b.model}"}}}
+    pipe = pipeline.load(tree, "p", ["output.dir=o"])
+    assert pipe.step("b").cfg.model.name == str(Path("o/a/model"))
+    assert pipe.step("c").cfg.model.name == str(Path("o/b/iter-3/model"))
+
+
 def _fake_finished(step: pipeline.Step, finished: bool = True) -> None:
     """What a step leaves behind: a finished run dir (config.yaml + summary.json) or an interrupted DIR.partial."""
     where = step.dir if finished else step.partial
