@@ -1,6 +1,7 @@
 """`alignkit recipes ls/show/validate/cp`, and how a recipe name becomes a file (`recipe_path`).
 
-Shipped recipes live in recipes/ (or $ALIGNKIT_RECIPES); `alignkit run NAME` lives in cli/train.py.
+Shipped recipes live in recipes/ (or $ALIGNKIT_RECIPES); `alignkit run NAME` lives in cli/train.py, a
+pipeline recipe's steps (`steps:`) in alignkit/pipeline.py.
 """
 
 from __future__ import annotations
@@ -59,16 +60,20 @@ def recipe_command(path: Path, tree: dict[str, Any] | None = None) -> str:
 
 
 def validate_recipe(path: Path) -> Any:
-    """Validate one recipe file; returns the resolved config."""
+    """Validate one recipe file; returns the resolved config (a `pipeline.Pipeline` for a pipeline recipe:
+    every step's config, every reference resolved)."""
+    from alignkit import pipeline
     from alignkit.config import build_config, read_recipe, read_text
     from alignkit.trainers import config_class
 
     tree = read_recipe(path)
-    command = recipe_command(path, tree)
+    command = None if pipeline.is_pipeline(tree) else recipe_command(path, tree)
     text = read_text(path)
     first = text.lstrip().splitlines()[0] if text.strip() else ""
     if not (first.startswith("#") and "alignkit" in first):
         raise UserError(f"{path}: the first line must be a comment with the command that runs it")
+    if command is None:
+        return pipeline.load(tree, str(path))
     return build_config(config_class(command), tree, origin=str(path))
 
 
@@ -90,6 +95,8 @@ def recipes_ls() -> None:
         except yaml.YAMLError:
             tree = None
         command = tree.get("command") if isinstance(tree, dict) else "(invalid: see `alignkit recipes validate`)"
+        if isinstance(tree, dict) and isinstance(tree.get("steps"), dict):  # a pipeline: its steps in order
+            command = "pipeline: " + " → ".join(map(str, tree["steps"]))
         first = text.splitlines()[0].lstrip("# ").strip() if text.strip() else ""
         table.add_row(f.stem, str(command), first)
     console.print(table)

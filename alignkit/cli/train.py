@@ -167,12 +167,69 @@ def quickstart(
 @app.command("run")
 def run_recipe(
     recipe: Annotated[str, typer.Argument(help="recipe name (see `alignkit recipes ls`) or YAML path")],
-    overrides: Annotated[list[str] | None, typer.Argument(help="key=value overrides, e.g. train.epochs=2")] = None,
+    overrides: Annotated[list[str] | None, typer.Argument(help="key=value overrides, e.g. train.epochs=2; in a "
+                                                         "pipeline STEP.key=value, e.g. sft.train.epochs=2")] = None,
     dry_run: DryOpt = False,
+    resume: Annotated[bool, typer.Option("--resume", help="continue an interrupted run; a pipeline skips its "
+                                         "finished steps")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="replace an existing run (pipeline) "
+                                            "directory")] = False,
+    step: Annotated[str | None, typer.Option("--step", help="pipeline: run this step only (its inputs must "
+                                             "exist)")] = None,
 ) -> None:
-    """Run a recipe: `alignkit run sft-tiny train.epochs=2`."""
+    """Run a recipe: `alignkit run sft-tiny train.epochs=2`; a pipeline recipe runs its steps in order."""
+    from alignkit import pipeline
+    from alignkit.config import read_recipe
+
     path = recipe_path(recipe)
-    train(recipe_command(path), path, overrides, {}, dry_run)
+    tree = read_recipe(path)
+    flags = {"output.resume": resume or None, "output.overwrite": overwrite or None}
+    if not pipeline.is_pipeline(tree):
+        if step:
+            raise UserError(f"--step {step}: {path} is not a pipeline (it has no steps:)")
+        train(recipe_command(path, tree), path, overrides, flags, dry_run)
+        return
+    pipe = pipeline.load(tree, str(path), overrides, flags)
+    if dry_run:  # with --resume or --step also what each step would do (which checks the directories)
+        import yaml
+
+        planned = pipeline.plan(pipe, only=step) if resume or step else None
+        for line in pipeline.describe(pipe, planned, recipe):
+            console.print(line, markup=False, highlight=False, soft_wrap=True)
+        console.print("[bold]resolved pipeline[/bold]:")
+        console.print(yaml.safe_dump(pipe.to_tree(), sort_keys=False), markup=False, highlight=False)
+        return
+    from alignkit import launch
+
+    if launch.inside_launch() and not step:
+        raise UserError("a pipeline starts the processes of each step itself: run `alignkit run` without "
+                        "accelerate launch (set launch.num_processes in the steps that need several)")
+    actions = pipeline.plan(pipe, only=step)
+
+    def run_step(s: pipeline.Step, action: str) -> None:
+        launch_cfg = s.cfg.launch
+        several = launch_cfg.num_processes > 1 or launch_cfg.accelerate_config not in (None, "ddp")
+        if several and not launch.inside_launch():  # each rank runs `alignkit run RECIPE --step NAME`
+            argv = ["run", str(path), *(overrides or []), "--step", s.name,
+                    *(["--resume"] if action == pipeline.RESUME else []),
+                    *(["--overwrite"] if action == pipeline.RESTART else [])]
+            code = launch.maybe_relaunch(argv, launch_cfg.num_processes, launch_cfg.accelerate_config)
+            if code:
+                raise typer.Exit(code)
+            return
+        if s.command in pipeline.EXTRA_STEPS:  # not a trainer: its run function, in this process
+            summary = pipeline.EXTRA_STEPS[s.command][1](s.cfg)
+            print_summary(f"alignkit {s.command}", summary)
+            return
+        train(s.command, None, None, s.cfg.model_dump(exclude_unset=True, exclude={"command"}))
+
+    if step:  # one step (also what each rank of a multi-process step runs)
+        only, action = actions[0]
+        if action != pipeline.SKIP:
+            run_step(only, action)
+        return
+    summary = pipeline.run(pipe, actions, run_step, say=lambda m: console.print(f"[bold]{m}[/bold]", highlight=False))
+    console.print(f"pipeline finished: {len(summary['steps'])} steps in {pipe.dir}/")
 
 
 # -------------------------------------------------------------------------------- rm eval
