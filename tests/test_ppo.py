@@ -12,7 +12,7 @@ from helpers import one_line_error, run_cli
 from safetensors.torch import load_file
 
 from alignkit import models
-from alignkit.online import rollout
+from alignkit.online import ranks, rollout
 from alignkit.trainers import ppo
 from alignkit.trainers.loop import Loop
 
@@ -304,9 +304,9 @@ def _average_on_rank(rank: int, world: int, port: int, out: str) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     a = torch.nn.Parameter(torch.full((2, 2), float(rank)))  # rank 0's value wins the broadcast
     b, c = torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(1))
-    ppo._broadcast([a], world)
+    ranks.broadcast([a], world)
     a.grad, b.grad = torch.full((2, 2), 1.0 + rank), torch.tensor([2.0, 4.0, 6.0]) * (rank + 1)  # c: no gradient
-    ppo._average_gradients([a, b, c], world)
+    ranks.average_gradients([a, b, c], world)
     torch.save({"a": a.detach(), "a_grad": a.grad, "b_grad": b.grad, "c_grad": c.grad}, f"{out}/{rank}.pt")
     dist.destroy_process_group()
 

@@ -203,20 +203,22 @@ class Critic(torch.nn.Module):
 
 @torch.no_grad()
 def score_tokens(batch: Batch, policy: Any, reference: Any | None, critic: Critic | None, temperature: float,
-                 minibatch: int) -> None:
+                 minibatch: int, old: bool = True) -> None:
     """Fill `batch.logprobs` (π_old), `batch.ref_logprobs` and, with a critic, `batch.values`: one
     teacher-forced forward of each model over the batch (in chunks of `minibatch` rows), on CPU after.
-    `reference` None: the policy is a peft LoRA model and the reference is its base, adapters disabled."""
+    `reference` None: the policy is a peft LoRA model and the reference is its base, adapters disabled.
+    `old=False` skips π_old (`batch.logprobs` stays None): the caller takes it from its single update's forward."""
     lp, ref, val = [], [], []
     for lo in range(0, len(batch), minibatch):
         rows = slice(lo, lo + minibatch)
-        lp.append(token_logprobs(completion_logits(policy, batch, rows, temperature), batch, rows).cpu())
+        if old:
+            lp.append(token_logprobs(completion_logits(policy, batch, rows, temperature), batch, rows).cpu())
         with policy.disable_adapter() if reference is None else contextlib.nullcontext():
             ref_logits = completion_logits(reference or policy, batch, rows, temperature)
         ref.append(token_logprobs(ref_logits, batch, rows).cpu())
         if critic is not None:
             val.append(critic(batch, rows).cpu())
-    batch.logprobs, batch.ref_logprobs = torch.cat(lp), torch.cat(ref)
+    batch.logprobs, batch.ref_logprobs = (torch.cat(lp) if old else None), torch.cat(ref)
     batch.values = torch.cat(val) if critic is not None else None
 
 

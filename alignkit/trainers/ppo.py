@@ -160,14 +160,14 @@ def run(cfg: PPOConfig, progress: Any | None = None) -> dict[str, Any]:
     from alignkit import data, models, rewards
     from alignkit import rl_losses as rl
     from alignkit.config import to_yaml
-    from alignkit.online import rollout, score
+    from alignkit.online import ranks, rollout, score
     from alignkit.trainers import _hf
     from alignkit.trainers import loop as loop_mod
     from alignkit.trainers.loop import Loop
 
     p = cfg.ppo
     out, _ = _hf.begin(cfg)
-    rank, world, device = _start_ranks(cfg.model.device)
+    rank, world, device = ranks.start_ranks(cfg.model.device)
 
     # -- setup: every check that can fail cheaply comes before the run directory is opened ----------
     rewards.check_scorer_spec(p.reward)
@@ -200,14 +200,14 @@ def run(cfg: PPOConfig, progress: Any | None = None) -> dict[str, Any]:
     critic_opt = (torch.optim.AdamW(critic_params, lr=cfg.train.critic_learning_rate or cfg.train.learning_rate)
                   if critic is not None else None)
     # on N ranks every rank starts from rank 0's trainable weights; gradients are averaged before each step
-    _broadcast(policy_params + critic_params, world)
+    ranks.broadcast(policy_params + critic_params, world)
     u_bar = rl.RunningMean()  # ū of UP-RLHF eq. 14
     kl_coef = p.kl_coef if p.kl_mode == "reward" else 0.0  # moves only with the adaptive controller
 
     loop = Loop.open(out, overwrite=cfg.output.overwrite, resume=cfg.output.resume, config_yaml=to_yaml(cfg),
                      total=p.iterations, desc="ppo", unit="iteration", progress=progress is None)
     task = None  # the CLI passes its live rich Progress: one bar there, not a second live display
-    _barrier(world)  # the main rank has prepared DIR.partial before any rank looks for a checkpoint in it
+    ranks.barrier(world)  # the main rank has prepared DIR.partial before any rank looks for a checkpoint in it
     seen: set[tuple[int, int]] = set()  # (iteration, pool index) of this rank's prompts: the shard report
     # a checkpoint holds what trains (with LoRA the adapters and the value head, not the frozen base)
     objects: dict[str, Any] = {"policy": loop_mod.Trainable(policy_trainable),
@@ -230,14 +230,17 @@ def run(cfg: PPOConfig, progress: Any | None = None) -> dict[str, Any]:
                 batch = rollout.sample(policy, tokenizer, [pool[i] for i in index], k=p.k,
                                        max_new_tokens=p.max_new_tokens, temperature=p.temperature,
                                        seed=iteration_seed(cfg.train.seed, it) + 7919 * rank)
+            # one update on the whole batch, nothing in the advantages from π_old: π_old is that update's own
+            # forward, detached (ratio exactly 1), as TRL's GRPOTrainer does; one forward saved
+            once = (critic is None and kl_coef == 0 and p.ppo_epochs == 1 and p.minibatch_size >= len(batch))
             with loop.timer("reference_value"):
-                rollout.score_tokens(batch, policy, reference, critic, p.temperature, p.minibatch_size)
+                rollout.score_tokens(batch, policy, reference, critic, p.temperature, p.minibatch_size, old=not once)
             # -- score: the proxy reward (and the gold one, for the plot) -----------------------------
             with loop.timer("score"):
                 scores = score.score(scorer, batch)
                 gold_mean = (float(score.score(gold, batch).mean.mean()) if gold is not None
                              else float(scores.mean.mean()) if p.reward == "gold" else None)
-            u_bar.update(_gather(scores.uncertainty, world))  # ū over every sample of every rank
+            u_bar.update(ranks.gather(scores.uncertainty, world))  # ū over every sample of every rank
             seq_reward = (rl.uncertainty_penalised_reward(scores.mean, scores.uncertainty, u_bar.mean, p.beta2)
                           if p.beta2 > 0 else scores.mean)
             mask, lp, ref = batch.mask, batch.logprobs, batch.ref_logprobs
@@ -246,13 +249,14 @@ def run(cfg: PPOConfig, progress: Any | None = None) -> dict[str, Any]:
                 token_r = rl.token_rewards(seq_reward, lp, ref, mask, kl_coef)
                 adv, returns = rl.gae(token_r, batch.values, mask, p.gamma, p.lam)
             else:  # critic-free: the KL-penalised sequence reward, compared within each prompt's k samples
-                kl_seq = torch.where(mask.bool(), lp - ref, torch.zeros_like(lp)).sum(1)
+                kl_seq = 0.0 if once else torch.where(mask.bool(), lp - ref, torch.zeros_like(lp)).sum(1)
                 adv = rl.ADVANTAGES[p.advantage](seq_reward - kl_coef * kl_seq, p.k)[:, None] * mask
                 returns = None
             if p.whiten_advantages:
                 adv = rl.masked_whiten(adv, mask)
             beside = next(policy.parameters()).device  # the update's tensors live beside the policy
-            adv, d_mask, d_lp, d_ref = (t.to(beside) for t in (adv, mask, lp, ref))
+            adv, d_mask, d_ref = (t.to(beside) for t in (adv, mask, ref))
+            d_lp = None if once else lp.to(beside)
             if critic is not None:
                 d_values, d_returns = batch.values.to(beside), returns.to(beside)
             # -- update: ppo_epochs × minibatches ----------------------------------------------------
@@ -264,7 +268,11 @@ def run(cfg: PPOConfig, progress: Any | None = None) -> dict[str, Any]:
                     for rows in order.split(p.minibatch_size):
                         logits = rollout.completion_logits(policy, batch, rows, p.temperature)
                         new_lp = rollout.token_logprobs(logits, batch, rows)
-                        loss, st = rl.policy_loss(new_lp, d_lp[rows], adv[rows], d_mask[rows], p.clip_eps)
+                        if once:  # π_old = this forward: fill the rollout's log-probs for the KL metrics
+                            lp = torch.zeros_like(ref)
+                            lp[rows.cpu()] = new_lp.detach().cpu()
+                        old_lp = new_lp.detach() if once else d_lp[rows]
+                        loss, st = rl.policy_loss(new_lp, old_lp, adv[rows], d_mask[rows], p.clip_eps)
                         st["policy_loss"] = loss.item()
                         if p.kl_mode == "loss":
                             kl_loss = rl.kl_k2_loss(new_lp, d_ref[rows], d_mask[rows], p.beta1)
@@ -274,7 +282,7 @@ def run(cfg: PPOConfig, progress: Any | None = None) -> dict[str, Any]:
                         loop.guard(loss)
                         opt.zero_grad(set_to_none=True)
                         loss.backward()
-                        _average_gradients(policy_params, world)
+                        ranks.average_gradients(policy_params, world)
                         torch.nn.utils.clip_grad_norm_(policy_params, cfg.train.max_grad_norm)
                         opt.step()
                         if critic is not None:
@@ -283,7 +291,7 @@ def run(cfg: PPOConfig, progress: Any | None = None) -> dict[str, Any]:
                             loop.guard(v_loss)
                             critic_opt.zero_grad(set_to_none=True)
                             v_loss.backward()
-                            _average_gradients(critic_params, world)
+                            ranks.average_gradients(critic_params, world)
                             torch.nn.utils.clip_grad_norm_(critic_params, cfg.train.max_grad_norm)
                             critic_opt.step()
                             st |= {"value_loss": v_loss.item(), "vf_clipfrac": vst["vf_clipfrac"]}
@@ -303,7 +311,7 @@ def run(cfg: PPOConfig, progress: Any | None = None) -> dict[str, Any]:
                    if critic is not None else {}),
                 "length": float(batch.lengths.float().mean()), "eos_rate": float(batch.finished.float().mean()),
             }
-            last = _mean_over_ranks(last, world)
+            last = ranks.mean_over_ranks(last, world)
             if p.kl_target is not None:  # for the next iteration, from this rollout's KL (the same on every rank)
                 kl_coef = adaptive_kl_coef(kl_coef, last["kl_k1"], p.kl_target, len(batch) * world, p.kl_horizon)
             loop.advance(f"reward {last['reward']:.3f} kl {last['kl_k1']:.2f}")
@@ -318,7 +326,7 @@ def run(cfg: PPOConfig, progress: Any | None = None) -> dict[str, Any]:
         loop.guard(None, *[m for m in (policy, critic) if m is not None])
 
     # -- save: the policy as safetensors + tokenizer in DIR/model (`alignkit eval DIR` reads it) ---------
-    parallel = _shard_report(seen, world)
+    parallel = ranks.shard_report(seen, world)
     if loop.run.is_main:
         policy.save_pretrained(str(loop.run.path("model")), safe_serialization=True,
                                **({"selected_adapters": [policy.active_adapter]} if shared else {}))
@@ -346,117 +354,6 @@ def run(cfg: PPOConfig, progress: Any | None = None) -> dict[str, Any]:
     final = loop.finish(summary, readme=_readme(cfg, summary) if loop.run.is_main else None)
     summary["output_dir"] = str(final)
     return summary
-
-
-# ------------------------------------------------------------------------------ ranks (data parallel)
-def _start_ranks(device: str) -> tuple[int, int, str]:
-    """(rank, world size, device). In a launched rank (launch.num_processes > 1) start torch.distributed:
-    gloo on CPU, nccl on GPU with each rank on its own GPU (cuda:LOCAL_RANK)."""
-    import torch
-    import torch.distributed as dist
-
-    from alignkit.launch import rank_info
-    from alignkit.models import choose_device
-
-    info = rank_info()
-    if info["world_size"] == 1:
-        return 0, 1, device
-    cuda = choose_device(device).type == "cuda"
-    if cuda:
-        device = f"cuda:{info['local_rank']}"
-        torch.cuda.set_device(device)
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if cuda else "gloo")
-    return dist.get_rank(), dist.get_world_size(), device
-
-
-def _barrier(world: int) -> None:
-    if world > 1:
-        import torch.distributed as dist
-
-        dist.barrier()
-
-
-def _gather(x: Any, world: int) -> Any:
-    """Every rank's (equal-sized) tensor `x`, concatenated in rank order (`x` itself on one process)."""
-    if world == 1:
-        return x
-    import torch
-    import torch.distributed as dist
-
-    x = _for_collectives(x.contiguous())
-    parts = [torch.empty_like(x) for _ in range(world)]
-    dist.all_gather(parts, x)
-    return torch.cat(parts).cpu()
-
-
-def _broadcast(params: list[Any], world: int) -> None:
-    """Copy rank 0's values of `params` to every rank (one collective per tensor, at start-up only)."""
-    if world == 1:
-        return
-    import torch
-    import torch.distributed as dist
-
-    with torch.no_grad():
-        for q in params:
-            buf = _for_collectives(q.data)
-            dist.broadcast(buf, src=0)
-            q.data.copy_(buf)
-
-
-def _average_gradients(params: list[Any], world: int) -> None:
-    """Replace each gradient of `params` by its mean over the ranks, in one all-reduce of a flat buffer
-    (what DDP does, without its wrapper: the policy and the critic may share a base and switch adapters,
-    which DDP's fixed parameter sets do not allow). Parameters without a gradient are skipped."""
-    if world == 1:
-        return
-    import torch
-    import torch.distributed as dist
-
-    grads = [q.grad for q in params if q.grad is not None]
-    if not grads:
-        return
-    flat = _for_collectives(torch.cat([g.reshape(-1) for g in grads]))
-    dist.all_reduce(flat)
-    flat /= world
-    offset = 0
-    for g in grads:
-        g.copy_(flat[offset : offset + g.numel()].view_as(g))
-        offset += g.numel()
-
-
-def _mean_over_ranks(row: dict[str, float], world: int) -> dict[str, float]:
-    """Each metric's mean over the ranks (every rank logs the same keys; equal shards, so a plain mean)."""
-    if world == 1:
-        return row
-    import torch
-    import torch.distributed as dist
-
-    values = _for_collectives(torch.tensor([float(v) for v in row.values()], dtype=torch.float64))
-    dist.all_reduce(values)
-    return dict(zip(row, (values / world).tolist(), strict=True))
-
-
-def _for_collectives(x: Any) -> Any:
-    """`x` where the process group's backend can reach it: the rank's GPU under nccl, CPU under gloo."""
-    import torch
-    import torch.distributed as dist
-
-    return x.to(torch.device("cuda", torch.cuda.current_device())) if dist.get_backend() == "nccl" else x
-
-
-def _shard_report(seen: set[tuple[int, int]], world: int) -> dict[str, Any] | None:
-    """The data-parallel report (None on one process): prompts per rank, and how many (iteration, prompt)
-    pairs more than one rank sampled (0: the shards are disjoint)."""
-    if world == 1:
-        return None
-    import torch.distributed as dist
-
-    per_rank: list[Any] = [None] * world
-    dist.all_gather_object(per_rank, sorted(seen))
-    sets = [set(map(tuple, s)) for s in per_rank]
-    shared = sum(len(a & b) for i, a in enumerate(sets) for b in sets[i + 1 :])
-    return {"world_size": world, "prompts_per_rank": [len(s) for s in sets], "prompts_sampled_by_two_ranks": shared}
 
 
 def _plot(metrics: list[dict[str, Any]], path: Path, title: str) -> None:

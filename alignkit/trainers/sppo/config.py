@@ -7,7 +7,7 @@ recipe `recipes/sppo-mistral-7b.yaml` spells them out. Torch-free: `--help` and 
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import Field, model_validator
 
@@ -76,7 +76,14 @@ class SPPOSection(Block):
         return self
 
 
+def _outputs(cfg: SPPOConfig) -> dict[str, str]:
+    """What a pipeline's later steps may name (`${sppo.model}`, ...), relative to the run directory."""
+    last = f"iter-{cfg.sppo.iterations}"
+    return {"model": f"{last}/model", "pairs": f"{last}/pairs.jsonl"}
+
+
 class SPPOConfig(JobConfig):
+    OUTPUTS: ClassVar[Any] = staticmethod(_outputs)
     command: str = "sppo"
     data: SPPODataSection = Field(default_factory=SPPODataSection)
     train: SPPOTrainSection = Field(default_factory=SPPOTrainSection)  # type: ignore[assignment]
@@ -146,7 +153,7 @@ def _builtin_count(source: str, max_samples: int | None) -> int | None:
         return None
     from alignkit.arena import all_prompts
 
-    n = len(all_prompts())
+    n = len({prompt for prompt, _ in all_prompts()})  # distinct: the loop drops repeats
     return min(n, max_samples) if max_samples else n
 
 
