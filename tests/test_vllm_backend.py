@@ -364,3 +364,20 @@ def test_real_vllm_greedy_texts_equal_hf(tmp_path, tiny_model_dir):
     assert len({s.completion for s in hf}) > 1  # the texts differ between prompts: the comparison means something
     assert [s.completion for s in ours] == [s.completion for s in hf]
     assert [s.finished for s in ours] == [s.finished for s in hf]
+
+
+def test_ppo_samples_its_rollouts_with_the_vllm_engine(fake_vllm, tiny_model_dir, tmp_path):
+    """`ppo.backend: vllm`: one engine for the run, the LoRA policy's merged weights pushed before every
+    rollout (3 iterations: 3 pushes of every base weight, 3 generate calls), and the run finishes."""
+    from alignkit.trainers import ppo
+
+    cfg = ppo.PPOConfig(model={"name": "tiny", "device": "auto", "dtype": "float32", "lora": {"enabled": True}},
+                        data={"max_samples": 32},
+                        ppo={"iterations": 3, "prompts_per_iteration": 4, "k": 2, "max_new_tokens": 6,
+                             "minibatch_size": 8, "ppo_epochs": 1, "backend": "vllm"},
+                        train={"learning_rate": 1e-2, "save_steps": 0}, output={"dir": str(tmp_path / "run")})
+    summary = ppo.run(cfg)
+    n_weights = len(list(_hf()[0].named_parameters()))
+    assert len(fake_vllm.CALLS["engines"]) == 1 and len(fake_vllm.CALLS["generate"]) == 3
+    assert len(fake_vllm.CALLS["load_weights"]) == 3 * n_weights
+    assert summary["iterations"] == 3 and (tmp_path / "run" / "model" / "adapter_model.safetensors").is_file()

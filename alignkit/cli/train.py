@@ -133,7 +133,8 @@ app.command("ppo")(training_command(
     extra=tuple(Flag(n, f"ppo.{n}", (f"--{n.replace('_', '-')}",), t) for n, t in (
         ("reward", str), ("iterations", int), ("prompts_per_iteration", int), ("k", int), ("advantage", str),
         ("kl_mode", str), ("kl_coef", float), ("kl_target", float), ("beta1", float), ("beta2", float),
-        ("ppo_epochs", int), ("minibatch_size", int), ("max_new_tokens", int), ("temperature", float))),
+        ("ppo_epochs", int), ("minibatch_size", int), ("max_new_tokens", int), ("temperature", float),
+        ("backend", str))),
     without=("accelerate_config",),
 ))
 

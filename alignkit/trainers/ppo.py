@@ -93,6 +93,11 @@ class PPOSection(Block):
                              "(reference = adapter disabled, critic = a second adapter + value head); false: "
                              "separate copies, as full fine-tuning has (for comparison)")
     temperature: float = Field(1.0, gt=0.0, description="sampling temperature (log-probs use the same)")
+    backend: Literal["hf", "vllm"] = Field(
+        "hf", description="rollout sampler: hf (transformers generate) or vllm (colocated, the policy's weights "
+        "pushed before every rollout; docs/vllm.md)")
+    vllm_gpu_memory_utilization: float = Field(0.3, gt=0.0, le=1.0, description="GPU share of the colocated vLLM "
+                                               "engine (backend vllm)")
 
 
 # fields that only act under one setting: giving one under another is an error, not a silent no-op
@@ -171,6 +176,9 @@ def run(cfg: PPOConfig, progress: Any | None = None) -> dict[str, Any]:
 
     # -- setup: every check that can fail cheaply comes before the run directory is opened ----------
     rewards.check_scorer_spec(p.reward)
+    from alignkit import vllm_backend
+
+    vllm_backend.check_backend(p.backend, cfg.model.device)  # the launch's device, not this rank's cuda:N
     ds, _ = data.load_source(cfg.data, expected=("prompts",))
     pool = list(ds["prompt"])
     scorer = rewards.load_scorer(p.reward, device=device, trust_remote_code=cfg.model.trust_remote_code)
@@ -182,6 +190,10 @@ def run(cfg: PPOConfig, progress: Any | None = None) -> dict[str, Any]:
     load = dict(dtype=cfg.model.dtype, device=device, trust_remote_code=cfg.model.trust_remote_code)
     lora = models.LoraSpec(**cfg.model.lora.model_dump(exclude={"enabled"})) if cfg.model.lora.enabled else None
     policy, tokenizer = models.load_causal_lm(cfg.model.name, lora=lora, **load)
+    engine = (vllm_backend.VLLMEngine.from_spec(
+        cfg.model.name, dtype=cfg.model.dtype, seed=cfg.train.seed + rank, tokenizer=tokenizer,
+        gpu_memory_utilization=p.vllm_gpu_memory_utilization, trust_remote_code=cfg.model.trust_remote_code)[0]
+        if p.backend == "vllm" else None)
     trainable, total = models.trainable_parameters(policy)
     policy_trainable = {name: q for name, q in policy.named_parameters() if q.requires_grad}
     policy_params = list(policy_trainable.values())
@@ -229,7 +241,7 @@ def run(cfg: PPOConfig, progress: Any | None = None) -> dict[str, Any]:
                 seen.update((it, i) for i in index)
                 batch = rollout.sample(policy, tokenizer, [pool[i] for i in index], k=p.k,
                                        max_new_tokens=p.max_new_tokens, temperature=p.temperature,
-                                       seed=iteration_seed(cfg.train.seed, it) + 7919 * rank)
+                                       seed=iteration_seed(cfg.train.seed, it) + 7919 * rank, engine=engine)
             # one update on the whole batch, nothing in the advantages from π_old: π_old is that update's own
             # forward, detached (ratio exactly 1), as TRL's GRPOTrainer does; one forward saved
             once = (critic is None and kl_coef == 0 and p.ppo_epochs == 1 and p.minibatch_size >= len(batch))
@@ -324,6 +336,8 @@ def run(cfg: PPOConfig, progress: Any | None = None) -> dict[str, Any]:
                 loop.stats |= {"u_bar": u_bar.state_dict(), "kl_coef": kl_coef}
                 loop.save(objects)
         loop.guard(None, *[m for m in (policy, critic) if m is not None])
+    if engine is not None:
+        engine.close()
 
     # -- save: the policy as safetensors + tokenizer in DIR/model (`alignkit eval DIR` reads it) ---------
     parallel = ranks.shard_report(seen, world)

@@ -119,6 +119,7 @@ def run(cfg: SPPOConfig, progress: Any | None = None) -> dict[str, Any]:
         # -- π_0 on the evaluation prompts, once --------------------------------------------------
         eval_prompts = [pool[i] for i in held]
         base_eval = previous_eval = None
+        base_figures: dict[str, float] = {}
         if eval_prompts:
             path = run_dir.path("eval-0.jsonl")
             with loop.timer("eval"):
@@ -126,6 +127,13 @@ def run(cfg: SPPOConfig, progress: Any | None = None) -> dict[str, Any]:
                                                 tokenizer, eval_prompts, path, base_logp=lambda b: torch.zeros(len(b)),
                                                 seed=tr.seed, **_eval_kw(sample_kw)) if is_main else None
             previous_eval = base_eval
+            if is_main:  # π_0's own figures, the 0th point of every per-iteration curve
+                base_figures = {"win_rate_vs_base": 0.5, "lc_win_rate_vs_base": 0.5, "kl_to_base": 0.0,
+                                "length": sum(r["n_tokens"] for r in base_eval) / len(base_eval)}
+                if gold is not None:
+                    base_figures["gold"] = float(gold.score([r["prompt"] for r in base_eval],
+                                                            [r["completion"] for r in base_eval],
+                                                            [r["finished"] for r in base_eval]).mean.mean())
             if start > 0 and is_main:
                 previous_eval = [json.loads(line) for line in
                                  run_dir.path(f"iter-{start}", "eval.jsonl").read_text().splitlines()]
@@ -206,7 +214,7 @@ def run(cfg: SPPOConfig, progress: Any | None = None) -> dict[str, Any]:
         "repeated_prompts_dropped": repeats, "eval_prompts": len(held),
         "last_win_rate_vs_base": last.get("win_rate_vs_base"),
         "last_lc_win_rate_vs_base": last.get("lc_win_rate_vs_base"),
-        "per_iteration": results, "model_dir": str(Path(out) / f"iter-{len(results)}" / "model"),
+        "base": base_figures, "per_iteration": results, "model_dir": str(Path(out) / f"iter-{len(results)}" / "model"),
     }
     final = loop.finish(summary, readme=_readme(cfg, summary) if is_main else None)
     summary["output_dir"] = str(final)
