@@ -213,3 +213,56 @@ def test_dry_run_prints_the_plan_for_mistral_7b(monkeypatch, capsys):
     for words in ("mistralai/Mistral-7B-Instruct-v0.2", "T = 3", "K = 5", "pair judgements", "downloads",
                   "GB per GPU", "completions"):
         assert words in text, words
+
+
+# ------------------------------------------------------------------------------ processes
+@pytest.mark.slow  # a 2-process launch
+def test_two_process_run_samples_disjoint_shards(tmp_path: Path, tiny_model_dir, alignkit_cache):
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "alignkit.cli", "sppo", "--model", "tiny", "--device", "cpu", "--iterations", "2",
+           "--k", "2", "--max-new-tokens", "6", "--max-samples", "40", "--eval-prompts", "4", "--lr", "1e-3",
+           "--batch-size", "4", "-o", str(out), "--num-processes", "2"]
+    env = {**os.environ, "ALIGNKIT_CACHE": str(alignkit_cache), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["loop"]["world_size"] == 2 and summary["iterations"] == 2
+    for t in (1, 2):  # every prompt of the iteration sampled once: the two shards are disjoint and complete
+        rows = [json.loads(line) for line in (out / f"iter-{t}" / "samples.jsonl").read_text().splitlines()]
+        prompts = [r["prompt"] for r in rows]
+        assert len(prompts) == len(set(prompts)) == summary["per_iteration"][t - 1]["prompts"] > 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ddp"]
+
+
+@pytest.mark.slow  # kill -9 of a real process, twice
+def test_kill_9_while_training_then_resume_matches(uninterrupted: Path, tmp_path: Path, alignkit_cache):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "run"
+    code = ("import sys; sys.path.insert(0, 'tests'); from pathlib import Path; from test_sppo import _cfg; "
+            "from alignkit.trainers.sppo import run; cfg = _cfg(Path(sys.argv[1])); "
+            "cfg.output.resume = sys.argv[2] == '1'; run(cfg)")
+    env = {**os.environ, "ALIGNKIT_CACHE": str(alignkit_cache), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-c", code, str(out), "0"], env=env, cwd=Path(__file__).parent.parent)
+    ckpt = out.with_suffix(".partial") / "checkpoints"
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:  # stop inside iteration 2's training
+        if (out.with_suffix(".partial") / "iter-2" / "preference.pt").is_file() and ckpt.is_dir() and any(
+                (c / "COMPLETE").is_file() for c in ckpt.iterdir() if c.name.startswith("step-")):
+            os.kill(proc.pid, signal.SIGKILL)
+            break
+        time.sleep(0.05)
+    proc.wait()
+    if proc.returncode == 0:
+        pytest.skip("the run finished before it could be killed (a fast machine)")
+    assert proc.returncode == -signal.SIGKILL
+    subprocess.run([sys.executable, "-c", code, str(out), "1"], env=env, check=True, cwd=Path(__file__).parent.parent)
+    assert _numbers(out) == _numbers(uninterrupted)

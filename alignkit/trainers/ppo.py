@@ -55,6 +55,9 @@ class PPOTrainSection(Block):
         None, gt=0.0, description="critic learning rate (default: learning_rate); the critic has its own model and "
         "optimiser, so this, not a value-loss weight, sets how fast it learns")
     max_grad_norm: float = Field(1.0, gt=0.0, description="clip each model's gradient norm to this")
+    lr_scheduler: Literal["constant", "linear", "cosine"] = Field(
+        "constant", description="learning-rate schedule over all optimiser steps of the run (both models)")
+    warmup_ratio: float = Field(0.0, ge=0.0, lt=1.0, description="share of the optimiser steps spent warming up")
     save_steps: int = Field(10, ge=0, description="checkpoint every N iterations for --resume (0: none)")
     seed: int = Field(42, ge=0, description="seed of sampling, minibatch order and prompt order")
 
@@ -89,6 +92,8 @@ class PPOSection(Block):
     whiten_advantages: bool = Field(True, description="whiten the advantages of each rollout batch over its "
                                     "completion tokens (TRL's GRPO/RLOO do not: false to compare with them)")
     max_new_tokens: int = Field(48, ge=1, description="completion tokens per sample")
+    micro_batch_size: int | None = Field(None, ge=1, description="sequences per forward: each minibatch's gradient "
+                                         "is accumulated over micro-batches of this size (none: one forward)")
     share_base: bool = Field(True, description="with LoRA, policy, reference and critic share one frozen base "
                              "(reference = adapter disabled, critic = a second adapter + value head); false: "
                              "separate copies, as full fine-tuning has (for comparison)")
@@ -147,6 +152,14 @@ def adaptive_kl_coef(coef: float, kl: float, target: float, n: int, horizon: int
     mean KL per sequence is `kl`."""
     error = min(max(kl / target - 1.0, -0.2), 0.2)
     return coef * (1.0 + error * n / horizon)
+
+
+def _scheduler(train: PPOTrainSection, opt: Any, n_steps: int) -> Any:
+    from transformers import get_scheduler
+
+    name = {"constant": "constant_with_warmup", "linear": "linear", "cosine": "cosine"}[train.lr_scheduler]
+    return get_scheduler(name, opt, num_warmup_steps=math.ceil(train.warmup_ratio * n_steps),
+                         num_training_steps=max(1, n_steps))
 
 
 def iteration_seed(seed: int, iteration: int) -> int:
@@ -211,6 +224,10 @@ def run(cfg: PPOConfig, progress: Any | None = None) -> dict[str, Any]:
     opt = torch.optim.AdamW(policy_params, lr=cfg.train.learning_rate)
     critic_opt = (torch.optim.AdamW(critic_params, lr=cfg.train.critic_learning_rate or cfg.train.learning_rate)
                   if critic is not None else None)
+    # one schedule over every optimiser step of the run: iterations × ppo_epochs × minibatches of a rank's batch
+    n_steps = p.iterations * p.ppo_epochs * math.ceil(p.prompts_per_iteration // world * p.k / p.minibatch_size)
+    sched = _scheduler(cfg.train, opt, n_steps)
+    critic_sched = _scheduler(cfg.train, critic_opt, n_steps) if critic is not None else None
     # on N ranks every rank starts from rank 0's trainable weights; gradients are averaged before each step
     ranks.broadcast(policy_params + critic_params, world)
     u_bar = rl.RunningMean()  # ū of UP-RLHF eq. 14
@@ -278,35 +295,48 @@ def run(cfg: PPOConfig, progress: Any | None = None) -> dict[str, Any]:
                     order = torch.randperm(len(batch), generator=torch.Generator().manual_seed(
                         iteration_seed(cfg.train.seed, it) + 1 + epoch))
                     for rows in order.split(p.minibatch_size):
-                        logits = rollout.completion_logits(policy, batch, rows, p.temperature)
-                        new_lp = rollout.token_logprobs(logits, batch, rows)
-                        if once:  # π_old = this forward: fill the rollout's log-probs for the KL metrics
-                            lp = torch.zeros_like(ref)
-                            lp[rows.cpu()] = new_lp.detach().cpu()
-                        old_lp = new_lp.detach() if once else d_lp[rows]
-                        loss, st = rl.policy_loss(new_lp, old_lp, adv[rows], d_mask[rows], p.clip_eps)
-                        st["policy_loss"] = loss.item()
-                        if p.kl_mode == "loss":
-                            kl_loss = rl.kl_k2_loss(new_lp, d_ref[rows], d_mask[rows], p.beta1)
-                            st["kl_loss"] = kl_loss.item()
-                            loss = loss + kl_loss
-                        st["entropy"] = rl.entropy_from_logits(logits.detach(), d_mask[rows]).item()
-                        loop.guard(loss)
+                        # one optimiser step per minibatch; its gradient accumulated over micro-batches, each
+                        # loss weighted by its share of the minibatch's completion tokens (= the token mean)
+                        tokens = d_mask[rows].sum().clamp(min=1)
+                        st: dict[str, float] = {}
                         opt.zero_grad(set_to_none=True)
-                        loss.backward()
+                        for micro in rows.split(p.micro_batch_size or p.minibatch_size):
+                            share = float(d_mask[micro].sum() / tokens)
+                            logits = rollout.completion_logits(policy, batch, micro, p.temperature)
+                            new_lp = rollout.token_logprobs(logits, batch, micro)
+                            if once:  # π_old = this forward: fill the rollout's log-probs for the KL metrics
+                                lp = torch.zeros_like(ref) if lp is None else lp
+                                lp[micro.cpu()] = new_lp.detach().cpu()
+                            old_lp = new_lp.detach() if once else d_lp[micro]
+                            loss, mst = rl.policy_loss(new_lp, old_lp, adv[micro], d_mask[micro], p.clip_eps)
+                            mst["policy_loss"] = loss.item()
+                            if p.kl_mode == "loss":
+                                kl_loss = rl.kl_k2_loss(new_lp, d_ref[micro], d_mask[micro], p.beta1)
+                                mst["kl_loss"] = kl_loss.item()
+                                loss = loss + kl_loss
+                            mst["entropy"] = rl.entropy_from_logits(logits.detach(), d_mask[micro]).item()
+                            loop.guard(loss)
+                            (loss * share).backward()
+                            for key, value in mst.items():
+                                st[key] = st.get(key, 0.0) + value * share
                         ranks.average_gradients(policy_params, world)
                         torch.nn.utils.clip_grad_norm_(policy_params, cfg.train.max_grad_norm)
                         opt.step()
+                        sched.step()
                         if critic is not None:
-                            v_loss, vst = rl.value_loss(critic(batch, rows), d_values[rows],
-                                                        d_returns[rows], d_mask[rows], p.vf_clip)
-                            loop.guard(v_loss)
                             critic_opt.zero_grad(set_to_none=True)
-                            v_loss.backward()
+                            for micro in rows.split(p.micro_batch_size or p.minibatch_size):
+                                share = float(d_mask[micro].sum() / tokens)
+                                v_loss, vst = rl.value_loss(critic(batch, micro), d_values[micro],
+                                                            d_returns[micro], d_mask[micro], p.vf_clip)
+                                loop.guard(v_loss)
+                                (v_loss * share).backward()
+                                st["value_loss"] = st.get("value_loss", 0.0) + v_loss.item() * share
+                                st["vf_clipfrac"] = st.get("vf_clipfrac", 0.0) + vst["vf_clipfrac"] * share
                             ranks.average_gradients(critic_params, world)
                             torch.nn.utils.clip_grad_norm_(critic_params, cfg.train.max_grad_norm)
                             critic_opt.step()
-                            st |= {"value_loss": v_loss.item(), "vf_clipfrac": vst["vf_clipfrac"]}
+                            critic_sched.step()
                         for key, value in st.items():
                             stats.setdefault(key, []).append(value)
             # -- log ------------------------------------------------------------------------------------
