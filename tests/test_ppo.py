@@ -303,11 +303,14 @@ def _average_on_rank(rank: int, world: int, port: int, out: str) -> None:
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     a = torch.nn.Parameter(torch.full((2, 2), float(rank)))  # rank 0's value wins the broadcast
-    b, c = torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(1))
+    b, c, d = torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(1)), torch.nn.Parameter(torch.zeros(2))
     ranks.broadcast([a], world)
     a.grad, b.grad = torch.full((2, 2), 1.0 + rank), torch.tensor([2.0, 4.0, 6.0]) * (rank + 1)  # c: no gradient
-    ranks.average_gradients([a, b, c], world)
-    torch.save({"a": a.detach(), "a_grad": a.grad, "b_grad": b.grad, "c_grad": c.grad}, f"{out}/{rank}.pt")
+    if rank == 0:  # d: a gradient on rank 0 only (rank 1 had no rows)
+        d.grad = torch.tensor([4.0, 8.0])
+    ranks.average_gradients([a, b, c, d], world)
+    torch.save({"a": a.detach(), "a_grad": a.grad, "b_grad": b.grad, "c_grad": c.grad, "d_grad": d.grad},
+               f"{out}/{rank}.pt")
     dist.destroy_process_group()
 
 
@@ -326,7 +329,8 @@ def test_gradients_are_averaged_over_ranks_and_weights_start_equal(tmp_path: Pat
         assert torch.equal(got["a"], torch.zeros(2, 2))  # broadcast from rank 0
         assert torch.equal(got["a_grad"], torch.full((2, 2), 1.5))  # (1 + 2) / 2
         assert torch.equal(got["b_grad"], torch.tensor([3.0, 6.0, 9.0]))  # ([2,4,6] + [4,8,12]) / 2
-        assert got["c_grad"] is None
+        assert got["c_grad"] is None  # no rank had one: stays None, as on one process
+        assert torch.equal(got["d_grad"], torch.tensor([2.0, 4.0]))  # ([4, 8] + zeros) / 2
 
 
 def test_gradient_accumulation_over_micro_batches_matches_one_forward(tmp_path: Path):

@@ -80,22 +80,31 @@ def broadcast(params: list[Any], world: int) -> None:
 def average_gradients(params: list[Any], world: int) -> None:
     """Replace each gradient of `params` by its mean over the ranks, in one all-reduce of a flat buffer
     (what DDP does, without its wrapper: the policy and the critic may share a base and switch adapters,
-    which DDP's fixed parameter sets do not allow). Parameters without a gradient are skipped."""
+    which DDP's fixed parameter sets do not allow). A parameter that has a gradient on some rank but not
+    on this one (a rank with no rows in a small last batch) takes part with zeros; one that has none on
+    any rank keeps None, as on one process."""
     if world == 1:
         return
     import torch
     import torch.distributed as dist
 
-    grads = [q.grad for q in params if q.grad is not None]
-    if not grads:
+    if not params:
         return
-    flat = _for_collectives(torch.cat([g.reshape(-1) for g in grads]))
+    has = _for_collectives(torch.tensor([q.grad is not None for q in params], dtype=torch.int32))
+    dist.all_reduce(has)
+    live = [q for q, n in zip(params, has.tolist(), strict=True) if n > 0]
+    for q in live:
+        if q.grad is None:
+            q.grad = torch.zeros_like(q)
+    if not live:
+        return
+    flat = _for_collectives(torch.cat([q.grad.reshape(-1) for q in live]))
     dist.all_reduce(flat)
     flat /= world
     offset = 0
-    for g in grads:
-        g.copy_(flat[offset : offset + g.numel()].view_as(g))
-        offset += g.numel()
+    for q in live:
+        q.grad.copy_(flat[offset : offset + q.grad.numel()].view_as(q.grad))
+        offset += q.grad.numel()
 
 
 def mean_over_ranks(row: dict[str, float], world: int) -> dict[str, float]:

@@ -258,7 +258,10 @@ def _train_step(policy: Any, tokenizer: Any, examples: list[dict[str, Any]], s: 
     usable = len(batch_idx) - len(batch_idx) % world or len(batch_idx)  # every rank takes an equal share
     mine = batch_idx[:usable][rank::world]
     opt.zero_grad(set_to_none=True)
-    stats: dict[str, float] = {}
+    # every rank logs the same keys (a rank may hold no rows of a small last batch): sums over its rows,
+    # scaled so that the mean over ranks is the mean over the global batch
+    names = ("loss", "logratio") if p.select == "all" else ("loss", "logratio_winner", "logratio_loser")
+    stats: dict[str, float] = dict.fromkeys(names, 0.0)
     for lo in range(0, len(mine), tr.micro_batch_size):
         micro = [examples[i] for i in mine[lo : lo + tr.micro_batch_size]]
         per = len(micro[0]["ids"])  # 2: winner, loser; 1: one sample
@@ -281,7 +284,7 @@ def _train_step(policy: Any, tokenizer: Any, examples: list[dict[str, Any]], s: 
         for key, value in (("loss", loss.item()), *((("logratio_winner", float(lr[0::2].mean())),
                                                        ("logratio_loser", float(lr[1::2].mean()))) if per == 2
                                                      else (("logratio", float(lr.mean())),))):
-            stats[key] = stats.get(key, 0.0) + value * len(micro) / len(mine)
+            stats[key] += value * len(micro) * world / usable
     ranks.average_gradients(list(q for group in opt.param_groups for q in group["params"]), world)
     grad_norm = torch.nn.utils.clip_grad_norm_([q for g in opt.param_groups for q in g["params"]], tr.max_grad_norm)
     lr_now = sched.get_last_lr()[0]
