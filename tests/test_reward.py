@@ -94,7 +94,7 @@ def test_ensemble_diverges_beats_chance_and_is_uncertain_out_of_distribution(tmp
 
 def test_nnm_term_raises_diversity(tmp_path: Path, sft_tiny_dir):
     """λ > 0 must make the members' concatenated A matrices more diverse than λ = 0 (eq. 12)."""
-    short = {"train__epochs": 1, "data__max_samples": 320}
+    short = {"train__epochs": 1, "data__max_samples": 160}
     plain = reward.run_ensemble(_ens_cfg(tmp_path / "l0", sft_tiny_dir, ensemble__lam=0.0, **short))
     diverse = reward.run_ensemble(_ens_cfg(tmp_path / "l1", sft_tiny_dir, ensemble__lam=1.0, **short))
     nnm = {}

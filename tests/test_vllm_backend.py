@@ -38,9 +38,15 @@ def fake_vllm(monkeypatch):
     vllm = importlib.import_module("vllm")
     assert vllm.__file__.startswith(str(FAKE))
     vllm.reset_calls()
+    before = {key: os.environ.get(key) for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
     yield vllm
     for name in [m for m in sys.modules if m == "vllm" or m.startswith("vllm.")]:
         sys.modules.pop(name, None)
+    for key, value in before.items():  # what an engine set for itself must not leak into the next test
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
 
 
 @pytest.fixture
