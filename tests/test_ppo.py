@@ -173,7 +173,8 @@ def _empty(tmp: Path) -> str:
     (["--advantage", "grpo", "--k", "1"], ["ppo.k"]),
     (["--kl-mode", "loss", "--kl-coef", "0.1"], ["kl_coef", "kl_mode"]),
     (["--set", "ppo.kl_horizon=100"], ["kl_horizon", "kl_target"]),
-    (["--set", "launch.accelerate_config=zero2"], ["accelerate_config"]),
+    (["--set", "launch.accelerate_config=zero2", "--set", "ppo.backend=vllm"], ["vllm", "sharded"]),
+    (["--set", "launch.accelerate_config=deepspeed"], ["accelerate_config"]),
     (["--set", "launch.num_processes=2", "--prompts-per-iteration", "3"], ["multiple", "num_processes"]),
     ("EMPTY", ["empty.jsonl"]),
 ])
@@ -346,3 +347,63 @@ def test_gradient_accumulation_over_micro_batches_matches_one_forward(tmp_path: 
         for key in a:
             assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), key
     assert rows[1][-1]["kl_k3"] > 0
+
+
+def _launch_ppo(out: Path, env: dict, *extra: str):
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "alignkit.cli", "ppo", "--model", "tiny", "--device", "cpu", "--iterations", "4",
+           "--prompts-per-iteration", "4", "--k", "2", "--max-new-tokens", "8", "--max-samples", "32", "-o", str(out),
+           "--num-processes", "2", "--set", "train.save_steps=2", *extra]
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+
+
+def _kill_tree(pid: int, sig: int) -> None:
+    import os
+    import subprocess
+
+    children = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()
+    os.kill(pid, sig)  # first the parent, so that it cannot start anything new
+    for child in children:
+        _kill_tree(int(child), sig)
+
+
+@pytest.mark.slow  # three 2-process launches
+def test_fsdp_sharded_run_matches_ddp_and_resumes_from_per_rank_shards(tmp_path: Path, tiny_model_dir,
+                                                                       alignkit_cache):
+    """accelerate_config fsdp: FSDP2 shards policy, reference and critic over the 2 ranks; the run computes
+    what DDP computes, and a kill -9 after the first checkpoint resumes from every rank's own shards."""
+    import os
+    import signal
+    import time
+
+    env = {**os.environ, "ALIGNKIT_CACHE": str(alignkit_cache), "OMP_NUM_THREADS": "1"}
+    runs = {}
+    for name, config in (("ddp", "ddp"), ("fsdp", "fsdp")):
+        proc = _launch_ppo(tmp_path / name, env, "--set", f"launch.accelerate_config={config}")
+        output = proc.communicate(timeout=300)[0]
+        assert proc.returncode == 0, output[-3000:]
+        runs[name] = _metrics(tmp_path / name)
+    for a, b in zip(runs["ddp"], runs["fsdp"], strict=True):
+        for key in a:
+            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), key
+    # kill -9 the whole launch once iteration 2's checkpoint (both ranks' shards) is complete, then resume
+    out = tmp_path / "killed"
+    proc = _launch_ppo(out, env, "--set", "launch.accelerate_config=fsdp")
+    ckpt = out.with_suffix(".partial") / "checkpoints" / "step-2"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None and not (ckpt / "COMPLETE").is_file():
+        time.sleep(0.05)
+    if proc.poll() is not None:
+        pytest.skip("the run finished before it could be killed")
+    _kill_tree(proc.pid, signal.SIGKILL)  # the launcher and the ranks it started (in sessions of their own)
+    proc.wait()
+    assert (ckpt / "state-rank1.pt").is_file()  # rank 1's shards beside rank 0's state.pt
+    proc = _launch_ppo(out, env, "--set", "launch.accelerate_config=fsdp", "--resume")
+    output = proc.communicate(timeout=300)[0]
+    assert proc.returncode == 0, output[-3000:]
+    for a, b in zip(runs["fsdp"], _metrics(out), strict=True):
+        for key in a:
+            assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-7), key

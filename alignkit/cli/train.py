@@ -47,7 +47,7 @@ def train(command: str, recipe: Path | str | None, sets: list[str] | None, flags
     if dry_run:
         _print_plan(cfg, to_yaml(cfg))
         return
-    code = launch.maybe_relaunch(sys.argv[1:], cfg.launch.num_processes, cfg.launch.accelerate_config)
+    code = launch.maybe_relaunch(sys.argv[1:], cfg.launch.num_processes, launch_config(cfg))
     if code is not None:
         raise typer.Exit(code)
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -61,6 +61,12 @@ def train(command: str, recipe: Path | str | None, sets: list[str] | None, flags
         summary = run_fn(cfg, progress=progress)
     if show and not getattr(cfg_cls, "REPORTS_ITSELF", False):
         print_summary(f"alignkit {command}", summary)
+
+
+def launch_config(cfg: Any) -> str | None:
+    """The accelerate config to start the ranks with: the explicit loops (ppo, sppo) shard their models
+    themselves (FSDP2, `online.ranks.shard`), so accelerate only starts the processes for them."""
+    return "ddp" if getattr(type(cfg), "SHARDS_ITSELF", False) else cfg.launch.accelerate_config
 
 
 def _print_plan(cfg: Any, config_yaml: str) -> None:
@@ -214,7 +220,7 @@ def run_recipe(
             argv = ["run", str(path), *(overrides or []), "--step", s.name,
                     *(["--resume"] if action == pipeline.RESUME else []),
                     *(["--overwrite"] if action == pipeline.RESTART else [])]
-            code = launch.maybe_relaunch(argv, launch_cfg.num_processes, launch_cfg.accelerate_config)
+            code = launch.maybe_relaunch(argv, launch_cfg.num_processes, launch_config(s.cfg))
             if code:
                 raise typer.Exit(code)
             return

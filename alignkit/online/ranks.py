@@ -10,6 +10,97 @@ from __future__ import annotations
 
 from typing import Any
 
+SHARDING = ("fsdp", "zero2", "zero3")  # launch.accelerate_config values the explicit loops shard with FSDP2
+
+
+def shard(model: Any, config: str | None) -> Any:
+    """Shard `model`'s parameters over the ranks with torch's FSDP2 (`fully_shard`) when `config` is fsdp,
+    zero3 (parameters, gradients and optimiser state sharded; parameters gathered per layer for each
+    forward) or zero2 (the same, parameters kept gathered between forward and backward). Units: each
+    decoder layer (the model's `_no_split_modules`), the decoder body (so that a critic calling the body
+    alone gathers its embeddings), the whole model. A peft model is sharded through its base model. The
+    explicit loops do not use DeepSpeed: zero2 / zero3 name the equivalent FSDP2 sharding."""
+    if config not in SHARDING:
+        return model
+    from torch.distributed.fsdp import fully_shard
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    names = set(getattr(base, "_no_split_modules", None) or [])
+    layers = [m for m in base.modules() if type(m).__name__ in names]
+    if not layers:
+        from alignkit.errors import UserError
+
+        raise UserError(f"cannot shard {type(base).__name__}: it names no decoder layer class (_no_split_modules); "
+                        "use launch.accelerate_config ddp")
+    keep = config == "zero2"
+    for layer in layers:
+        fully_shard(layer, reshard_after_forward=not keep)
+    body = getattr(base, "base_model", None)
+    if body is not None and body is not base:
+        head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
+        tied = head is not None and any(h is e for h in head.parameters() for e in body.parameters())
+        # a tied LM head shares the embedding: one unit for both
+        fully_shard([body, head] if tied else body, reshard_after_forward=not keep)
+    fully_shard(base, reshard_after_forward=not keep)
+    return model
+
+
+def full_state_dict(model: Any) -> dict[str, Any]:
+    """The whole, unsharded state dict of a sharded `model` on CPU (a collective: every rank calls it; rank
+    0 gets the tensors, the others an empty dict), for `save_pretrained(state_dict=...)`."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    # a tied weight (the LM head of a model that ties it to the embedding) once, as save_pretrained writes it
+    own = {name for name, _ in model.named_parameters()} | {name for name, _ in model.named_buffers()}
+    return {name: t for name, t in full.items() if name in own}
+
+
+def clip_grad_norm_(params: list[Any], max_norm: float) -> float:
+    """`torch.nn.utils.clip_grad_norm_` for a mix of sharded (FSDP2 DTensor) and whole parameters (a sharded
+    critic body and its plain value head): the global L2 norm of all gradients, every gradient scaled by
+    min(1, max_norm / norm). Returns the norm before clipping."""
+    import torch
+
+    squares = 0.0
+    grads = [q.grad for q in params if q.grad is not None]
+    for g in grads:
+        norm = torch.linalg.vector_norm(g.detach().float())
+        squares += float(norm.full_tensor() if is_sharded(norm) else norm) ** 2
+    total = squares**0.5
+    scale = max_norm / (total + 1e-6)
+    if scale < 1.0:
+        for g in grads:
+            g.mul_(scale)
+    return total
+
+
+def is_sharded(param: Any) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(param, DTensor)
+
+
+class gathered:  # noqa: N801 - used as a context manager, like torch.no_grad
+    """`with gathered(model):` every FSDP2 unit of `model` holds its full parameters for the block and
+    keeps them across forwards (generation calls the model once per token); resharded after. A no-op on
+    a model that is not sharded."""
+
+    def __init__(self, model: Any) -> None:
+        from torch.distributed.fsdp import FSDPModule
+
+        self.units = [m for m in model.modules() if isinstance(m, FSDPModule)]
+
+    def __enter__(self) -> None:
+        for unit in self.units:
+            unit.set_reshard_after_forward(False, recurse=False)
+            unit.unshard()
+
+    def __exit__(self, *exc: Any) -> None:
+        for unit in self.units:
+            unit.reshard()
+            unit.set_reshard_after_forward(True, recurse=False)
+
 
 def start_ranks(device: str) -> tuple[int, int, str]:
     """(rank, world size, device). In a launched rank (launch.num_processes > 1) start torch.distributed:
@@ -72,6 +163,8 @@ def broadcast(params: list[Any], world: int) -> None:
 
     with torch.no_grad():
         for q in params:
+            if is_sharded(q):  # sharded from identical weights on every rank
+                continue
             buf = _for_collectives(q.data)
             dist.broadcast(buf, src=0)
             q.data.copy_(buf)
@@ -88,6 +181,7 @@ def average_gradients(params: list[Any], world: int) -> None:
     import torch
     import torch.distributed as dist
 
+    params = [q for q in params if not is_sharded(q)]  # FSDP2 reduce-scatters and averages sharded ones itself
     if not params:
         return
     has = _for_collectives(torch.tensor([q.grad is not None for q in params], dtype=torch.int32))
@@ -141,5 +235,5 @@ def shard_report(seen: set[tuple[int, int]], world: int) -> dict[str, Any] | Non
     return {"world_size": world, "prompts_per_rank": [len(s) for s in sets], "prompts_sampled_by_two_ranks": shared}
 
 
-__all__ = ["average_gradients", "barrier", "broadcast", "gather", "gather_objects", "mean_over_ranks",
-           "shard_report", "start_ranks"]
+__all__ = ["SHARDING", "average_gradients", "barrier", "broadcast", "clip_grad_norm_", "full_state_dict", "gather",
+           "gather_objects", "gathered", "is_sharded", "mean_over_ranks", "shard", "shard_report", "start_ranks"]

@@ -149,9 +149,8 @@ class Critic(torch.nn.Module):
 
             self.body = apply_lora(self.body, lora, "FEATURE_EXTRACTION")
         self._host: Any = None  # the policy's peft model when the base is shared
-        self._adapter: list[torch.nn.Parameter] = []
         self._add_head(lm.config.hidden_size, next(self.body.parameters()).device)
-        self.trainable = {name: q for name, q in self.named_parameters() if q.requires_grad}
+        self._names = [name for name, q in self.named_parameters() if q.requires_grad]
 
     @classmethod
     def on_policy_base(cls, policy: Any) -> Critic:
@@ -164,12 +163,22 @@ class Critic(torch.nn.Module):
         critic._host = policy  # not a submodule: the critic's state is its adapter and head, not the base
         critic._policy_adapter = policy.active_adapter
         policy.add_adapter(cls.ADAPTER, copy.deepcopy(policy.peft_config[critic._policy_adapter]))
-        adapter = {name: q for name, q in policy.named_parameters() if f".{cls.ADAPTER}." in name}
-        critic._adapter = list(adapter.values())
         critic._add_head(policy.config.hidden_size, next(policy.parameters()).device)
-        critic.trainable = adapter | {f"head.{name}": q for name, q in critic.head.named_parameters()}
         critic._use(critic._policy_adapter)
         return critic
+
+    @property
+    def _adapter(self) -> list[torch.nn.Parameter]:
+        return [q for name, q in self._host.named_parameters() if f".{self.ADAPTER}." in name]
+
+    @property
+    def trainable(self) -> dict[str, torch.nn.Parameter]:
+        """{name: parameter} of what trains, looked up now (sharding replaces a module's parameters)."""
+        if self._host is None:
+            params = dict(self.named_parameters())
+            return {name: params[name] for name in self._names}
+        adapter = {name: q for name, q in self._host.named_parameters() if f".{self.ADAPTER}." in name}
+        return adapter | {f"head.{name}": q for name, q in self.head.named_parameters()}
 
     def _add_head(self, hidden_size: int, device: torch.device) -> None:
         self.head = torch.nn.Linear(hidden_size, 1, device=device)

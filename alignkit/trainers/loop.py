@@ -40,6 +40,7 @@ class Loop:
                  progress: bool = True, console: Any | None = None, keep: int = 2, resumable: bool = True):
         self.run, self.total, self.desc, self.unit, self.keep = run, total, desc, unit, keep
         self.resumable = resumable  # False: the trainer takes no --resume (Ctrl-C says --overwrite)
+        self.sharded = False  # True: FSDP-sharded objects; every rank saves its own shards (see `save`)
         self.rank = rank_info()
         self.step = 0
         self.stats: dict[str, Any] = {}
@@ -129,7 +130,8 @@ class Loop:
                 self._diverged("the loss", value)
         for module in modules:
             for name, p in module.named_parameters():
-                if not bool(torch.isfinite(p.detach()).all()):
+                local = p.to_local() if _is_dtensor(p) else p  # a sharded weight: this rank's shard
+                if not bool(torch.isfinite(local.detach()).all()):
                     self._diverged(f"parameter '{name}'", "not finite")
 
     def _diverged(self, what: str, value: Any) -> None:
@@ -141,25 +143,39 @@ class Loop:
         """Checkpoint `objects` (modules, optimisers, schedulers: anything with `state_dict`; torch
         Generators) with the step, `stats`, timers and the torch / python / numpy RNG states into
         checkpoints/step-N. Written into a hidden temporary directory and renamed into place, so a kill
-        mid-save leaves no step-N; then all but the newest `keep` are removed (keep 0: none removed)."""
-        if not self.run.is_main:
+        mid-save leaves no step-N; then all but the newest `keep` are removed (keep 0: none removed).
+        With `sharded` (FSDP: parameters and optimiser states are DTensors) every rank writes its own
+        shards and RNG into state-rank{r}.pt beside rank 0's state.pt; every rank must call it then."""
+        if not self.run.is_main and not self.sharded:
             return None
         root = self.run.path(CHECKPOINTS)
-        root.mkdir(parents=True, exist_ok=True)
         final, tmp = root / f"step-{self.step}", root / f".tmp-step-{self.step}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
         state = {"step": self.step, "stats": self.stats, "times": self.times, "rng": _rng_state(),
-                 "objects": {name: _state_of(obj) for name, obj in objects.items()}}
-        torch.save(state, tmp / STATE_FILE)
-        atomic_write_text(tmp / COMPLETE, f"step {self.step}\n")
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        if self.keep > 0:
-            for old in _complete_checkpoints(self.run.work)[: -self.keep]:
-                shutil.rmtree(old, ignore_errors=True)
+                 "world_size": self.rank["world_size"],
+                 "objects": {name: _local(_state_of(obj)) for name, obj in objects.items()}}
+        if self.run.is_main:
+            root.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir()
+        self._barrier()
+        torch.save(state, tmp / _state_file(self.rank["rank"] if self.sharded else 0))
+        self._barrier()
+        if self.run.is_main:
+            atomic_write_text(tmp / COMPLETE, f"step {self.step}\n")
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            if self.keep > 0:
+                for old in _complete_checkpoints(self.run.work)[: -self.keep]:
+                    shutil.rmtree(old, ignore_errors=True)
+        self._barrier()
         return final
+
+    def _barrier(self) -> None:
+        if self.sharded and self.rank["world_size"] > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
 
     def peek(self) -> dict[str, Any] | None:
         """The `step` and `stats` of the newest complete checkpoint, without restoring anything (None: none).
@@ -181,6 +197,14 @@ class Loop:
         if missing:
             raise UserError(f"{ckpt} holds no state for {', '.join(missing)}: it was written by another trainer; "
                             "start again with --overwrite")
+        if self.sharded:
+            if state.get("world_size") != self.rank["world_size"]:
+                raise UserError(f"{ckpt} was written by {state.get('world_size')} processes and holds their shards: "
+                                f"resume with launch.num_processes={state.get('world_size')}")
+            if self.rank["rank"] != 0:  # this rank's own shards and RNG
+                state = {**state, **{k: v for k, v in torch.load(ckpt / _state_file(self.rank["rank"]),
+                                                                 map_location="cpu", weights_only=True).items()
+                                     if k in ("objects", "rng")}}
         for name, obj in objects.items():
             _load_into(obj, state["objects"][name])
         self.step, self.stats, self.times = int(state["step"]), state["stats"], state["times"]
@@ -207,7 +231,7 @@ class Trainable:
         self.params = params
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        return {name: q.detach().clone() for name, q in self.params.items()}
+        return {name: _local(q.detach()) if _is_dtensor(q) else q.detach().clone() for name, q in self.params.items()}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         if set(state) != set(self.params):
@@ -215,7 +239,13 @@ class Trainable:
                             "setting?): start again with --overwrite")
         with torch.no_grad():
             for name, q in self.params.items():
-                q.copy_(state[name])
+                (q.to_local() if _is_dtensor(q) else q).copy_(state[name])
+
+
+def _is_dtensor(x: Any) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(x, DTensor)
 
 
 def latest_checkpoint(work: Path) -> Path | None:
@@ -233,15 +263,40 @@ def _complete_checkpoints(work: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name[5:]))
 
 
+def _state_file(rank: int) -> str:
+    return STATE_FILE if rank == 0 else f"state-rank{rank}.pt"
+
+
 def _state_of(obj: Any) -> Any:
     return obj.get_state() if isinstance(obj, torch.Generator) else obj.state_dict()
+
+
+def _local(state: Any) -> Any:
+    """`state` with every DTensor replaced by this rank's shard (a plain tensor torch.load reads back)."""
+    from torch.distributed.tensor import DTensor
+
+    if isinstance(state, DTensor):
+        return state.to_local().detach().clone()
+    if isinstance(state, dict):
+        return {k: _local(v) for k, v in state.items()}
+    if isinstance(state, list | tuple):
+        return type(state)(_local(v) for v in state)
+    return state
 
 
 def _load_into(obj: Any, state: Any) -> None:
     if isinstance(obj, torch.Generator):
         obj.set_state(state)
-    else:
-        obj.load_state_dict(state)
+        return
+    obj.load_state_dict(state)
+    if isinstance(obj, torch.optim.Optimizer):  # states of sharded parameters are shards again
+        from torch.distributed.tensor import DTensor
+
+        for param, slots in obj.state.items():
+            if isinstance(param, DTensor):
+                for key, value in slots.items():
+                    if isinstance(value, torch.Tensor) and not isinstance(value, DTensor) and value.dim() > 0:
+                        slots[key] = DTensor.from_local(value.to(param.device), param.device_mesh, param.placements)
 
 
 def _rng_state() -> dict[str, Any]:

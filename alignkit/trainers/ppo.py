@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import Field, model_validator
 
@@ -115,6 +115,7 @@ _ONLY_WHEN = {
 
 
 class PPOConfig(JobConfig):
+    SHARDS_ITSELF: ClassVar[bool] = True  # fsdp / zero2 / zero3: online.ranks.shard, not accelerate's plugin
     command: str = "ppo"
     data: PPODataSection = Field(default_factory=PPODataSection)
     train: PPOTrainSection = Field(default_factory=PPOTrainSection)  # type: ignore[assignment]
@@ -135,9 +136,14 @@ class PPOConfig(JobConfig):
                                  f"{getattr(p, switch)}): drop it or change ppo.{switch}")
         if "kl_horizon" in p.model_fields_set and p.kl_target is None:
             raise ValueError("ppo.kl_horizon acts only with the adaptive controller: set ppo.kl_target too, or drop it")
-        if self.launch.accelerate_config not in (None, "ddp"):
-            raise ValueError(f"launch.accelerate_config={self.launch.accelerate_config} is not supported by ppo yet: "
-                             "it runs plain DDP (launch.num_processes; accelerate_config ddp or none)")
+        from alignkit.online.ranks import SHARDING
+
+        if self.launch.accelerate_config not in (None, "ddp", *SHARDING):
+            raise ValueError(f"launch.accelerate_config={self.launch.accelerate_config} is not supported by ppo: "
+                             f"ddp, or {', '.join(SHARDING)} (FSDP2 sharding)")
+        if self.launch.accelerate_config in SHARDING and p.backend == "vllm":
+            raise ValueError("ppo.backend=vllm cannot take weights from a sharded policy: use accelerate_config ddp "
+                             "(or backend hf)")
         if p.prompts_per_iteration % self.launch.num_processes:
             raise ValueError(f"ppo.prompts_per_iteration={p.prompts_per_iteration} must be a multiple of "
                              f"launch.num_processes={self.launch.num_processes}: every rank samples an equal shard")
@@ -208,8 +214,7 @@ def run(cfg: PPOConfig, progress: Any | None = None) -> dict[str, Any]:
         gpu_memory_utilization=p.vllm_gpu_memory_utilization, trust_remote_code=cfg.model.trust_remote_code)[0]
         if p.backend == "vllm" else None)
     trainable, total = models.trainable_parameters(policy)
-    policy_trainable = {name: q for name, q in policy.named_parameters() if q.requires_grad}
-    policy_params = list(policy_trainable.values())
+    policy_names = [name for name, q in policy.named_parameters() if q.requires_grad]  # before a critic adapter
     shared = lora is not None and p.share_base
     # π_ref = π_SFT, the starting policy, frozen: on the shared base the policy's own base with its adapter
     # disabled (None), else a copy
@@ -220,6 +225,15 @@ def run(cfg: PPOConfig, progress: Any | None = None) -> dict[str, Any]:
     for m in (policy, reference, critic):
         if m is not None:
             m.eval()  # dropout off everywhere: the ratio is 1 before the first step (gradients still flow)
+    # fsdp / zero2 / zero3 on N ranks: FSDP2 shards every model (sharding replaces the parameters: look
+    # them up after); otherwise each rank holds whole models and gradients are averaged over ranks
+    sharding = cfg.launch.accelerate_config if world > 1 and cfg.launch.accelerate_config in ranks.SHARDING else None
+    for m in (policy, reference, critic.body if critic is not None and not shared else None):
+        if sharding and m is not None:
+            ranks.shard(m, sharding)
+    named = dict(policy.named_parameters())
+    policy_trainable = {name: named[name] for name in policy_names}
+    policy_params = list(policy_trainable.values())
     critic_params = list(critic.trainable.values()) if critic is not None else []
     opt = torch.optim.AdamW(policy_params, lr=cfg.train.learning_rate)
     critic_opt = (torch.optim.AdamW(critic_params, lr=cfg.train.critic_learning_rate or cfg.train.learning_rate)
@@ -235,6 +249,7 @@ def run(cfg: PPOConfig, progress: Any | None = None) -> dict[str, Any]:
 
     loop = Loop.open(out, overwrite=cfg.output.overwrite, resume=cfg.output.resume, config_yaml=to_yaml(cfg),
                      total=p.iterations, desc="ppo", unit="iteration", progress=progress is None)
+    loop.sharded = sharding is not None  # every rank checkpoints its own shards
     task = None  # the CLI passes its live rich Progress: one bar there, not a second live display
     ranks.barrier(world)  # the main rank has prepared DIR.partial before any rank looks for a checkpoint in it
     seen: set[tuple[int, int]] = set()  # (iteration, pool index) of this rank's prompts: the shard report
@@ -256,9 +271,10 @@ def run(cfg: PPOConfig, progress: Any | None = None) -> dict[str, Any]:
             with loop.timer("rollout"):
                 index = rollout.prompt_indices(len(pool), it, p.prompts_per_iteration, cfg.train.seed, rank, world)
                 seen.update((it, i) for i in index)
-                batch = rollout.sample(policy, tokenizer, [pool[i] for i in index], k=p.k,
-                                       max_new_tokens=p.max_new_tokens, temperature=p.temperature,
-                                       seed=iteration_seed(cfg.train.seed, it) + 7919 * rank, engine=engine)
+                with ranks.gathered(policy):  # sharded: every layer's weights gathered once for all tokens
+                    batch = rollout.sample(policy, tokenizer, [pool[i] for i in index], k=p.k,
+                                           max_new_tokens=p.max_new_tokens, temperature=p.temperature,
+                                           seed=iteration_seed(cfg.train.seed, it) + 7919 * rank, engine=engine)
             # one update on the whole batch, nothing in the advantages from π_old: π_old is that update's own
             # forward, detached (ratio exactly 1), as TRL's GRPOTrainer does; one forward saved
             once = (critic is None and kl_coef == 0 and p.ppo_epochs == 1 and p.minibatch_size >= len(batch))
@@ -320,7 +336,7 @@ def run(cfg: PPOConfig, progress: Any | None = None) -> dict[str, Any]:
                             for key, value in mst.items():
                                 st[key] = st.get(key, 0.0) + value * share
                         ranks.average_gradients(policy_params, world)
-                        torch.nn.utils.clip_grad_norm_(policy_params, cfg.train.max_grad_norm)
+                        ranks.clip_grad_norm_(policy_params, cfg.train.max_grad_norm)
                         opt.step()
                         sched.step()
                         if critic is not None:
@@ -334,7 +350,7 @@ def run(cfg: PPOConfig, progress: Any | None = None) -> dict[str, Any]:
                                 st["value_loss"] = st.get("value_loss", 0.0) + v_loss.item() * share
                                 st["vf_clipfrac"] = st.get("vf_clipfrac", 0.0) + vst["vf_clipfrac"] * share
                             ranks.average_gradients(critic_params, world)
-                            torch.nn.utils.clip_grad_norm_(critic_params, cfg.train.max_grad_norm)
+                            ranks.clip_grad_norm_(critic_params, cfg.train.max_grad_norm)
                             critic_opt.step()
                             critic_sched.step()
                         for key, value in st.items():
@@ -371,9 +387,11 @@ def run(cfg: PPOConfig, progress: Any | None = None) -> dict[str, Any]:
 
     # -- save: the policy as safetensors + tokenizer in DIR/model (`alignkit eval DIR` reads it) ---------
     parallel = ranks.shard_report(seen, world)
+    full = ranks.full_state_dict(policy) if sharding else None  # a collective: every rank takes part
     if loop.run.is_main:
         policy.save_pretrained(str(loop.run.path("model")), safe_serialization=True,
-                               **({"selected_adapters": [policy.active_adapter]} if shared else {}))
+                               **({"selected_adapters": [policy.active_adapter]} if shared else {}),
+                               **({"state_dict": full} if full is not None else {}))
         tokenizer.save_pretrained(str(loop.run.path("model")))
         _plot(loop.run.read_metrics(), loop.run.path("plots", "reward_vs_kl.png"),
               title=f"PPO {cfg.model.name} ({p.reward})")

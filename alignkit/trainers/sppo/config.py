@@ -84,6 +84,7 @@ def _outputs(cfg: SPPOConfig) -> dict[str, str]:
 
 class SPPOConfig(JobConfig):
     OUTPUTS: ClassVar[Any] = staticmethod(_outputs)
+    SHARDS_ITSELF: ClassVar[bool] = True  # fsdp / zero2 / zero3: online.ranks.shard, not accelerate's plugin
     command: str = "sppo"
     data: SPPODataSection = Field(default_factory=SPPODataSection)
     train: SPPOTrainSection = Field(default_factory=SPPOTrainSection)  # type: ignore[assignment]
@@ -91,11 +92,16 @@ class SPPOConfig(JobConfig):
 
     @model_validator(mode="after")
     def _check_sppo(self) -> SPPOConfig:
-        if self.launch.accelerate_config not in (None, "ddp"):
-            raise ValueError(f"launch.accelerate_config={self.launch.accelerate_config} is not supported by sppo yet: "
-                             "it runs plain data parallelism (launch.num_processes)")
+        from alignkit.online.ranks import SHARDING
+
+        if self.launch.accelerate_config not in (None, "ddp", *SHARDING):
+            raise ValueError(f"launch.accelerate_config={self.launch.accelerate_config} is not supported by sppo: "
+                             f"ddp, or {', '.join(SHARDING)} (FSDP2 sharding)")
         if self.data.eval_fraction > 0:
             raise ValueError("sppo holds out sppo.eval_prompts itself: data.eval_fraction must be 0")
+        if self.sppo.chunk_prompts < self.launch.num_processes:
+            raise ValueError(f"sppo.chunk_prompts={self.sppo.chunk_prompts} must be at least launch.num_processes="
+                             f"{self.launch.num_processes}: every rank samples a share of every chunk")
         return self
 
     def plan(self) -> list[tuple[str, str]]:

@@ -85,7 +85,15 @@ def run(cfg: SPPOConfig, progress: Any | None = None) -> dict[str, Any]:
     policy, tokenizer = models.load_causal_lm(cfg.model.name, lora=lora, **load)
     policy.eval()  # dropout off (as TRL's DPO): the log-ratio is exactly 0 before the first step of an iteration
     trainable, total = models.trainable_parameters(policy)
-    params = {name: q for name, q in policy.named_parameters() if q.requires_grad}
+    names = [name for name, q in policy.named_parameters() if q.requires_grad]
+    # fsdp / zero2 / zero3 on N ranks: FSDP2 shards the policy; every rank then takes part in every forward
+    # (the evaluation too), and parameters are looked up after sharding (it replaces them)
+    sharding = cfg.launch.accelerate_config if world > 1 and cfg.launch.accelerate_config in ranks.SHARDING else None
+    if sharding:
+        ranks.shard(policy, sharding)
+    named = dict(policy.named_parameters())
+    params = {name: named[name] for name in names}
+    evaluates = is_main or sharding is not None  # the ranks that run the evaluation's forwards
     beta = 1.0 / p.eta if p.loss == "sppo" else p.beta
     sample_kw = dict(max_new_tokens=p.max_new_tokens, temperature=p.temperature, top_p=p.top_p,
                      batch_size=p.sample_batch_size, minibatch=tr.micro_batch_size)
@@ -106,6 +114,7 @@ def run(cfg: SPPOConfig, progress: Any | None = None) -> dict[str, Any]:
                      total=sum(_steps(len(part), tr.batch_size, tr.epochs) for part in parts), desc="sppo",
                      unit="step", progress=progress is None)
     ranks.barrier(world)  # the main rank has prepared DIR.partial before any rank reads from it
+    loop.sharded = sharding is not None  # every rank checkpoints its own shards
     run_dir = loop.run
     results: list[dict[str, Any]] = []
     with loop:
@@ -123,9 +132,10 @@ def run(cfg: SPPOConfig, progress: Any | None = None) -> dict[str, Any]:
         if eval_prompts:
             path = run_dir.path("eval-0.jsonl")
             with loop.timer("eval"):
-                base_eval = stages.eval_samples(policy if start == 0 or path.is_file() else _fresh(cfg, load),
+                base_eval = (stages.eval_samples(policy if start == 0 or path.is_file() else _fresh(cfg, load),
                                                 tokenizer, eval_prompts, path, base_logp=lambda b: torch.zeros(len(b)),
-                                                seed=tr.seed, **_eval_kw(sample_kw)) if is_main else None
+                                                seed=tr.seed, write=is_main, **_eval_kw(sample_kw))
+                             if evaluates else None)
             previous_eval = base_eval
             if is_main:  # π_0's own figures, the 0th point of every per-iteration curve
                 base_figures = {"win_rate_vs_base": 0.5, "lc_win_rate_vs_base": 0.5, "kl_to_base": 0.0,
@@ -178,14 +188,17 @@ def run(cfg: SPPOConfig, progress: Any | None = None) -> dict[str, Any]:
             loop.guard(None, policy)
             # -- 4. save π_{t+1}, evaluate it, checkpoint --------------------------------------------
             figures: dict[str, Any] = {}
+            full = ranks.full_state_dict(policy) if sharding else None  # a collective: every rank takes part
             if is_main:
-                _save_model(policy, tokenizer, where / "model", lora is not None)
-                if eval_prompts:
-                    with loop.timer("eval"):
-                        new_eval = stages.eval_samples(policy, tokenizer, eval_prompts, where / "eval.jsonl",
-                                                       base_logp=base_logp, seed=tr.seed, **_eval_kw(sample_kw))
+                _save_model(policy, tokenizer, where / "model", full)
+            if eval_prompts and evaluates:
+                with loop.timer("eval"):
+                    new_eval = stages.eval_samples(policy, tokenizer, eval_prompts, where / "eval.jsonl",
+                                                   base_logp=base_logp, seed=tr.seed, write=is_main,
+                                                   **_eval_kw(sample_kw))
+                    if is_main:
                         figures = stages.win_rates(preference, gold, new_eval, base_eval, previous_eval)
-                    previous_eval = new_eval
+                previous_eval = new_eval
             result = {"iteration": t + 1, "prompts": len(records), "pairs": int(kept.sum()),
                       "dropped_ties": int((~kept).sum()), "steps": n_steps, **figures,
                       "mean_p_hat_winner": float(p_hat.gather(1, winner[:, None]).mean()),
@@ -257,6 +270,10 @@ def _train_step(policy: Any, tokenizer: Any, examples: list[dict[str, Any]], s: 
     batch_idx = order[j * tr.batch_size : (j + 1) * tr.batch_size].tolist()
     usable = len(batch_idx) - len(batch_idx) % world or len(batch_idx)  # every rank takes an equal share
     mine = batch_idx[:usable][rank::world]
+    # a rank without rows (a last batch smaller than the ranks) still runs one forward and backward, weighted
+    # 0: a sharded model's backward is a collective every rank joins
+    weight = 1.0 if mine else 0.0
+    mine = mine or batch_idx[:1]
     opt.zero_grad(set_to_none=True)
     # every rank logs the same keys (a rank may hold no rows of a small last batch): sums over its rows,
     # scaled so that the mean over ranks is the mean over the global batch
@@ -279,14 +296,14 @@ def _train_step(policy: Any, tokenizer: Any, examples: list[dict[str, Any]], s: 
             fn = losses.dpo_loss if p.loss == "dpo" else losses.ipo_loss
             loss = fn(logp[0::2], logp[1::2], ref[0::2], ref[1::2], beta)
         loop.guard(loss)
-        (loss * len(micro) * world / usable).backward()  # the mean over the global batch, after the rank average
+        (loss * weight * len(micro) * world / usable).backward()  # the global batch's mean, after the rank average
         lr = (logp - ref).detach()
         for key, value in (("loss", loss.item()), *((("logratio_winner", float(lr[0::2].mean())),
                                                        ("logratio_loser", float(lr[1::2].mean()))) if per == 2
                                                      else (("logratio", float(lr.mean())),))):
-            stats[key] += value * len(micro) * world / usable
+            stats[key] += value * weight * len(micro) * world / usable
     ranks.average_gradients(list(q for group in opt.param_groups for q in group["params"]), world)
-    grad_norm = torch.nn.utils.clip_grad_norm_([q for g in opt.param_groups for q in g["params"]], tr.max_grad_norm)
+    grad_norm = ranks.clip_grad_norm_([q for g in opt.param_groups for q in g["params"]], tr.max_grad_norm)
     lr_now = sched.get_last_lr()[0]
     opt.step()
     sched.step()
@@ -322,14 +339,15 @@ def _fresh(cfg: SPPOConfig, load: dict[str, Any]) -> Any:
     return models.load_causal_lm(cfg.model.name, **load)[0].eval()
 
 
-def _save_model(policy: Any, tokenizer: Any, where: Path, lora: bool) -> None:
-    """π_{t+1} as safetensors (the adapter with LoRA), written beside and renamed into place."""
+def _save_model(policy: Any, tokenizer: Any, where: Path, full: dict[str, Any] | None) -> None:
+    """π_{t+1} as safetensors (the adapter with LoRA), written beside and renamed into place; `full`: the
+    gathered state dict of a sharded policy."""
     import os
     import shutil
 
     tmp = where.with_name(f".{where.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    policy.save_pretrained(str(tmp), safe_serialization=True)
+    policy.save_pretrained(str(tmp), safe_serialization=True, **({"state_dict": full} if full is not None else {}))
     tokenizer.save_pretrained(str(tmp))
     if where.exists():
         shutil.rmtree(where)

@@ -60,14 +60,18 @@ def sample_chunks(policy: Any, tokenizer: Any, prompts: list[Any], where: Path, 
     emitted), finished, n_tokens, ref_logp."""
     where.mkdir(parents=True, exist_ok=True)
     records: list[dict[str, Any]] = []
-    n_chunks = -(-len(prompts) // chunk_prompts)
-    for c in range(n_chunks):
+    starts = list(range(0, len(prompts), chunk_prompts))
+    if len(starts) > 1 and len(prompts) - starts[-1] < world:  # every rank gets a prompt of every chunk
+        starts.pop()
+    n_chunks = len(starts)
+    for c, lo in enumerate(starts):
         path = where / f"chunk-{c:05d}.pt"
         if path.is_file():
             records += torch.load(path, weights_only=True)
             continue
-        mine = prompts[c * chunk_prompts : (c + 1) * chunk_prompts][rank::world]
-        with loop.timer("sample"):
+        hi = starts[c + 1] if c + 1 < n_chunks else len(prompts)
+        mine = prompts[lo:hi][rank::world]
+        with loop.timer("sample"), ranks.gathered(policy):
             batch = rollout.sample(policy, tokenizer, mine, k=k, max_new_tokens=max_new_tokens,
                                    temperature=temperature, top_p=top_p, seed=seed + 100_003 * c + 7919 * rank,
                                    batch_size=batch_size) if mine else None
@@ -141,21 +145,24 @@ def write_samples(where: Path, records: list[dict[str, Any]], p: torch.Tensor, w
 # ------------------------------------------------------------------------------ evaluation
 def eval_samples(policy: Any, tokenizer: Any, prompts: list[Any], path: Path, *, base_logp: Any, seed: int,
                  max_new_tokens: int, temperature: float, top_p: float, batch_size: int,
-                 minibatch: int) -> list[dict[str, Any]]:
+                 minibatch: int, write: bool = True) -> list[dict[str, Any]]:
     """One completion per evaluation prompt from `policy`, with log π(y) and log π_0(y) (`base_logp(batch)`:
-    the starting policy's summed log-probs), saved to `path` as JSON lines (read back when there)."""
+    the starting policy's summed log-probs), saved to `path` as JSON lines when `write` (read back when
+    there). A sharded policy: every rank runs it (the forwards are collectives), one writes."""
     if path.is_file():
         return [json.loads(line) for line in path.read_text().splitlines()]
     rows: list[dict[str, Any]] = []
     for lo in range(0, len(prompts), batch_size):
         chunk = prompts[lo : lo + batch_size]
-        batch = rollout.sample(policy, tokenizer, chunk, k=1, max_new_tokens=max_new_tokens, temperature=temperature,
-                               top_p=top_p, seed=seed + lo, batch_size=batch_size)
+        with ranks.gathered(policy):
+            batch = rollout.sample(policy, tokenizer, chunk, k=1, max_new_tokens=max_new_tokens,
+                                   temperature=temperature, top_p=top_p, seed=seed + lo, batch_size=batch_size)
         logp, logp0 = sequence_logprobs(policy, batch, minibatch), base_logp(batch)
         rows += [{"prompt": prompt, "completion": batch.completions[i], "n_tokens": int(batch.lengths[i]),
                   "finished": bool(batch.finished[i]), "logp": float(logp[i]), "logp_base": float(logp0[i])}
                  for i, prompt in enumerate(chunk)]
-    _write_jsonl(path, rows)
+    if write:
+        _write_jsonl(path, rows)
     return rows
 
 
