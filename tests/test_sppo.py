@@ -266,3 +266,27 @@ def test_kill_9_while_training_then_resume_matches(uninterrupted: Path, tmp_path
     assert proc.returncode == -signal.SIGKILL
     subprocess.run([sys.executable, "-c", code, str(out), "1"], env=env, check=True, cwd=Path(__file__).parent.parent)
     assert _numbers(out) == _numbers(uninterrupted)
+
+
+@pytest.mark.slow  # two 2-process launches
+def test_fsdp_sharded_run_computes_what_ddp_computes(tmp_path: Path, tiny_model_dir, alignkit_cache):
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "ALIGNKIT_CACHE": str(alignkit_cache), "OMP_NUM_THREADS": "1"}
+    runs = {}
+    for config in ("ddp", "fsdp"):
+        out = tmp_path / config
+        cmd = [sys.executable, "-m", "alignkit.cli", "sppo", "--model", "tiny", "--device", "cpu", "--iterations", "2",
+               "--k", "2", "--max-new-tokens", "6", "--max-samples", "40", "--eval-prompts", "4", "--lr", "1e-3",
+               "--batch-size", "4", "-o", str(out), "--num-processes", "2",
+               "--set", f"launch.accelerate_config={config}"]
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        runs[config] = _numbers(out)
+    (rows_a, its_a), (rows_b, its_b) = runs["ddp"], runs["fsdp"]
+    for a, b in zip(rows_a + its_a, rows_b + its_b, strict=True):
+        assert a.keys() == b.keys()
+        for key, value in a.items():
+            assert value == pytest.approx(b[key], rel=1e-4, abs=1e-6), key
