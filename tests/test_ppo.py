@@ -407,3 +407,38 @@ def test_fsdp_sharded_run_matches_ddp_and_resumes_from_per_rank_shards(tmp_path:
     for a, b in zip(runs["fsdp"], _metrics(out), strict=True):
         for key in a:
             assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-7), key
+
+
+@pytest.mark.slow  # three runs in subprocesses
+def test_kill_9_then_resume_is_bit_exact(tmp_path: Path, tiny_model_dir, alignkit_cache):
+    """A real kill -9 of one process after its first checkpoint; `--resume` ends with the uninterrupted run's
+    metrics, bit for bit (CPU), with LoRA and the shared-base critic."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    env = {**os.environ, "ALIGNKIT_CACHE": str(alignkit_cache), "OMP_NUM_THREADS": "1"}
+
+    def launch(out: Path, *extra: str) -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, "-m", "alignkit.cli", "ppo", "--model", "tiny", "--device", "cpu",
+                                 "--iterations", "6", "--prompts-per-iteration", "4", "--k", "2", "--max-new-tokens",
+                                 "8", "--max-samples", "32", "--lora", "--lr", "1e-2", "--set", "train.save_steps=2",
+                                 "-o", str(out), *extra], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                text=True)
+
+    straight = launch(tmp_path / "straight")
+    assert straight.wait(timeout=300) == 0, straight.stderr.read()[-2000:]
+    proc = launch(tmp_path / "killed")
+    ckpt = tmp_path / "killed.partial" / "checkpoints" / "step-2" / "COMPLETE"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None and not ckpt.is_file():
+        time.sleep(0.02)
+    if proc.poll() is not None:
+        pytest.skip("the run finished before it could be killed")
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    resumed = launch(tmp_path / "killed", "--resume")
+    assert resumed.wait(timeout=300) == 0, resumed.stderr.read()[-2000:]
+    assert _metrics(tmp_path / "killed") == _metrics(tmp_path / "straight")
