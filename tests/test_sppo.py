@@ -290,3 +290,11 @@ def test_fsdp_sharded_run_computes_what_ddp_computes(tmp_path: Path, tiny_model_
         assert a.keys() == b.keys()
         for key, value in a.items():
             assert value == pytest.approx(b[key], rel=1e-4, abs=1e-6), key
+
+
+def test_the_sppo_tiny_recipe_runs_shortened(tmp_path: Path, tiny_model_dir, monkeypatch, capsys):
+    code, _, err = run_cli(["run", "sppo-tiny", "sppo.iterations=1", "data.max_samples=24", "sppo.eval_prompts=4",
+                            "sppo.max_new_tokens=6", "sppo.k=2", f"output.dir={tmp_path / 'run'}"], monkeypatch, capsys)
+    assert code == 0, err
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["command"] == "sppo" and summary["iterations"] == 1 and (tmp_path / "run" / "iter-1").is_dir()
