@@ -13,6 +13,18 @@ from typing import Any
 SHARDING = ("fsdp", "zero2", "zero3")  # launch.accelerate_config values the explicit loops shard with FSDP2
 
 
+def check_launch(config: str | None, command: str) -> None:
+    """A config check (ValueError): the accelerate configs an explicit loop runs under."""
+    if config not in (None, "ddp", *SHARDING):
+        raise ValueError(f"launch.accelerate_config={config} is not supported by {command}: ddp, or "
+                         f"{', '.join(SHARDING)} (FSDP2 sharding)")
+
+
+def sharding(config: str | None, world: int) -> str | None:
+    """The FSDP2 sharding a loop applies: `config` when it is one of SHARDING and there are several ranks."""
+    return config if world > 1 and config in SHARDING else None
+
+
 def shard(model: Any, config: str | None) -> Any:
     """Shard `model`'s parameters over the ranks with torch's FSDP2 (`fully_shard`) when `config` is fsdp,
     zero3 (parameters, gradients and optimiser state sharded; parameters gathered per layer for each
@@ -235,5 +247,6 @@ def shard_report(seen: set[tuple[int, int]], world: int) -> dict[str, Any] | Non
     return {"world_size": world, "prompts_per_rank": [len(s) for s in sets], "prompts_sampled_by_two_ranks": shared}
 
 
-__all__ = ["SHARDING", "average_gradients", "barrier", "broadcast", "clip_grad_norm_", "full_state_dict", "gather",
-           "gather_objects", "gathered", "is_sharded", "mean_over_ranks", "shard", "shard_report", "start_ranks"]
+__all__ = ["SHARDING", "average_gradients", "barrier", "broadcast", "check_launch", "clip_grad_norm_",
+           "full_state_dict", "gather", "gather_objects", "gathered", "is_sharded", "mean_over_ranks", "shard",
+           "shard_report", "sharding", "start_ranks"]

@@ -136,11 +136,9 @@ class PPOConfig(JobConfig):
                                  f"{getattr(p, switch)}): drop it or change ppo.{switch}")
         if "kl_horizon" in p.model_fields_set and p.kl_target is None:
             raise ValueError("ppo.kl_horizon acts only with the adaptive controller: set ppo.kl_target too, or drop it")
-        from alignkit.online.ranks import SHARDING
+        from alignkit.online.ranks import SHARDING, check_launch
 
-        if self.launch.accelerate_config not in (None, "ddp", *SHARDING):
-            raise ValueError(f"launch.accelerate_config={self.launch.accelerate_config} is not supported by ppo: "
-                             f"ddp, or {', '.join(SHARDING)} (FSDP2 sharding)")
+        check_launch(self.launch.accelerate_config, "ppo")
         if self.launch.accelerate_config in SHARDING and p.backend == "vllm":
             raise ValueError("ppo.backend=vllm cannot take weights from a sharded policy: use accelerate_config ddp "
                              "(or backend hf)")
@@ -227,7 +225,7 @@ def run(cfg: PPOConfig, progress: Any | None = None) -> dict[str, Any]:
             m.eval()  # dropout off everywhere: the ratio is 1 before the first step (gradients still flow)
     # fsdp / zero2 / zero3 on N ranks: FSDP2 shards every model (sharding replaces the parameters: look
     # them up after); otherwise each rank holds whole models and gradients are averaged over ranks
-    sharding = cfg.launch.accelerate_config if world > 1 and cfg.launch.accelerate_config in ranks.SHARDING else None
+    sharding = ranks.sharding(cfg.launch.accelerate_config, world)
     for m in (policy, reference, critic.body if critic is not None and not shared else None):
         if sharding and m is not None:
             ranks.shard(m, sharding)

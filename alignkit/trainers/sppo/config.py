@@ -92,11 +92,9 @@ class SPPOConfig(JobConfig):
 
     @model_validator(mode="after")
     def _check_sppo(self) -> SPPOConfig:
-        from alignkit.online.ranks import SHARDING
+        from alignkit.online.ranks import check_launch
 
-        if self.launch.accelerate_config not in (None, "ddp", *SHARDING):
-            raise ValueError(f"launch.accelerate_config={self.launch.accelerate_config} is not supported by sppo: "
-                             f"ddp, or {', '.join(SHARDING)} (FSDP2 sharding)")
+        check_launch(self.launch.accelerate_config, "sppo")
         if self.data.eval_fraction > 0:
             raise ValueError("sppo holds out sppo.eval_prompts itself: data.eval_fraction must be 0")
         if self.sppo.chunk_prompts < self.launch.num_processes:

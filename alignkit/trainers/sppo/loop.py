@@ -88,7 +88,7 @@ def run(cfg: SPPOConfig, progress: Any | None = None) -> dict[str, Any]:
     names = [name for name, q in policy.named_parameters() if q.requires_grad]
     # fsdp / zero2 / zero3 on N ranks: FSDP2 shards the policy; every rank then takes part in every forward
     # (the evaluation too), and parameters are looked up after sharding (it replaces them)
-    sharding = cfg.launch.accelerate_config if world > 1 and cfg.launch.accelerate_config in ranks.SHARDING else None
+    sharding = ranks.sharding(cfg.launch.accelerate_config, world)
     if sharding:
         ranks.shard(policy, sharding)
     named = dict(policy.named_parameters())
