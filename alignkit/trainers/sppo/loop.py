@@ -98,15 +98,15 @@ def run(cfg: SPPOConfig, progress: Any | None = None) -> dict[str, Any]:
     sample_kw = dict(max_new_tokens=p.max_new_tokens, temperature=p.temperature, top_p=p.top_p,
                      batch_size=p.sample_batch_size, minibatch=tr.micro_batch_size)
 
-    def base_logp(batch: Any) -> torch.Tensor:
-        """log π_0 of a batch's completions: the adapter disabled with LoRA, else the starting weights
-        loaded for the purpose (the trained policy stays in memory)."""
+    def base_logp(batches: list[Any]) -> list[torch.Tensor]:
+        """log π_0 of the batches' completions: the adapter disabled with LoRA, else the starting weights
+        loaded once for the purpose (the trained policy stays in memory) and freed after."""
         if lora is not None:
             with policy.disable_adapter():
-                return stages.sequence_logprobs(policy, batch, tr.micro_batch_size)
+                return [stages.sequence_logprobs(policy, b, tr.micro_batch_size) for b in batches]
         base = models.load_causal_lm(cfg.model.name, **load)[0].eval()
         try:
-            return stages.sequence_logprobs(base, batch, tr.micro_batch_size)
+            return [stages.sequence_logprobs(base, b, tr.micro_batch_size) for b in batches]
         finally:
             del base
 
@@ -132,10 +132,10 @@ def run(cfg: SPPOConfig, progress: Any | None = None) -> dict[str, Any]:
         if eval_prompts:
             path = run_dir.path("eval-0.jsonl")
             with loop.timer("eval"):
-                base_eval = (stages.eval_samples(policy if start == 0 or path.is_file() else _fresh(cfg, load),
-                                                tokenizer, eval_prompts, path, base_logp=lambda b: torch.zeros(len(b)),
-                                                seed=tr.seed, write=is_main, **_eval_kw(sample_kw))
-                             if evaluates else None)
+                base_eval = (stages.eval_samples(
+                    policy if start == 0 or path.is_file() else _fresh(cfg, load), tokenizer, eval_prompts, path,
+                    base_logp=lambda bs: [torch.zeros(len(b)) for b in bs], seed=tr.seed, write=is_main,
+                    **_eval_kw(sample_kw)) if evaluates else None)
             previous_eval = base_eval
             if is_main:  # π_0's own figures, the 0th point of every per-iteration curve
                 base_figures = {"win_rate_vs_base": 0.5, "lc_win_rate_vs_base": 0.5, "kl_to_base": 0.0,

@@ -146,18 +146,22 @@ def write_samples(where: Path, records: list[dict[str, Any]], p: torch.Tensor, w
 def eval_samples(policy: Any, tokenizer: Any, prompts: list[Any], path: Path, *, base_logp: Any, seed: int,
                  max_new_tokens: int, temperature: float, top_p: float, batch_size: int,
                  minibatch: int, write: bool = True) -> list[dict[str, Any]]:
-    """One completion per evaluation prompt from `policy`, with log π(y) and log π_0(y) (`base_logp(batch)`:
-    the starting policy's summed log-probs), saved to `path` as JSON lines when `write` (read back when
-    there). A sharded policy: every rank runs it (the forwards are collectives), one writes."""
+    """One completion per evaluation prompt from `policy`, with log π(y) and log π_0(y) (`base_logp(batches)`:
+    the starting policy's summed log-probs, one tensor per batch), saved to `path` as JSON lines when `write`
+    (read back when there). A sharded policy: every rank runs it (the forwards are collectives), one writes."""
     if path.is_file():
         return [json.loads(line) for line in path.read_text().splitlines()]
-    rows: list[dict[str, Any]] = []
+    batches, logps = [], []
     for lo in range(0, len(prompts), batch_size):
-        chunk = prompts[lo : lo + batch_size]
         with ranks.gathered(policy):
-            batch = rollout.sample(policy, tokenizer, chunk, k=1, max_new_tokens=max_new_tokens,
-                                   temperature=temperature, top_p=top_p, seed=seed + lo, batch_size=batch_size)
-        logp, logp0 = sequence_logprobs(policy, batch, minibatch), base_logp(batch)
+            batches.append(rollout.sample(policy, tokenizer, prompts[lo : lo + batch_size], k=1,
+                                          max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                                          seed=seed + lo, batch_size=batch_size))
+        logps.append(sequence_logprobs(policy, batches[-1], minibatch))
+    base = base_logp(batches)  # one call for all batches: π_0 is loaded (or switched to) once
+    rows: list[dict[str, Any]] = []
+    for b, (batch, logp, logp0) in enumerate(zip(batches, logps, base, strict=True)):
+        chunk = prompts[b * batch_size : (b + 1) * batch_size]  # the prompts as given (text or messages)
         rows += [{"prompt": prompt, "completion": batch.completions[i], "n_tokens": int(batch.lengths[i]),
                   "finished": bool(batch.finished[i]), "logp": float(logp[i]), "logp_base": float(logp0[i])}
                  for i, prompt in enumerate(chunk)]
