@@ -25,6 +25,8 @@ from alignkit.errors import UserError
 
 BackendOpt = Annotated[str, typer.Option("--backend", help="sampler: hf (transformers generate) or vllm "
                                                          "(pip install 'alignkit\\[vllm]', a CUDA GPU)")]
+ChatOpt = Annotated[str, typer.Option("--chat", help="chat template for plain prompts: auto (when the tokenizer has "
+                                                     "one; not builtin: prompts), on, off; messages always use it")]
 
 
 @app.command("eval")
@@ -42,7 +44,7 @@ def eval_cmd(
     top_p: Annotated[float, typer.Option("--top-p", help="nucleus sampling; KL is exact at 1")] = 1.0,
     batch_size: Annotated[int, typer.Option("--batch-size", help="sequences per generate/forward")] = 32,
     seed: Annotated[int, typer.Option("--seed", help="sampling seed (>= 0)")] = 0,
-    backend: BackendOpt = "hf",
+    backend: BackendOpt = "hf", chat: ChatOpt = "auto",
     dtype: DtypeOpt = None, device: DeviceOpt = None, output_dir: OutOpt = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="replace an existing run directory")] = False,
 ) -> None:
@@ -54,7 +56,7 @@ def eval_cmd(
         "policies": evaluate.parse_policies(policies), "prompts": prompts, "max_samples": max_samples,
         "reward": reward, "preference": preference, "baseline": baseline, "reference": reference, "k": k,
         "max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p, "batch_size": batch_size,
-        "seed": seed, "backend": backend, "dtype": dtype, "device": device, "output.dir": output_dir,
+        "seed": seed, "backend": backend, "chat": chat, "dtype": dtype, "device": device, "output.dir": output_dir,
         "output.overwrite": overwrite,
     }
     evaluate.run(build_config(evaluate.PolicyEvalConfig, {}, None, flags, origin="eval"))
@@ -67,10 +69,11 @@ GenBatchOpt = Annotated[int, typer.Option(help="sequences (prompts x k) per gene
 
 
 def _check_sampling(k: int, max_new_tokens: int, temperature: float, top_p: float, batch_size: int, seed: int,
-                    backend: str, device: str | None) -> None:
+                    backend: str, device: str | None, chat: str) -> None:
     from alignkit import generation, vllm_backend
 
     generation.check_settings(k, max_new_tokens, temperature, top_p, batch_size)
+    generation.chat_mode(chat)
     check_seed(seed)
     vllm_backend.check_backend(backend, device)
 
@@ -85,7 +88,7 @@ def generate(
     top_p: TopPOpt = 1.0, max_new_tokens: NewTokensOpt = 48, batch_size: GenBatchOpt = 32,
     max_samples: MaxSamplesOpt = None, columns: ColumnsOpt = None,
     seed: Annotated[int, typer.Option(help="sampling seed (>= 0)")] = 0, backend: BackendOpt = "hf",
-    dtype: DtypeOpt = None, device: DeviceOpt = None, overwrite: OverwriteOutOpt = False,
+    chat: ChatOpt = "auto", dtype: DtypeOpt = None, device: DeviceOpt = None, overwrite: OverwriteOutOpt = False,
 ) -> None:
     """Sample K completions per prompt and write them as JSONL (prompt, completion, finished, ...)."""
     from alignkit import data as data_mod
@@ -93,7 +96,7 @@ def generate(
     from alignkit.trainers._hf import quiet_libraries
 
     quiet_libraries()
-    _check_sampling(k, max_new_tokens, temperature, top_p, batch_size, seed, backend, device)
+    _check_sampling(k, max_new_tokens, temperature, top_p, batch_size, seed, backend, device, chat)
     check_output_file(out, overwrite)
     ds, _ = data_mod.load(prompts, kind="prompts", columns=columns, max_samples=max_samples)
     lm, tok = generation.load_sampler(model, backend, dtype=dtype or "auto", device=device or "auto", seed=seed)
@@ -101,6 +104,7 @@ def generate(
     samples = generation.generate(
         lm, tok, list(ds["prompt"]), k=k, max_new_tokens=max_new_tokens, temperature=temperature,
         top_p=top_p, batch_size=batch_size, seed=seed, progress=True, stats=stats,
+        chat=generation.chat_mode(chat, prompts),
     )
     generation.write_jsonl(samples, out)
     fin = sum(s.finished for s in samples) / max(len(samples), 1)
@@ -123,7 +127,7 @@ def pairs(
     top_p: TopPOpt = 1.0, max_new_tokens: NewTokensOpt = 48, batch_size: GenBatchOpt = 32,
     max_samples: MaxSamplesOpt = None, columns: ColumnsOpt = None,
     seed: Annotated[int, typer.Option(help="sampling and selection seed (>= 0)")] = 0, backend: BackendOpt = "hf",
-    dtype: DtypeOpt = None, device: DeviceOpt = None, overwrite: OverwriteOutOpt = False,
+    chat: ChatOpt = "auto", dtype: DtypeOpt = None, device: DeviceOpt = None, overwrite: OverwriteOutOpt = False,
 ) -> None:
     """On-policy preference pairs: K samples per prompt from a policy, judged, one pair per prompt."""
     import datasets
@@ -139,7 +143,7 @@ def pairs(
         raise UserError(f"--k must be at least 2 to form a pair (got {k})")
     if select not in ("best-worst", "random") or label not in ("prob", "sample"):
         raise UserError(f"--select must be best-worst or random and --label prob or sample (got {select}, {label})")
-    _check_sampling(k, max_new_tokens, temperature, top_p, batch_size, seed, backend, device)
+    _check_sampling(k, max_new_tokens, temperature, top_p, batch_size, seed, backend, device, chat)
     if temperature == 0:
         raise UserError("--temperature must be > 0: greedy decoding gives K identical samples")
     check_output_file(out, overwrite)
@@ -149,6 +153,7 @@ def pairs(
     rows, stats = pairs_mod.build(
         lm, tok, list(ds["prompt"]), judge, k=k, select=select, label=label, seed=seed,  # type: ignore[arg-type]
         temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, batch_size=batch_size,
+        chat=generation.chat_mode(chat, prompts),
     )
     data_mod.to_jsonl(datasets.Dataset.from_list(rows), out)
     console.print(
