@@ -35,6 +35,8 @@ class PolicyEvalConfig(Block):
     )
     prompts: str = Field("builtin:prompts", description="prompt source: file, dataset dir, hub id or builtin:prompts")
     max_samples: int | None = Field(64, ge=1, description="use only the first N prompts (None: all)")
+    skip_invalid: bool = Field(False, description="drop prompt rows the validator refuses (counted per reason in "
+                               "summary.json's dropped_rows) instead of stopping at the first")
     reward: str = Field("gold", description="Scorer spec (rewards.load_scorer): gold, module:function, RM dir")
     preference: str | None = Field(
         "oracle", description="Preference spec for the win rate (rewards.load_preference); none: no win rate"
@@ -414,7 +416,9 @@ def run(cfg: PolicyEvalConfig, progress: Any | None = None, console: Any | None 
     out = checked_output(cfg.output.dir, cfg.output.overwrite, "eval")  # before any work: can it be written?
     check_specs(cfg.reward, cfg.preference)
     vllm_backend.check_backend(cfg.backend, cfg.device)
-    ds, _ = data.load(cfg.prompts, kind="prompts", max_samples=cfg.max_samples, seed=cfg.seed)
+    dropped: dict[str, int] = {}
+    ds, _ = data.load(cfg.prompts, kind="prompts", max_samples=cfg.max_samples, seed=cfg.seed, dropped=dropped,
+                      skip_invalid=cfg.skip_invalid)
     result = evaluate_policies(
         cfg.policies, list(ds["prompt"]), reward=cfg.reward, preference=cfg.preference, baseline=cfg.baseline,
         reference=cfg.reference, k=cfg.k, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
@@ -435,7 +439,7 @@ def run(cfg: PolicyEvalConfig, progress: Any | None = None, console: Any | None 
         console.print(f"[yellow]warning:[/yellow] {escape(w)}", highlight=False)
     summary = {
         "command": "eval", "settings": settings, "policies": result["policies"],
-        "wall_seconds": time.perf_counter() - t0,
+        "wall_seconds": time.perf_counter() - t0, **({"dropped_rows": dropped} if dropped else {}),
     }
     final = run_dir.finish(summary, readme=_README)
     console.print(f"results in {final}/ (summary.json, samples.jsonl, plots/reward_vs_kl.png)")

@@ -85,8 +85,8 @@ def test_rollout_teacher_forcing_reads_the_rendered_ids(tiny) -> None:
     assert [s.token_ids for s in samples] == [batch.input_ids[r, P : P + int(batch.lengths[r])].tolist()
                                               for r in range(len(batch))]
     rollout.score_tokens(batch, model, model, None, 1.0, minibatch=8)
-    torch.testing.assert_close(batch.logprobs.sum(-1).double(), torch.tensor([s.logprob for s in samples], dtype=torch.float64),
-                               atol=1e-4, rtol=1e-4)
+    expected = torch.tensor([s.logprob for s in samples], dtype=torch.float64)
+    torch.testing.assert_close(batch.logprobs.sum(-1).double(), expected, atol=1e-4, rtol=1e-4)
 
 
 def test_generate_cli_renders_plain_prompts_and_chat_on_without_template_is_one_line(

@@ -25,6 +25,8 @@ from alignkit.errors import UserError
 
 BackendOpt = Annotated[str, typer.Option("--backend", help="sampler: hf (transformers generate) or vllm "
                                                          "(pip install 'alignkit\\[vllm]', a CUDA GPU)")]
+SkipInvalidOpt = Annotated[bool, typer.Option("--skip-invalid", help="drop prompt rows the validator refuses "
+                                                                   "(counted per reason) instead of stopping")]
 ChatOpt = Annotated[str, typer.Option("--chat", help="chat template for plain prompts: auto (when the tokenizer has "
                                                      "one; not builtin: prompts), on, off; messages always use it")]
 
@@ -44,7 +46,7 @@ def eval_cmd(
     top_p: Annotated[float, typer.Option("--top-p", help="nucleus sampling; KL is exact at 1")] = 1.0,
     batch_size: Annotated[int, typer.Option("--batch-size", help="sequences per generate/forward")] = 32,
     seed: Annotated[int, typer.Option("--seed", help="sampling seed (>= 0)")] = 0,
-    backend: BackendOpt = "hf", chat: ChatOpt = "auto",
+    backend: BackendOpt = "hf", chat: ChatOpt = "auto", skip_invalid: SkipInvalidOpt = False,
     dtype: DtypeOpt = None, device: DeviceOpt = None, output_dir: OutOpt = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="replace an existing run directory")] = False,
 ) -> None:
@@ -56,7 +58,8 @@ def eval_cmd(
         "policies": evaluate.parse_policies(policies), "prompts": prompts, "max_samples": max_samples,
         "reward": reward, "preference": preference, "baseline": baseline, "reference": reference, "k": k,
         "max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p, "batch_size": batch_size,
-        "seed": seed, "backend": backend, "chat": chat, "dtype": dtype, "device": device, "output.dir": output_dir,
+        "seed": seed, "backend": backend, "chat": chat, "skip_invalid": skip_invalid, "dtype": dtype,
+        "device": device, "output.dir": output_dir,
         "output.overwrite": overwrite,
     }
     evaluate.run(build_config(evaluate.PolicyEvalConfig, {}, None, flags, origin="eval"))
@@ -86,7 +89,7 @@ def generate(
     k: Annotated[int, typer.Option("--k", help="samples per prompt")] = 1,
     temperature: Annotated[float, typer.Option(help="0 = greedy")] = 1.0,
     top_p: TopPOpt = 1.0, max_new_tokens: NewTokensOpt = 48, batch_size: GenBatchOpt = 32,
-    max_samples: MaxSamplesOpt = None, columns: ColumnsOpt = None,
+    max_samples: MaxSamplesOpt = None, columns: ColumnsOpt = None, skip_invalid: SkipInvalidOpt = False,
     seed: Annotated[int, typer.Option(help="sampling seed (>= 0)")] = 0, backend: BackendOpt = "hf",
     chat: ChatOpt = "auto", dtype: DtypeOpt = None, device: DeviceOpt = None, overwrite: OverwriteOutOpt = False,
 ) -> None:
@@ -98,7 +101,8 @@ def generate(
     quiet_libraries()
     _check_sampling(k, max_new_tokens, temperature, top_p, batch_size, seed, backend, device, chat)
     check_output_file(out, overwrite)
-    ds, _ = data_mod.load(prompts, kind="prompts", columns=columns, max_samples=max_samples)
+    ds, _ = data_mod.load(prompts, kind="prompts", columns=columns, max_samples=max_samples,
+                          skip_invalid=skip_invalid)
     lm, tok = generation.load_sampler(model, backend, dtype=dtype or "auto", device=device or "auto", seed=seed)
     stats: dict[str, Any] = {}
     samples = generation.generate(
@@ -125,7 +129,7 @@ def pairs(
     label: Annotated[str, typer.Option("--label", help="random pairs: prob (judge's choice) or sample")] = "prob",
     temperature: Annotated[float, typer.Option(help="sampling temperature (> 0)")] = 1.0,
     top_p: TopPOpt = 1.0, max_new_tokens: NewTokensOpt = 48, batch_size: GenBatchOpt = 32,
-    max_samples: MaxSamplesOpt = None, columns: ColumnsOpt = None,
+    max_samples: MaxSamplesOpt = None, columns: ColumnsOpt = None, skip_invalid: SkipInvalidOpt = False,
     seed: Annotated[int, typer.Option(help="sampling and selection seed (>= 0)")] = 0, backend: BackendOpt = "hf",
     chat: ChatOpt = "auto", dtype: DtypeOpt = None, device: DeviceOpt = None, overwrite: OverwriteOutOpt = False,
 ) -> None:
@@ -147,7 +151,8 @@ def pairs(
     if temperature == 0:
         raise UserError("--temperature must be > 0: greedy decoding gives K identical samples")
     check_output_file(out, overwrite)
-    ds, _ = data_mod.load(prompts, kind="prompts", columns=columns, max_samples=max_samples)
+    ds, _ = data_mod.load(prompts, kind="prompts", columns=columns, max_samples=max_samples,
+                          skip_invalid=skip_invalid)
     judge = load_preference(preference, device=device or "auto")
     lm, tok = generation.load_sampler(model, backend, dtype=dtype or "auto", device=device or "auto", seed=seed)
     rows, stats = pairs_mod.build(
