@@ -111,3 +111,20 @@ def test_generate_cli_renders_plain_prompts_and_chat_on_without_template_is_one_
     code, _, err = run_cli([*base, "--model", str(tiny_model_dir), "--out", str(out), "--chat", "maybe"],
                            monkeypatch, capsys)
     one_line_error(code, err, "--chat")
+
+
+@pytest.mark.parametrize("command", ["ppo", "sppo"])
+def test_online_loops_read_the_chat_setting(command: str, no_template_dir: Path, tmp_path: Path) -> None:
+    """`ppo.chat` / `sppo.chat`: `on` with a template-less tokenizer stops before the run directory exists."""
+    from alignkit.trainers import ppo
+    from alignkit.trainers.sppo import SPPOConfig, run
+
+    common = dict(model={"name": str(no_template_dir), "device": "cpu"}, data={"source": "builtin:prompts"},
+                  output={"dir": str(tmp_path / "run")})
+    if command == "ppo":
+        cfg, run_fn = ppo.PPOConfig(**common, ppo={"chat": "on", "iterations": 1}), ppo.run
+    else:
+        cfg, run_fn = SPPOConfig(**common, sppo={"chat": "on", "iterations": 1, "eval_prompts": 2}), run
+    with pytest.raises(UserError, match="--chat on needs a tokenizer with a chat template"):
+        run_fn(cfg)
+    assert not (tmp_path / "run").exists()
