@@ -16,7 +16,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 
@@ -63,9 +63,8 @@ def check_settings(k: int = 1, max_new_tokens: int = 1, temperature: float = 1.0
         raise UserError(f"--top-p must be in (0, 1] (got {top_p})")
 
 
-CHAT_MODES = ("auto", "on", "off")
 # --chat: how a plain-text prompt meets the tokenizer's chat template (docs/models.md#chat-templates)
-ChatMode = Literal["auto", "on", "off"]
+CHAT_MODES = ("auto", "on", "off")
 
 
 def chat_mode(chat: str | bool, source: str | None = None) -> str:
@@ -300,7 +299,7 @@ def render_prompts(tokenizer: Any, prompts: list[Prompt], chat: str | bool = "of
     check_chat(tokenizer, chat)
     texts = [format_prompt(tokenizer, p, chat=chat, join=join) for p in prompts]
     shown = [t if uses_template(tokenizer, p, chat) else p for p, t in zip(prompts, texts, strict=True)]
-    return shown, prompt_ids(tokenizer, prompts, chat=chat, join=join, texts=texts)  # type: ignore[misc]
+    return shown, prompt_ids(tokenizer, prompts, chat=chat, join=join, texts=texts)
 
 
 def prompt_ids(
