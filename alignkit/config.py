@@ -83,6 +83,9 @@ class DataSection(Block):
     max_samples: int | None = Field(None, ge=1, description="use only the first N rows")
     eval_fraction: float = Field(0.0, ge=0.0, lt=1.0, description="held-out fraction for evaluation")
     seed: int = Field(0, ge=0, description="seed of the built-in data and of the train/eval split")
+    skip_invalid: bool = Field(False, description="drop the rows the validator refuses (an empty reply, a null "
+                               "field), counted per reason in summary.json's dropped_rows; false: the first stops "
+                               "the run with its row number")
 
 
 class TrainSection(Block):

@@ -35,6 +35,8 @@ class PolicyEvalConfig(Block):
     )
     prompts: str = Field("builtin:prompts", description="prompt source: file, dataset dir, hub id or builtin:prompts")
     max_samples: int | None = Field(64, ge=1, description="use only the first N prompts (None: all)")
+    skip_invalid: bool = Field(False, description="drop prompt rows the validator refuses (counted per reason in "
+                               "summary.json's dropped_rows) instead of stopping at the first")
     reward: str = Field("gold", description="Scorer spec (rewards.load_scorer): gold, module:function, RM dir")
     preference: str | None = Field(
         "oracle", description="Preference spec for the win rate (rewards.load_preference); none: no win rate"
@@ -51,6 +53,10 @@ class PolicyEvalConfig(Block):
     seed: int = Field(0, ge=0, description="sampling seed (and seed of the built-in prompts)")
     backend: Literal["hf", "vllm"] = Field(
         "hf", description="sampler: hf (transformers generate) or vllm (extra alignkit[vllm], a CUDA GPU)"
+    )
+    chat: Literal["auto", "on", "off"] = Field(
+        "auto", description="chat template for plain prompts: auto (when the tokenizer has one; not for builtin: "
+        "prompts), on, off; message prompts always use it (docs/models.md#chat-templates)"
     )
     device: str = Field("auto", description="auto, cpu, cuda, cuda:N")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
@@ -210,12 +216,14 @@ def evaluate_policies(
     dtype: str = "auto",
     progress: bool = True,
     backend: str = "hf",
+    chat: str = "off",
 ) -> dict[str, Any]:
     """Sample, score and compare policies; writes nothing. Definitions and choices: docs/eval.md.
 
     Returns {"policies": {name: metrics}, "settings": {...}, "samples": [one dict per sample]}.
     A baseline that is not one of `policies` gets a row of its own ("baseline"). `backend` samples with
     transformers (`hf`) or vLLM (`vllm`, docs/vllm.md); the reference's log-probs are always an HF forward.
+    `chat` (`generation.chat_mode`) renders the prompts; the reference scores the very ids each policy read.
     """
     from alignkit import generation, models, rewards, vllm_backend
 
@@ -244,6 +252,8 @@ def evaluate_policies(
     pref = rewards.load_preference(preference, device=device) if preference and base_name else None
     specs = list(dict.fromkeys([*rows.values(), *([ref_spec] if ref_spec else [])]))
     tokenizers = {spec: models.load_tokenizer(_weights_dir(spec)) for spec in specs}
+    for spec in set(rows.values()):
+        generation.check_chat(tokenizers[spec], chat)
     if ref_spec:
         ref_vocab = tokenizers[ref_spec].get_vocab()
         for spec in specs:
@@ -272,9 +282,9 @@ def evaluate_policies(
             samples[spec] = generation.generate(
                 sampler, tok, prompts, k=k, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                 batch_size=batch_size, seed=sample_seed(seed, spec), progress=progress, stats=stats,
-                return_logprobs=bool(ref_spec),
+                return_logprobs=bool(ref_spec), chat=chat,
             )
-            ids[spec] = generation.prompt_ids(tok, prompts)
+            ids[spec] = generation.prompt_ids(tok, prompts, chat=chat)
             if stats["max_new_tokens"] < max_new_tokens:
                 capped.append(f"{spec}: max_new_tokens capped at {stats['max_new_tokens']} to fit the model's "
                               "positions")
@@ -356,7 +366,7 @@ def evaluate_policies(
         "n_prompts": n_prompts, "k": k, "reward": reward, "preference": preference if pref else None,
         "baseline": base_name, "baseline_spec": base_spec, "reference": ref_name or ref_spec,
         "reference_spec": ref_spec, "max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p,
-        "batch_size": batch_size, "seed": seed, "device": device, "dtype": dtype, "backend": backend,
+        "batch_size": batch_size, "seed": seed, "device": device, "dtype": dtype, "backend": backend, "chat": chat,
         "kl_estimator": "k1: mean over samples of sum_t [log pi - log pi_ref], EOS included" if ref_spec else None,
         "kl_exact_in_expectation": bool(ref_spec) and temperature == 1.0 and top_p == 1.0 and not sampler_warnings,
         "se_unit": "prompt", "warnings": warnings,
@@ -395,7 +405,7 @@ def run(cfg: PolicyEvalConfig, progress: Any | None = None, console: Any | None 
     from rich.console import Console
     from rich.markup import escape
 
-    from alignkit import data, vllm_backend
+    from alignkit import data, generation, vllm_backend
     from alignkit.config import to_yaml
     from alignkit.runs import RunDir, atomic_write_text, checked_output
     from alignkit.trainers._hf import quiet_libraries
@@ -406,12 +416,14 @@ def run(cfg: PolicyEvalConfig, progress: Any | None = None, console: Any | None 
     out = checked_output(cfg.output.dir, cfg.output.overwrite, "eval")  # before any work: can it be written?
     check_specs(cfg.reward, cfg.preference)
     vllm_backend.check_backend(cfg.backend, cfg.device)
-    ds, _ = data.load(cfg.prompts, kind="prompts", max_samples=cfg.max_samples, seed=cfg.seed)
+    dropped: dict[str, int] = {}
+    ds, _ = data.load(cfg.prompts, kind="prompts", max_samples=cfg.max_samples, seed=cfg.seed, dropped=dropped,
+                      skip_invalid=cfg.skip_invalid)
     result = evaluate_policies(
         cfg.policies, list(ds["prompt"]), reward=cfg.reward, preference=cfg.preference, baseline=cfg.baseline,
         reference=cfg.reference, k=cfg.k, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
         top_p=cfg.top_p, batch_size=cfg.batch_size, seed=cfg.seed, device=cfg.device, dtype=cfg.dtype,
-        progress=progress is None, backend=cfg.backend,
+        progress=progress is None, backend=cfg.backend, chat=generation.chat_mode(cfg.chat, cfg.prompts),
     )
     run_dir = RunDir.open(out, cfg.output.overwrite, False, to_yaml(cfg))
     settings = {**result["settings"], "prompts": cfg.prompts}
@@ -427,7 +439,7 @@ def run(cfg: PolicyEvalConfig, progress: Any | None = None, console: Any | None 
         console.print(f"[yellow]warning:[/yellow] {escape(w)}", highlight=False)
     summary = {
         "command": "eval", "settings": settings, "policies": result["policies"],
-        "wall_seconds": time.perf_counter() - t0,
+        "wall_seconds": time.perf_counter() - t0, **({"dropped_rows": dropped} if dropped else {}),
     }
     final = run_dir.finish(summary, readme=_README)
     console.print(f"results in {final}/ (summary.json, samples.jsonl, plots/reward_vs_kl.png)")

@@ -4,6 +4,8 @@
 (prompt formats, prompt-major order, seeding, greedy decoding, `capture_layer`, `return_logprobs`,
 the cap on `max_new_tokens`): docs/models.md#generation. `load_sampler` picks the backend: an HF model
 (`hf`, `model.generate`) or a `vllm_backend.VLLMEngine` (`vllm`), which `generate` hands the work to.
+`chat` (`--chat auto|on|off`) says when a prompt goes through the tokenizer's chat template
+(docs/models.md#chat-templates); `render_prompts` gives every sampler the same text and ids.
 """
 
 from __future__ import annotations
@@ -61,13 +63,49 @@ def check_settings(k: int = 1, max_new_tokens: int = 1, temperature: float = 1.0
         raise UserError(f"--top-p must be in (0, 1] (got {top_p})")
 
 
-def format_prompt(tokenizer: Any, prompt: Prompt, chat: bool = False, join: str = DEFAULT_JOIN) -> str:
-    """The text the model sees: the chat template for message lists (or any prompt when `chat`),
-    else `prompt + join`."""
-    if isinstance(prompt, str) and not chat:
-        return prompt + join
+# --chat: how a plain-text prompt meets the tokenizer's chat template (docs/models.md#chat-templates)
+CHAT_MODES = ("auto", "on", "off")
+
+
+def chat_mode(chat: str | bool, source: str | None = None) -> str:
+    """The `--chat` setting as one of CHAT_MODES (True / False, the old flag: on / off). `auto` for a prompt
+    set of the built-in task (`builtin:` sources, `source`) is `off`: its prompts are the opening words of a
+    text to continue, not requests to answer (docs/models.md#chat-templates)."""
+    mode = ("on" if chat else "off") if isinstance(chat, bool) else chat
+    if mode not in CHAT_MODES:
+        raise UserError(f"--chat must be auto, on or off (got {chat!r})")
+    if mode == "auto" and source is not None and str(source).startswith("builtin:"):
+        return "off"
+    return mode
+
+
+def check_chat(tokenizer: Any, chat: str | bool) -> None:
+    """`--chat on` needs a chat template: one line before any sampling when the tokenizer has none."""
+    if chat_mode(chat) == "on" and not has_chat_template(tokenizer):
+        raise UserError("--chat on needs a tokenizer with a chat template and this model's tokenizer has none: "
+                        "use --chat auto or off, or give the model a tokenizer with a chat_template")
+
+
+def has_chat_template(tokenizer: Any) -> bool:
+    return bool(getattr(tokenizer, "chat_template", None))
+
+
+def uses_template(tokenizer: Any, prompt: Prompt, chat: str | bool = "off") -> bool:
+    """Whether `prompt` goes through the chat template: a message list always (it has no plain-text form; TRL
+    renders it too); a plain prompt under `on`, and under `auto` when the tokenizer has a template."""
+    mode = chat_mode(chat)
+    if not isinstance(prompt, str):
+        return True
+    return mode == "on" or (mode == "auto" and has_chat_template(tokenizer))
+
+
+def format_prompt(tokenizer: Any, prompt: Prompt, chat: str | bool = "off", join: str = DEFAULT_JOIN) -> str:
+    """The text the model sees: the chat template with the generation prompt when `uses_template` (a plain
+    prompt is one user turn), else `prompt + join`."""
+    if not uses_template(tokenizer, prompt, chat):
+        return prompt + join  # type: ignore[operator]
     messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
-    if getattr(tokenizer, "chat_template", None) is None:
+    if not has_chat_template(tokenizer):
         raise UserError("chat prompts need a tokenizer with a chat template; this model's tokenizer has none")
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
@@ -95,7 +133,7 @@ def generate(
     seed: int = 0,
     progress: bool = True,
     join: str = DEFAULT_JOIN,
-    chat: bool = False,
+    chat: str | bool = "off",
     capture_layer: int | None = None,
     stats: dict[str, float] | None = None,
     return_logprobs: bool = False,
@@ -115,9 +153,7 @@ def generate(
             capture_layer=capture_layer, stats=stats, return_logprobs=return_logprobs,
         )
     check_settings(k, max_new_tokens, temperature, top_p, batch_size)
-    texts = [format_prompt(tokenizer, p, chat=chat, join=join) for p in prompts]
-    shown = [p if isinstance(p, str) and not chat else t for p, t in zip(prompts, texts, strict=True)]
-    encoded = prompt_ids(tokenizer, prompts, chat=chat, join=join, texts=texts)
+    shown, encoded = render_prompts(tokenizer, prompts, chat, join)
     extra = 1 if capture_layer is not None else 0
     max_new_tokens = fit_new_tokens(model, encoded, max_new_tokens, extra)
     greedy = temperature == 0 or not do_sample
@@ -256,13 +292,25 @@ def _split_completions(
     return {"text": text, "finished": finished.cpu(), "n_tokens": n_tokens.cpu(), "ids": ids}
 
 
+def render_prompts(tokenizer: Any, prompts: list[Prompt], chat: str | bool = "off",
+                   join: str = DEFAULT_JOIN) -> tuple[list[str], list[list[int]]]:
+    """(shown, ids) of each prompt, as every sampler feeds them: `shown` is `Sample.prompt` (the prompt as
+    given, or the rendered text when it went through the chat template), `ids` what the model reads."""
+    check_chat(tokenizer, chat)
+    texts = [format_prompt(tokenizer, p, chat=chat, join=join) for p in prompts]
+    shown = [t if uses_template(tokenizer, p, chat) else p for p, t in zip(prompts, texts, strict=True)]
+    return shown, prompt_ids(tokenizer, prompts, chat=chat, join=join, texts=texts)
+
+
 def prompt_ids(
-    tokenizer: Any, prompts: list[Prompt], chat: bool = False, join: str = DEFAULT_JOIN, texts: list[str] | None = None
+    tokenizer: Any, prompts: list[Prompt], chat: str | bool = "off", join: str = DEFAULT_JOIN,
+    texts: list[str] | None = None,
 ) -> list[list[int]]:
-    """The token ids `generate` feeds for each prompt (what a teacher-forced forward must reuse).
-    Plain prompts get the tokenizer's own special tokens (BOS); chat templates already contain them."""
+    """The token ids `generate` feeds for each prompt (what a teacher-forced forward must reuse: pass the same
+    `chat` and `join`). Plain text gets the tokenizer's own special tokens (BOS); a rendered chat template
+    already contains them, so its ids are `apply_chat_template(..., add_generation_prompt=True)`'s."""
     texts = texts or [format_prompt(tokenizer, p, chat=chat, join=join) for p in prompts]
-    special = [isinstance(p, str) and not chat for p in prompts]
+    special = [not uses_template(tokenizer, p, chat) for p in prompts]
     if len(set(special)) == 1:  # the usual case: ONE batched tokenizer call (no padding: the same ids)
         return [list(ids) for ids in tokenizer(texts, add_special_tokens=special[0])["input_ids"]]
     return [tokenizer(t, add_special_tokens=sp)["input_ids"] for sp, t in zip(special, texts, strict=True)]

@@ -150,7 +150,7 @@ class VLLMEngine:
     def generate(self, prompts: list[generation.Prompt], k: int = 1, max_new_tokens: int = 48,
                  temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, do_sample: bool = True,
                  batch_size: int = 32, seed: int = 0, progress: bool = True, join: str = generation.DEFAULT_JOIN,
-                 chat: bool = False, capture_layer: int | None = None, stats: dict[str, float] | None = None,
+                 chat: str | bool = "off", capture_layer: int | None = None, stats: dict[str, float] | None = None,
                  return_logprobs: bool = False) -> list[generation.Sample]:
         """`generation.generate`'s contract, sampled by vLLM: K samples per prompt, prompt-major.
 
@@ -161,9 +161,7 @@ class VLLMEngine:
         if capture_layer is not None:
             raise ValueError("capture_layer needs the model's hidden states: sample with the hf backend")
         generation.check_settings(k, max_new_tokens, temperature, top_p, batch_size)
-        texts = [generation.format_prompt(self.tokenizer, p, chat=chat, join=join) for p in prompts]
-        shown = [p if isinstance(p, str) and not chat else t for p, t in zip(prompts, texts, strict=True)]
-        encoded = generation.prompt_ids(self.tokenizer, prompts, chat=chat, join=join, texts=texts)
+        shown, encoded = generation.render_prompts(self.tokenizer, prompts, chat, join)
         max_new_tokens = generation.fit_new_tokens(SimpleNamespace(max_position_embeddings=self.max_positions),
                                                    encoded, max_new_tokens)
         greedy = temperature == 0 or not do_sample

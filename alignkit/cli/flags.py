@@ -45,6 +45,7 @@ SHARED: tuple[Flag, ...] = (
     Flag("kind", "data.kind", ("--kind",), str),
     Flag("columns", "data.columns", ("--columns",), str, "column mapping: prompt=question,chosen=resp_j", _columns),
     Flag("max_samples", "data.max_samples", ("--max-samples",), int),
+    Flag("skip_invalid", "data.skip_invalid", ("--skip-invalid",), bool),
     Flag("output_dir", "output.dir", ("--output-dir", "-o"), str),
     Flag("overwrite", "output.overwrite", ("--overwrite",), bool),
     Flag("resume", "output.resume", ("--resume",), bool),

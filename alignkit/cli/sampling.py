@@ -25,6 +25,10 @@ from alignkit.errors import UserError
 
 BackendOpt = Annotated[str, typer.Option("--backend", help="sampler: hf (transformers generate) or vllm "
                                                          "(pip install 'alignkit\\[vllm]', a CUDA GPU)")]
+SkipInvalidOpt = Annotated[bool, typer.Option("--skip-invalid", help="drop prompt rows the validator refuses "
+                                                                   "(counted per reason) instead of stopping")]
+ChatOpt = Annotated[str, typer.Option("--chat", help="chat template for plain prompts: auto (when the tokenizer has "
+                                                     "one; not builtin: prompts), on, off; messages always use it")]
 
 
 @app.command("eval")
@@ -42,7 +46,7 @@ def eval_cmd(
     top_p: Annotated[float, typer.Option("--top-p", help="nucleus sampling; KL is exact at 1")] = 1.0,
     batch_size: Annotated[int, typer.Option("--batch-size", help="sequences per generate/forward")] = 32,
     seed: Annotated[int, typer.Option("--seed", help="sampling seed (>= 0)")] = 0,
-    backend: BackendOpt = "hf",
+    backend: BackendOpt = "hf", chat: ChatOpt = "auto", skip_invalid: SkipInvalidOpt = False,
     dtype: DtypeOpt = None, device: DeviceOpt = None, output_dir: OutOpt = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="replace an existing run directory")] = False,
 ) -> None:
@@ -54,7 +58,8 @@ def eval_cmd(
         "policies": evaluate.parse_policies(policies), "prompts": prompts, "max_samples": max_samples,
         "reward": reward, "preference": preference, "baseline": baseline, "reference": reference, "k": k,
         "max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p, "batch_size": batch_size,
-        "seed": seed, "backend": backend, "dtype": dtype, "device": device, "output.dir": output_dir,
+        "seed": seed, "backend": backend, "chat": chat, "skip_invalid": skip_invalid, "dtype": dtype,
+        "device": device, "output.dir": output_dir,
         "output.overwrite": overwrite,
     }
     evaluate.run(build_config(evaluate.PolicyEvalConfig, {}, None, flags, origin="eval"))
@@ -67,10 +72,11 @@ GenBatchOpt = Annotated[int, typer.Option(help="sequences (prompts x k) per gene
 
 
 def _check_sampling(k: int, max_new_tokens: int, temperature: float, top_p: float, batch_size: int, seed: int,
-                    backend: str, device: str | None) -> None:
+                    backend: str, device: str | None, chat: str) -> None:
     from alignkit import generation, vllm_backend
 
     generation.check_settings(k, max_new_tokens, temperature, top_p, batch_size)
+    generation.chat_mode(chat)
     check_seed(seed)
     vllm_backend.check_backend(backend, device)
 
@@ -83,9 +89,9 @@ def generate(
     k: Annotated[int, typer.Option("--k", help="samples per prompt")] = 1,
     temperature: Annotated[float, typer.Option(help="0 = greedy")] = 1.0,
     top_p: TopPOpt = 1.0, max_new_tokens: NewTokensOpt = 48, batch_size: GenBatchOpt = 32,
-    max_samples: MaxSamplesOpt = None, columns: ColumnsOpt = None,
+    max_samples: MaxSamplesOpt = None, columns: ColumnsOpt = None, skip_invalid: SkipInvalidOpt = False,
     seed: Annotated[int, typer.Option(help="sampling seed (>= 0)")] = 0, backend: BackendOpt = "hf",
-    dtype: DtypeOpt = None, device: DeviceOpt = None, overwrite: OverwriteOutOpt = False,
+    chat: ChatOpt = "auto", dtype: DtypeOpt = None, device: DeviceOpt = None, overwrite: OverwriteOutOpt = False,
 ) -> None:
     """Sample K completions per prompt and write them as JSONL (prompt, completion, finished, ...)."""
     from alignkit import data as data_mod
@@ -93,14 +99,16 @@ def generate(
     from alignkit.trainers._hf import quiet_libraries
 
     quiet_libraries()
-    _check_sampling(k, max_new_tokens, temperature, top_p, batch_size, seed, backend, device)
+    _check_sampling(k, max_new_tokens, temperature, top_p, batch_size, seed, backend, device, chat)
     check_output_file(out, overwrite)
-    ds, _ = data_mod.load(prompts, kind="prompts", columns=columns, max_samples=max_samples)
+    ds, _ = data_mod.load(prompts, kind="prompts", columns=columns, max_samples=max_samples,
+                          skip_invalid=skip_invalid)
     lm, tok = generation.load_sampler(model, backend, dtype=dtype or "auto", device=device or "auto", seed=seed)
     stats: dict[str, Any] = {}
     samples = generation.generate(
         lm, tok, list(ds["prompt"]), k=k, max_new_tokens=max_new_tokens, temperature=temperature,
         top_p=top_p, batch_size=batch_size, seed=seed, progress=True, stats=stats,
+        chat=generation.chat_mode(chat, prompts),
     )
     generation.write_jsonl(samples, out)
     fin = sum(s.finished for s in samples) / max(len(samples), 1)
@@ -121,9 +129,9 @@ def pairs(
     label: Annotated[str, typer.Option("--label", help="random pairs: prob (judge's choice) or sample")] = "prob",
     temperature: Annotated[float, typer.Option(help="sampling temperature (> 0)")] = 1.0,
     top_p: TopPOpt = 1.0, max_new_tokens: NewTokensOpt = 48, batch_size: GenBatchOpt = 32,
-    max_samples: MaxSamplesOpt = None, columns: ColumnsOpt = None,
+    max_samples: MaxSamplesOpt = None, columns: ColumnsOpt = None, skip_invalid: SkipInvalidOpt = False,
     seed: Annotated[int, typer.Option(help="sampling and selection seed (>= 0)")] = 0, backend: BackendOpt = "hf",
-    dtype: DtypeOpt = None, device: DeviceOpt = None, overwrite: OverwriteOutOpt = False,
+    chat: ChatOpt = "auto", dtype: DtypeOpt = None, device: DeviceOpt = None, overwrite: OverwriteOutOpt = False,
 ) -> None:
     """On-policy preference pairs: K samples per prompt from a policy, judged, one pair per prompt."""
     import datasets
@@ -139,16 +147,18 @@ def pairs(
         raise UserError(f"--k must be at least 2 to form a pair (got {k})")
     if select not in ("best-worst", "random") or label not in ("prob", "sample"):
         raise UserError(f"--select must be best-worst or random and --label prob or sample (got {select}, {label})")
-    _check_sampling(k, max_new_tokens, temperature, top_p, batch_size, seed, backend, device)
+    _check_sampling(k, max_new_tokens, temperature, top_p, batch_size, seed, backend, device, chat)
     if temperature == 0:
         raise UserError("--temperature must be > 0: greedy decoding gives K identical samples")
     check_output_file(out, overwrite)
-    ds, _ = data_mod.load(prompts, kind="prompts", columns=columns, max_samples=max_samples)
+    ds, _ = data_mod.load(prompts, kind="prompts", columns=columns, max_samples=max_samples,
+                          skip_invalid=skip_invalid)
     judge = load_preference(preference, device=device or "auto")
     lm, tok = generation.load_sampler(model, backend, dtype=dtype or "auto", device=device or "auto", seed=seed)
     rows, stats = pairs_mod.build(
         lm, tok, list(ds["prompt"]), judge, k=k, select=select, label=label, seed=seed,  # type: ignore[arg-type]
         temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, batch_size=batch_size,
+        chat=generation.chat_mode(chat, prompts),
     )
     data_mod.to_jsonl(datasets.Dataset.from_list(rows), out)
     console.print(

@@ -140,7 +140,7 @@ app.command("ppo")(training_command(
         ("reward", str), ("iterations", int), ("prompts_per_iteration", int), ("k", int), ("advantage", str),
         ("kl_mode", str), ("kl_coef", float), ("kl_target", float), ("beta1", float), ("beta2", float),
         ("ppo_epochs", int), ("minibatch_size", int), ("max_new_tokens", int), ("temperature", float),
-        ("backend", str))),
+        ("backend", str), ("chat", str))),
     without=("accelerate_config",),
 ))
 
@@ -150,7 +150,8 @@ app.command("sppo")(training_command(
     extra=(Flag("base", "model.name", ("--base",), str, "base policy: alias (mistral-7b), hub id or dir; as --model"),
            *(Flag(n, f"sppo.{n}", (f"--{n.replace('_', '-')}",), t) for n, t in (
                ("preference", str), ("iterations", int), ("k", int), ("eta", float), ("loss", str), ("beta", float),
-               ("select", str), ("max_new_tokens", int), ("temperature", float), ("eval_prompts", int))),
+               ("select", str), ("max_new_tokens", int), ("temperature", float), ("eval_prompts", int),
+               ("chat", str))),
            Flag("split_prompts", "sppo.split_prompts", ("--split-prompts/--all-prompts",), bool)),
     without=("accelerate_config", "epochs", "max_steps", "grad_accum", "max_length"),
 ))

@@ -1,5 +1,6 @@
 """Rows left out on purpose, counted per reason: a pair whose chosen equals its rejected, an SFT row
-whose prompt alone fills `max_length` (nothing left to learn from once it is truncated).
+whose prompt alone fills `max_length` (nothing left to learn from once it is truncated), and with
+`--skip-invalid` (`skipping`) a row the validator refuses (an empty reply, a null field, a bad value).
 
 Every drop is said in one line on stderr and kept by the trainers in summary.json (`dropped_rows`);
 when no row is left the run stops with a `UserError` instead of training on nothing.
@@ -8,7 +9,7 @@ when no row is left the run stops with a `UserError` instead of training on noth
 from __future__ import annotations
 
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import datasets
@@ -26,7 +27,12 @@ REASONS: dict[str, tuple[str, str]] = {
         "the prompt with its chosen or rejected reply is longer than max_length tokens",
         "raise --max-length or shorten the rows",
     ),
+    # --skip-invalid (validate.InvalidRow's reasons; any other refused row is invalid_value)
+    "empty_field": ("a text field is empty or blank", "fill in or remove those rows"),
+    "missing_field": ("a field is null", "fill in or remove those rows"),
+    "invalid_value": ("a field has a value of the wrong type or out of range", "fix or remove those rows"),
 }
+INVALID_REASONS = ("empty_field", "missing_field", "invalid_value")
 
 
 def note_dropped(source: str, rows_in: int, dropped: Mapping[str, int]) -> dict[str, int]:
@@ -46,6 +52,30 @@ def note_dropped(source: str, rows_in: int, dropped: Mapping[str, int]) -> dict[
     if rank_info()["is_main"]:
         print(f"{source}: dropped {total} of {rows_in} rows ({why}) — {todo}", file=sys.stderr)
     return counts
+
+
+def skipping(fn: Callable[[dict, list[int]], dict], counts: dict[str, int]) -> Callable[[dict, list[int]], dict]:
+    """`fn(batch, indices) -> batch` that leaves out the rows it refuses (`--skip-invalid`), counting them in
+    `counts` by reason (`InvalidRow.reason`, else invalid_value). A batch is first run whole; only a batch
+    that raises is redone row by row, so valid data costs nothing extra."""
+
+    def run(batch: dict, idx: list[int]) -> dict:
+        try:
+            return fn(batch, idx)
+        except UserError:
+            pass
+        parts = []
+        for j, i in enumerate(idx):
+            try:
+                parts.append(fn({c: v[j : j + 1] for c, v in batch.items()}, [i]))
+            except UserError as err:
+                reason = getattr(err, "reason", "invalid_value")
+                counts[reason] = counts.get(reason, 0) + 1
+        if not parts:
+            return fn({c: [] for c in batch}, [])  # the output columns, no rows
+        return {c: [x for part in parts for x in part[c]] for c in parts[0]}
+
+    return run
 
 
 def drop_too_long(ds: datasets.Dataset, tokenizer: Any, max_length: int) -> tuple[datasets.Dataset, int]:

@@ -16,7 +16,7 @@ import numpy as np
 from alignkit.data._util import batch_map
 from alignkit.data.columns import apply_columns, parse_columns
 from alignkit.data.conversions import CONVERSIONS, convert, select
-from alignkit.data.dropped import note_dropped
+from alignkit.data.dropped import note_dropped, skipping
 from alignkit.data.kinds import DTYPES, KINDS, NEEDS, REQUIRED, column_order, detect_kind
 from alignkit.data.schemas import SCHEMAS, recognise_schema
 from alignkit.data.sources import BUILTIN_PREFIX, BUILTIN_ROWS, builtin, load_raw
@@ -30,13 +30,16 @@ def normalise(
     columns: dict[str, str] | None = None,
     source_name: str = "",
     dropped: dict[str, int] | None = None,
+    skip_invalid: bool = False,
 ) -> tuple[datasets.Dataset, str]:
     """Validate and normalise a raw dataset; returns (dataset with canonical columns, kind).
 
     `columns` maps canonical <- source column (dotted/indexed paths allowed) and turns off schema
     recognition. With `kind` given, data of another kind is converted when `CONVERSIONS` allows.
     Pairs whose chosen equals rejected are dropped when pairs are wanted (pairwise, or unpaired made
-    from pairs); the counts per reason are added to `dropped` when given.
+    from pairs); the counts per reason are added to `dropped` when given. A row the validator refuses stops
+    the load with its row number, or with `skip_invalid` is dropped and counted under its reason
+    (data/dropped.py `skipping`).
     """
     src = source_name or "data"
     if kind is not None and kind not in KINDS:
@@ -48,9 +51,15 @@ def normalise(
         schema = None
     else:
         schema = recognise_schema(ds.column_names)
+    invalid: dict[str, int] = {}
+    rows_in = len(ds)
+
+    def checked(fn: Any) -> Any:
+        return skipping(fn, invalid) if skip_invalid else fn
+
     if schema:
         convert_schema = SCHEMAS[schema].convert
-        ds = batch_map(ds, lambda b, idx: convert_schema(b, idx, src), ds.column_names)
+        ds = batch_map(ds, checked(lambda b, idx: convert_schema(b, idx, src)), ds.column_names)
     cols = set(ds.column_names)
     have = kind if kind is not None and REQUIRED[kind](cols) else detect_kind(list(cols))
     if kind is not None and have != kind and (have, kind) not in CONVERSIONS:
@@ -70,9 +79,10 @@ def normalise(
     norm = NORMALISERS[have]
     if have == "pairwise":
         norm = functools.partial(norm_pairwise, drop_identical=want in ("pairwise", "unpaired"))
-    rows_in = len(ds)
-    ds = batch_map(ds, lambda b, idx: norm(b, idx, src), ds.column_names)
-    counts = note_dropped(src, rows_in, {"chosen_equals_rejected": rows_in - len(ds)})
+    rows_before, invalid_before = len(ds), sum(invalid.values())
+    ds = batch_map(ds, checked(lambda b, idx: norm(b, idx, src)), ds.column_names)
+    identical = rows_before - len(ds) - (sum(invalid.values()) - invalid_before)
+    counts = note_dropped(src, rows_in, {**invalid, "chosen_equals_rejected": identical})
     if dropped is not None:
         for reason, n in counts.items():
             dropped[reason] = dropped.get(reason, 0) + n
@@ -91,11 +101,13 @@ def load(
     max_samples: int | None = None,
     seed: int = 0,
     dropped: dict[str, int] | None = None,
+    skip_invalid: bool = False,
 ) -> tuple[datasets.Dataset, str]:
     """Load a source and normalise it: the one call every trainer makes. Returns (dataset, kind).
 
     `seed` only matters for the built-in task's sources (`builtin:KIND`), which are generated.
-    `dropped`, when given, receives the rows dropped per reason (see `normalise`).
+    `dropped`, when given, receives the rows dropped per reason; `skip_invalid` drops the rows the validator
+    refuses instead of stopping at the first (see `normalise`).
     """
     mapping = parse_columns(columns) if isinstance(columns, str) or columns is None else dict(columns)
     if max_samples is not None and (
@@ -108,7 +120,7 @@ def load(
         ds = load_raw(source, split)
     if max_samples is not None:
         ds = ds.select(range(min(max_samples, len(ds))))
-    ds, kind = normalise(ds, kind, mapping, source_name=str(source), dropped=dropped)
+    ds, kind = normalise(ds, kind, mapping, source_name=str(source), dropped=dropped, skip_invalid=skip_invalid)
     if max_samples is not None and len(ds) > max_samples:  # unpair doubles rows
         ds = ds.select(range(max_samples))
     return ds, kind
@@ -121,6 +133,7 @@ def load_source(
     ds, kind = load(
         section.source, kind=section.kind, columns=section.columns or None, split=section.split,
         max_samples=section.max_samples, seed=section.seed, dropped=dropped,
+        skip_invalid=getattr(section, "skip_invalid", False),
     )
     if expected and kind not in expected:
         want = " or ".join(expected)

@@ -18,6 +18,7 @@ import datasets
 import pyarrow as pa
 
 from alignkit.data._util import first_line, quiet
+from alignkit.data.main_first import main_process_first
 from alignkit.errors import UserError, closest
 
 SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".csv", ".parquet")
@@ -120,9 +121,11 @@ def _load_hub(source: str, split: str) -> datasets.Dataset:
     # the probe so a copy in the local HF cache can still be used.
     if not datasets.config.HF_HUB_OFFLINE and not _hub_reachable():
         raise UserError(f"{hint} (hub unreachable; set HF_HUB_OFFLINE=1 to use a cached copy)")
-    try:
-        with quiet():
+    try:  # once per machine: the local main process downloads, the others read its cache
+        with main_process_first(f"{source}/{split}"), quiet():
             return datasets.load_dataset(name, config or None, split=split)
+    except UserError:
+        raise
     except Exception as e:  # offline, gated, missing, bad split: one line whatever the cause
         raise UserError(f"{hint} ({first_line(e)})") from e
 

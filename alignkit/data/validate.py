@@ -2,7 +2,8 @@
 a list of {role, content} messages, labels are booleans, rewards finite numbers.
 
 Each normaliser takes (batch, row indices, source name) and returns the canonical batch; bad values
-raise `UserError` naming the source, row and field.
+raise `UserError` naming the source, row and field (`InvalidRow` for an empty or missing field, with its
+reason: what `--skip-invalid` counts, data/dropped.py).
 """
 
 from __future__ import annotations
@@ -17,20 +18,30 @@ from alignkit.data.schemas import split_conversations, split_implicit, user_turn
 from alignkit.errors import UserError
 
 # --------------------------------------------------------------------------- field checks
+SKIP_HINT = "fill it in or drop the row (--skip-invalid drops such rows)"
+
+
+class InvalidRow(UserError):
+    """A row that cannot be used, with the `reason` key (data/dropped.py REASONS) it is counted under."""
+
+    def __init__(self, message: str, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
 
 
 def text(v: Any, field: str, at: str) -> str | list[dict]:
     """A non-blank string or a non-empty list of {role, content} messages."""
     if isinstance(v, str):
         if not v.strip():
-            raise UserError(f"{at}: field '{field}' is empty — fill it in or drop the row")
+            raise InvalidRow(f"{at}: field '{field}' is empty — {SKIP_HINT}", "empty_field")
         return v
     if isinstance(v, list):
         if not v:
-            raise UserError(f"{at}: field '{field}' is an empty message list — fill it in or drop the row")
+            raise InvalidRow(f"{at}: field '{field}' is an empty message list — {SKIP_HINT}", "empty_field")
         return [_message(m, field, at) for m in v]
     if v is None:
-        raise UserError(f"{at}: field '{field}' is missing (null) — fill it in or drop the row")
+        raise InvalidRow(f"{at}: field '{field}' is missing (null) — {SKIP_HINT}", "missing_field")
     raise UserError(
         f"{at}: field '{field}' must be a string or a message list (got {type(v).__name__} {v!r:.40})"
     )

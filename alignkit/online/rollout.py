@@ -69,18 +69,20 @@ def prompt_indices(pool_size: int, iteration: int, n: int, seed: int, rank: int 
 
 
 def sample(policy: Any, tokenizer: Any, prompts: list[Any], *, k: int, max_new_tokens: int, temperature: float,
-           seed: int, batch_size: int = 64, engine: Any | None = None, top_p: float = 1.0) -> Batch:
+           seed: int, batch_size: int = 64, engine: Any | None = None, top_p: float = 1.0,
+           chat: str = "off") -> Batch:
     """K completions per prompt from `policy` (`generation.generate`, seeded by `seed`), padded into a `Batch`.
 
     With `engine` (a colocated `vllm_backend.VLLMEngine`, docs/vllm.md) the policy's current weights are
     pushed into it first (`sync_weights`: one push per rollout, so after every update and after a resume)
-    and vLLM samples; the layout, and the teacher-forced log-probs computed from it, are the same."""
+    and vLLM samples; the layout, and the teacher-forced log-probs computed from it, are the same.
+    `chat` (`generation.chat_mode`) renders the prompts as `generate` does: the batch holds the very ids it fed."""
     if engine is not None:
         engine.sync_weights(policy)
     samples = generation.generate(engine if engine is not None else policy, tokenizer, prompts, k=k,
                                   max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                                  batch_size=batch_size, seed=seed, progress=False)
-    prompt_ids = [ids for ids in generation.prompt_ids(tokenizer, prompts) for _ in range(k)]
+                                  batch_size=batch_size, seed=seed, progress=False, chat=chat)
+    prompt_ids = [ids for ids in generation.prompt_ids(tokenizer, prompts, chat=chat) for _ in range(k)]
     completion_ids = [s.token_ids + ([s.eos_token_id] if s.finished else []) for s in samples]
     batch = pack(prompt_ids, completion_ids, tokenizer.pad_token_id)
     batch.prompts, batch.completions = [s.prompt for s in samples], [s.completion for s in samples]

@@ -98,6 +98,9 @@ class PPOSection(Block):
                              "(reference = adapter disabled, critic = a second adapter + value head); false: "
                              "separate copies, as full fine-tuning has (for comparison)")
     temperature: float = Field(1.0, gt=0.0, description="sampling temperature (log-probs use the same)")
+    chat: Literal["auto", "on", "off"] = Field(
+        "auto", description="chat template for plain prompts: auto (when the tokenizer has one; not for builtin: "
+        "prompts), on, off; message prompts always use it (docs/models.md#chat-templates)")
     backend: Literal["hf", "vllm"] = Field(
         "hf", description="rollout sampler: hf (transformers generate) or vllm (colocated, the policy's weights "
         "pushed before every rollout; docs/vllm.md)")
@@ -179,7 +182,7 @@ def run(cfg: PPOConfig, progress: Any | None = None) -> dict[str, Any]:
 
     import torch
 
-    from alignkit import data, models, rewards
+    from alignkit import data, generation, models, rewards
     from alignkit import rl_losses as rl
     from alignkit.config import to_yaml
     from alignkit.online import ranks, rollout, score
@@ -207,6 +210,8 @@ def run(cfg: PPOConfig, progress: Any | None = None) -> dict[str, Any]:
     load = dict(dtype=cfg.model.dtype, device=device, trust_remote_code=cfg.model.trust_remote_code)
     lora = models.LoraSpec(**cfg.model.lora.model_dump(exclude={"enabled"})) if cfg.model.lora.enabled else None
     policy, tokenizer = models.load_causal_lm(cfg.model.name, lora=lora, **load)
+    chat = generation.chat_mode(p.chat, cfg.data.source)
+    generation.check_chat(tokenizer, chat)
     engine = (vllm_backend.VLLMEngine.from_spec(
         cfg.model.name, dtype=cfg.model.dtype, seed=cfg.train.seed + rank, tokenizer=tokenizer,
         gpu_memory_utilization=p.vllm_gpu_memory_utilization, trust_remote_code=cfg.model.trust_remote_code)[0]
@@ -272,7 +277,8 @@ def run(cfg: PPOConfig, progress: Any | None = None) -> dict[str, Any]:
                 with ranks.gathered(policy):  # sharded: every layer's weights gathered once for all tokens
                     batch = rollout.sample(policy, tokenizer, [pool[i] for i in index], k=p.k,
                                            max_new_tokens=p.max_new_tokens, temperature=p.temperature,
-                                           seed=iteration_seed(cfg.train.seed, it) + 7919 * rank, engine=engine)
+                                           seed=iteration_seed(cfg.train.seed, it) + 7919 * rank, engine=engine,
+                                           chat=chat)
             # one update on the whole batch, nothing in the advantages from π_old: π_old is that update's own
             # forward, detached (ratio exactly 1), as TRL's GRPOTrainer does; one forward saved
             once = (critic is None and kl_coef == 0 and p.ppo_epochs == 1 and p.minibatch_size >= len(batch))

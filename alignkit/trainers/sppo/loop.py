@@ -47,7 +47,7 @@ def run(cfg: SPPOConfig, progress: Any | None = None) -> dict[str, Any]:
     """Train; returns the summary (also written to summary.json)."""
     import torch
 
-    from alignkit import data, models, rewards
+    from alignkit import data, generation, models, rewards
     from alignkit.config import to_yaml
     from alignkit.errors import UserError
     from alignkit.online import ranks, selfplay
@@ -83,6 +83,8 @@ def run(cfg: SPPOConfig, progress: Any | None = None) -> dict[str, Any]:
     load = dict(dtype=cfg.model.dtype, device=device, trust_remote_code=cfg.model.trust_remote_code)
     lora = models.LoraSpec(**cfg.model.lora.model_dump(exclude={"enabled"})) if cfg.model.lora.enabled else None
     policy, tokenizer = models.load_causal_lm(cfg.model.name, lora=lora, **load)
+    chat = generation.chat_mode(p.chat, cfg.data.source)
+    generation.check_chat(tokenizer, chat)
     policy.eval()  # dropout off (as TRL's DPO): the log-ratio is exactly 0 before the first step of an iteration
     trainable, total = models.trainable_parameters(policy)
     names = [name for name, q in policy.named_parameters() if q.requires_grad]
@@ -96,7 +98,7 @@ def run(cfg: SPPOConfig, progress: Any | None = None) -> dict[str, Any]:
     evaluates = is_main or sharding is not None  # the ranks that run the evaluation's forwards
     beta = 1.0 / p.eta if p.loss == "sppo" else p.beta
     sample_kw = dict(max_new_tokens=p.max_new_tokens, temperature=p.temperature, top_p=p.top_p,
-                     batch_size=p.sample_batch_size, minibatch=tr.micro_batch_size)
+                     batch_size=p.sample_batch_size, minibatch=tr.micro_batch_size, chat=chat)
 
     def base_logp(batches: list[Any]) -> list[torch.Tensor]:
         """log π_0 of the batches' completions: the adapter disabled with LoRA, else the starting weights
@@ -329,7 +331,7 @@ def _scheduler(tr: Any, opt: Any, n_steps: int) -> Any:
 
 # ------------------------------------------------------------------------------ files
 def _eval_kw(sample_kw: dict[str, Any]) -> dict[str, Any]:
-    return {k: sample_kw[k] for k in ("max_new_tokens", "temperature", "top_p", "batch_size", "minibatch")}
+    return {k: sample_kw[k] for k in ("max_new_tokens", "temperature", "top_p", "batch_size", "minibatch", "chat")}
 
 
 def _fresh(cfg: SPPOConfig, load: dict[str, Any]) -> Any:

@@ -52,7 +52,7 @@ def sequence_logprobs(model: Any, batch: rollout.Batch, minibatch: int) -> torch
 def sample_chunks(policy: Any, tokenizer: Any, prompts: list[Any], where: Path, *, k: int, max_new_tokens: int,
                   temperature: float, top_p: float, seed: int, chunk_prompts: int, batch_size: int,
                   minibatch: int, world: int, rank: int, is_main: bool, loop: Any,
-                  on_chunk: Any = None) -> list[dict[str, Any]]:
+                  on_chunk: Any = None, chat: str = "off") -> list[dict[str, Any]]:
     """K completions per prompt from `policy`, with their summed log-probs under it (the reference π_t of
     the iteration, computed right after sampling so that training holds one model). Chunk c of
     `chunk_prompts` prompts goes to `where/chunk-0000c.pt`; chunks already there are read, not redone.
@@ -74,7 +74,7 @@ def sample_chunks(policy: Any, tokenizer: Any, prompts: list[Any], where: Path, 
         with loop.timer("sample"), ranks.gathered(policy):
             batch = rollout.sample(policy, tokenizer, mine, k=k, max_new_tokens=max_new_tokens,
                                    temperature=temperature, top_p=top_p, seed=seed + 100_003 * c + 7919 * rank,
-                                   batch_size=batch_size) if mine else None
+                                   batch_size=batch_size, chat=chat) if mine else None
         with loop.timer("reference"):
             ref = sequence_logprobs(policy, batch, minibatch) if mine else torch.zeros(0)
         local = _records(batch, mine, k, ref) if mine else []
@@ -145,7 +145,7 @@ def write_samples(where: Path, records: list[dict[str, Any]], p: torch.Tensor, w
 # ------------------------------------------------------------------------------ evaluation
 def eval_samples(policy: Any, tokenizer: Any, prompts: list[Any], path: Path, *, base_logp: Any, seed: int,
                  max_new_tokens: int, temperature: float, top_p: float, batch_size: int,
-                 minibatch: int, write: bool = True) -> list[dict[str, Any]]:
+                 minibatch: int, write: bool = True, chat: str = "off") -> list[dict[str, Any]]:
     """One completion per evaluation prompt from `policy`, with log π(y) and log π_0(y) (`base_logp(batches)`:
     the starting policy's summed log-probs, one tensor per batch), saved to `path` as JSON lines when `write`
     (read back when there). A sharded policy: every rank runs it (the forwards are collectives), one writes."""
@@ -156,7 +156,7 @@ def eval_samples(policy: Any, tokenizer: Any, prompts: list[Any], path: Path, *,
         with ranks.gathered(policy):
             batches.append(rollout.sample(policy, tokenizer, prompts[lo : lo + batch_size], k=1,
                                           max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                                          seed=seed + lo, batch_size=batch_size))
+                                          seed=seed + lo, batch_size=batch_size, chat=chat))
         logps.append(sequence_logprobs(policy, batches[-1], minibatch))
     base = base_logp(batches)  # one call for all batches: π_0 is loaded (or switched to) once
     rows: list[dict[str, Any]] = []
