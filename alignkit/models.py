@@ -438,7 +438,10 @@ def _finish(model: Any, tokenizer: Any, plan: LoadPlan, lora: LoraSpec | None, t
     if lora is not None:
         if plan.load_in_4bit:
             model = _prepare_4bit(model)
-        model = apply_lora(model, lora, task_type)
+        # ZeRO-3 wants one dtype for base and adapter (fp32 adapters on a bf16 base fail at the first step,
+        # DeepSpeed issue 8072): the adapter keeps the base's dtype there, as TRL does
+        same_dtype = plan.placement == "zero3" and not plan.load_in_4bit
+        model = apply_lora(model, lora, task_type, autocast_adapter_dtype=not same_dtype)
     return model
 
 
@@ -621,12 +624,13 @@ class LoraSpec:
         )
 
 
-def apply_lora(model: Any, spec: LoraSpec, task_type: str = "CAUSAL_LM") -> Any:
-    """Wrap `model` in a peft LoRA adapter. For SEQ_CLS, peft also trains the (new) score head."""
+def apply_lora(model: Any, spec: LoraSpec, task_type: str = "CAUSAL_LM", autocast_adapter_dtype: bool = True) -> Any:
+    """Wrap `model` in a peft LoRA adapter. For SEQ_CLS, peft also trains the (new) score head.
+    `autocast_adapter_dtype=False` keeps the adapter in the base's dtype (peft's default: fp32)."""
     from peft import get_peft_model
 
     try:
-        return get_peft_model(model, spec.to_peft(task_type))
+        return get_peft_model(model, spec.to_peft(task_type), autocast_adapter_dtype=autocast_adapter_dtype)
     except ValueError as err:
         raise UserError(f"lora.target_modules {spec.target_modules!r}: {str(err).splitlines()[0]}") from err
 

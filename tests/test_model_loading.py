@@ -147,10 +147,12 @@ def test_zero3_config_exists_before_the_weights_load(fake_cuda, rank1, tiny_mode
     monkeypatch.setattr(accelerate.utils, "DeepSpeedPlugin", FakePlugin)
     monkeypatch.setattr(models, "_load_weights", lambda *a, **k: (events.append("weights"), real(*a, **k))[1])
     monkeypatch.setattr(models, "_zero3_configs", [])
-    model, _ = models.load_causal_lm("tiny", dtype="bfloat16", placement="zero3")
+    model, _ = models.load_causal_lm("tiny", dtype="bfloat16", placement="zero3", lora=LoraSpec(r=4))
     assert events == ["mixed_precision bf16", "deepspeed config", "weights"]
     assert isinstance(models._zero3_configs[0], FakePlugin)  # kept alive (transformers holds a weak reference)
     assert {p.device.type for p in model.parameters()} == {"cpu"}  # not moved: DeepSpeed places it
+    # one dtype for base and adapter under ZeRO-3 (peft would make the adapter fp32)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
 
 
 def test_placement_is_checked():
