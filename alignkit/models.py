@@ -273,8 +273,9 @@ def _env_true(value: str | None) -> bool:
 
 def _zero_stage(env: Mapping[str, str]) -> int | None:
     """The DeepSpeed ZeRO stage of the launch: accelerate's env, else the launch's DeepSpeed JSON file."""
-    if env.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "").strip():
-        return int(env["ACCELERATE_DEEPSPEED_ZERO_STAGE"])
+    stage = env.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "").strip()
+    if stage:
+        return int(stage) if stage.isdigit() else None
     file = env.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
     if file and Path(file).is_file():
         try:
@@ -396,15 +397,8 @@ def _before_weights(plan: LoadPlan) -> None:
 def training_dtype(model: Any) -> torch.dtype:
     """The dtype a trainer's autocast should use for `model`: the compute dtype of 4-bit weights (their
     norms and embeddings are fp32 after `prepare_model_for_kbit_training`), else its parameters' dtype."""
-    quant = getattr(getattr(model, "config", None), "quantization_config", None)
-    compute = getattr(quant, "bnb_4bit_compute_dtype", None) if quant is not None else None
-    if isinstance(quant, dict):
-        compute = quant.get("bnb_4bit_compute_dtype")
-    if isinstance(compute, str):
-        compute = _DTYPES.get(compute.removeprefix("torch."))
-    if isinstance(compute, torch.dtype):
-        return compute
-    return next(model.parameters()).dtype
+    compute = getattr(getattr(model.config, "quantization_config", None), "bnb_4bit_compute_dtype", None)
+    return compute if isinstance(compute, torch.dtype) else next(model.parameters()).dtype
 
 
 # --------------------------------------------------------------------------- loaders

@@ -178,7 +178,9 @@ def test_4bit_plan_is_qlora_nf4(fake_cuda, rank1, monkeypatch):
 def test_training_dtype_of_a_4bit_model_is_its_compute_dtype(tiny_model_dir):
     model, _ = models.load_causal_lm("tiny", dtype="float32", device="cpu")
     assert models.training_dtype(model) == torch.float32
-    model.config.quantization_config = {"load_in_4bit": True, "bnb_4bit_compute_dtype": "bfloat16"}
+    from transformers import BitsAndBytesConfig
+
+    model.config.quantization_config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.bfloat16)
     assert models.training_dtype(model) == torch.bfloat16
 
 
