@@ -69,7 +69,17 @@ class ModelSection(Block):
     )
     device: str = Field("auto", description="auto, cpu, cuda, cuda:1, ...")
     trust_remote_code: bool = Field(False, description="run code shipped with a hub model (off by default)")
+    load_in_4bit: bool = Field(
+        False, description="QLoRA: 4-bit NF4 base weights under the LoRA adapter (CUDA, pip install 'alignkit[qlora]')"
+    )
     lora: LoraSection = Field(default_factory=LoraSection)
+
+    @model_validator(mode="after")
+    def _4bit_needs_lora(self) -> ModelSection:
+        if self.load_in_4bit and not self.lora.enabled:
+            raise ValueError("model.load_in_4bit: 4-bit weights cannot be trained in full; add --lora "
+                             "(model.lora.enabled=true) to train a LoRA adapter on them (QLoRA)")
+        return self
 
 
 class DataSection(Block):

@@ -1,17 +1,22 @@
-"""The one model loader: names and aliases, local directories, the built-in `tiny`, dtype/device, LoRA.
+"""The one model loader: names and aliases, local directories, the built-in `tiny`, dtype/device,
+placement in a launched rank (its own GPU, ZeRO-3, FSDP), 4-bit QLoRA, LoRA.
 
 Every command loads its models here, so the safety policy lives in one place: safetensors only, no
 remote code unless asked, nothing downloaded while offline, and a directory that cannot be loaded
 (corrupt weights, unknown architecture, weights that do not fit config.json, no tokenizer) is one
-`UserError` naming it. Name resolution, the tiny model's recipe and the policy: docs/models.md.
+`UserError` naming it. Name resolution, the tiny model's recipe, the policy, placement and QLoRA:
+docs/models.md.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import torch
 
@@ -206,9 +211,13 @@ _DTYPES = {
 
 
 def choose_device(requested: str = "auto") -> torch.device:
-    """`auto` picks the first CUDA GPU if there is one, else CPU; anything else is checked, not rewritten."""
+    """`auto` picks a CUDA GPU if there is one, else CPU. In a launched rank (accelerate launch,
+    torchrun: `launch.inside_launch`) `auto` and `cuda` mean the rank's own GPU, cuda:LOCAL_RANK, so that
+    N ranks do not all load onto GPU 0; `cuda:N` and `cpu` are checked, not rewritten."""
+    if requested in ("auto", "cuda") and torch.cuda.is_available():
+        return _rank_gpu()
     if requested == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device("cpu")
     try:
         device = torch.device(requested)
     except RuntimeError as err:
@@ -222,6 +231,22 @@ def choose_device(requested: str = "auto") -> torch.device:
     return device
 
 
+def _rank_gpu() -> torch.device:
+    """cuda:LOCAL_RANK in a launched rank (read from the launcher's environment: no torch.distributed
+    state is created here), plain `cuda` (the current GPU) in a single process."""
+    from alignkit.launch import inside_launch, rank_info
+
+    if not inside_launch():
+        return torch.device("cuda")
+    local_rank, visible = rank_info()["local_rank"], torch.cuda.device_count()
+    if local_rank >= visible:
+        raise UserError(
+            f"this rank has LOCAL_RANK={local_rank} but only {visible} GPU(s) are visible "
+            "(CUDA_VISIBLE_DEVICES): give every rank of the node all the node's GPUs"
+        )
+    return torch.device("cuda", local_rank)
+
+
 def choose_dtype(requested: str = "auto", device: torch.device | str | None = None) -> torch.dtype:
     """`auto` gives bf16 on a CUDA GPU that supports it, fp32 everywhere else (never fp16 by itself)."""
     if requested == "auto":
@@ -232,6 +257,148 @@ def choose_dtype(requested: str = "auto", device: torch.device | str | None = No
     if requested not in _DTYPES:
         raise UserError(f"model.dtype '{requested}' is unknown: use auto, float32, bfloat16 or float16")
     return _DTYPES[requested]
+
+
+# --------------------------------------------------------------------------- placement and 4-bit
+
+Placement = Literal["device", "zero3", "fsdp"]
+QLORA_HINT = "pip install 'alignkit[qlora]'"
+_MIXED_PRECISION = {torch.bfloat16: "bf16", torch.float16: "fp16"}
+_zero3_configs: list[Any] = []  # transformers holds the DeepSpeed config by a weak reference only
+
+
+def _env_true(value: str | None) -> bool:
+    return (value or "").strip().lower() in ("1", "true", "yes", "y", "on")
+
+
+def _zero_stage(env: Mapping[str, str]) -> int | None:
+    """The DeepSpeed ZeRO stage of the launch: accelerate's env, else the launch's DeepSpeed JSON file."""
+    stage = env.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "").strip()
+    if stage:
+        return int(stage) if stage.isdigit() else None
+    file = env.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
+    if file and Path(file).is_file():
+        try:
+            stage = json.loads(Path(file).read_text(encoding="utf-8")).get("zero_optimization", {}).get("stage")
+        except (OSError, ValueError, AttributeError):
+            return None
+        return stage if isinstance(stage, int) else None
+    return None
+
+
+def launch_placement(env: Mapping[str, str] | None = None) -> Placement:
+    """How a model that a transformers/TRL `Trainer` will train is placed in this process, from what
+    `accelerate launch` tells each rank (`env`, default os.environ; also a user's own accelerate config):
+
+    - `zero3`: DeepSpeed ZeRO stage 3 with zero3_init (accelerate's default): the weights are partitioned
+      over the ranks as `from_pretrained` reads them, never whole on one GPU;
+    - `fsdp`: loaded on CPU (with accelerate's cpu_ram_efficient_loading, on rank 0 only, the others on
+      the meta device) and left there: FSDP shards and places it when the trainer prepares it;
+    - `device`: moved whole to this rank's device (one process, DDP, ZeRO-1/2).
+
+    The explicit loops (ppo, sppo) shard with FSDP2 themselves and load with the default `device`."""
+    env = os.environ if env is None else env
+    if _env_true(env.get("ACCELERATE_USE_FSDP")):
+        return "fsdp"
+    if _env_true(env.get("ACCELERATE_USE_DEEPSPEED")) and _zero_stage(env) == 3 \
+            and env.get("ACCELERATE_DEEPSPEED_ZERO3_INIT", "true").strip().lower() != "false":
+        return "zero3"
+    return "device"
+
+
+def _has_bitsandbytes() -> bool:
+    return importlib.util.find_spec("bitsandbytes") is not None
+
+
+def check_load_in_4bit(device: str | torch.device = "auto") -> None:
+    """`model.load_in_4bit` needs a CUDA GPU and bitsandbytes: one line each. Cheap; the loaders call it
+    before anything loads, and a trainer may call it before its data loads."""
+    dev = device if isinstance(device, torch.device) else choose_device(device)
+    if dev.type != "cuda":
+        why = "no CUDA GPU is visible" if not torch.cuda.is_available() else f"model.device is {dev}"
+        raise UserError(f"model.load_in_4bit (QLoRA) needs a CUDA GPU and {why}: drop --load-in-4bit "
+                        "(train LoRA on the full-precision model) or run on a CUDA machine")
+    if not _has_bitsandbytes():
+        raise UserError(f"model.load_in_4bit (QLoRA) needs bitsandbytes, which is not installed: {QLORA_HINT}")
+
+
+def quantization_config(compute_dtype: torch.dtype, sharded: bool = False) -> Any:
+    """QLoRA's 4-bit weights (Dettmers et al. 2023, sec. 3): NF4 with double quantisation, matmuls in
+    `compute_dtype` (bf16 on a capable GPU), as TRL's `get_quantization_config`. Under ZeRO-3 / FSDP the
+    packed weights are stored as `compute_dtype` so that they can be sharded with the other tensors."""
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_compute_dtype=compute_dtype,
+        bnb_4bit_use_double_quant=True,
+        **({"bnb_4bit_quant_storage": compute_dtype} if sharded else {}),
+    )
+
+
+@dataclass(frozen=True)
+class LoadPlan:
+    """Where and how one model loads (`plan_loading`): this rank's device, the weights' dtype, the
+    placement and whether the weights are 4-bit."""
+
+    device: torch.device
+    dtype: torch.dtype
+    placement: Placement = "device"
+    load_in_4bit: bool = False
+
+    @property
+    def move(self) -> bool:
+        """Whether the loaded model is moved whole to `device` (4-bit weights are put on their GPU while
+        loading; ZeRO-3 and FSDP place them themselves)."""
+        return self.placement == "device" and not self.load_in_4bit
+
+    def from_pretrained_kwargs(self) -> dict[str, Any]:
+        kwargs: dict[str, Any] = {"dtype": self.dtype}
+        if self.load_in_4bit:
+            kwargs["quantization_config"] = quantization_config(self.dtype, sharded=self.placement != "device")
+            if self.placement == "device":  # bitsandbytes quantises as the weights reach this GPU
+                index = self.device.index if self.device.index is not None else torch.cuda.current_device()
+                kwargs["device_map"] = {"": index}
+        return kwargs
+
+
+def plan_loading(device: str = "auto", dtype: str = "auto", placement: Placement = "device",
+                 load_in_4bit: bool = False) -> LoadPlan:
+    """The `LoadPlan` for the loaders' arguments, every check done (a bad device or dtype, 4-bit without
+    CUDA or bitsandbytes: one line each) before anything is read."""
+    if placement not in get_args(Placement):
+        raise ValueError(f"placement {placement!r}: one of {get_args(Placement)}")
+    dev = choose_device(device)
+    if load_in_4bit:
+        check_load_in_4bit(dev)
+    return LoadPlan(dev, choose_dtype(dtype, dev), placement, load_in_4bit)
+
+
+def _before_weights(plan: LoadPlan) -> None:
+    """ZeRO-3: create the DeepSpeed config from accelerate's launch environment before `from_pretrained`,
+    as `TrainingArguments` would, so that transformers loads under `deepspeed.zero.Init` and partitions
+    the weights as they are read (transformers: "HfDeepSpeedConfig must be instantiated before loading
+    the model"). The trainer's own TrainingArguments replace it later with the same settings."""
+    if plan.placement != "zero3":
+        return
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    if is_deepspeed_zero3_enabled():
+        return
+    from accelerate.utils import DeepSpeedPlugin
+
+    plugin = DeepSpeedPlugin()
+    plugin.set_mixed_precision(_MIXED_PRECISION.get(plan.dtype, "no"))
+    plugin.set_deepspeed_weakref()
+    _zero3_configs[:] = [plugin]  # keeps plugin.dschf (the HfDeepSpeedConfig) alive
+
+
+def training_dtype(model: Any) -> torch.dtype:
+    """The dtype a trainer's autocast should use for `model`: the compute dtype of 4-bit weights (their
+    norms and embeddings are fp32 after `prepare_model_for_kbit_training`), else its parameters' dtype."""
+    compute = getattr(getattr(model.config, "quantization_config", None), "bnb_4bit_compute_dtype", None)
+    return compute if isinstance(compute, torch.dtype) else next(model.parameters()).dtype
 
 
 # --------------------------------------------------------------------------- loaders
@@ -254,15 +421,32 @@ def load_tokenizer(name: str, padding_side: str = "right", trust_remote_code: bo
     return tokenizer
 
 
-def _finish(model: Any, tokenizer: Any, device: torch.device, lora: LoraSpec | None, task_type: str) -> Any:
+def _finish(model: Any, tokenizer: Any, plan: LoadPlan, lora: LoraSpec | None, task_type: str) -> Any:
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     gen = getattr(model, "generation_config", None)
     if gen is not None and gen.pad_token_id is None:
         gen.pad_token_id = tokenizer.pad_token_id
-    model.to(device)
+    if plan.move:
+        model.to(plan.device)
     if lora is not None:
-        model = apply_lora(model, lora, task_type)
+        if plan.load_in_4bit:
+            model = _prepare_4bit(model)
+        # ZeRO-3 wants one dtype for base and adapter (fp32 adapters on a bf16 base fail at the first step,
+        # DeepSpeed issue 8072): the adapter keeps the base's dtype there, as TRL does
+        same_dtype = plan.placement == "zero3" and not plan.load_in_4bit
+        model = apply_lora(model, lora, task_type, autocast_adapter_dtype=not same_dtype)
+    return model
+
+
+def _prepare_4bit(model: Any) -> Any:
+    """QLoRA: peft's `prepare_model_for_kbit_training` (base frozen, norms and embeddings in fp32). Gradient
+    checkpointing stays what train.gradient_checkpointing says (the trainer turns it on); the inputs
+    require grad so that it works on a frozen base."""
+    from peft import prepare_model_for_kbit_training
+
+    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    model.enable_input_require_grads()
     return model
 
 
@@ -272,27 +456,33 @@ def load_causal_lm(
     device: str = "auto",
     trust_remote_code: bool = False,
     lora: LoraSpec | None = None,
+    load_in_4bit: bool = False,
+    placement: Placement = "device",
 ) -> tuple[Any, Any]:
-    """(model, tokenizer) for a decoder-only LM, safetensors only, on `device`, optionally with LoRA."""
+    """(model, tokenizer) for a decoder-only LM, safetensors only, on `device` (in a launched rank:
+    its own GPU), optionally with LoRA. `load_in_4bit`: QLoRA's NF4 weights (CUDA + bitsandbytes),
+    prepared for k-bit training when `lora` is given. `placement`: `launch_placement()` for a model a
+    transformers/TRL Trainer trains (ZeRO-3 partitions it while loading, FSDP places it itself)."""
     from transformers import AutoModelForCausalLM
 
-    dev = choose_device(device)
+    plan = plan_loading(device, dtype, placement, load_in_4bit)
     path = _resolve_for_weights(name)
     base = _adapter_base(path)
     tokenizer = load_tokenizer(path, trust_remote_code=trust_remote_code)
+    _before_weights(plan)
     model = _load_weights(
         AutoModelForCausalLM,
         name,
         _resolve_for_weights(base) if base else path,
-        dtype=choose_dtype(dtype, dev),
         use_safetensors=True,
         trust_remote_code=trust_remote_code,
+        **plan.from_pretrained_kwargs(),
     )
     if base:  # a LoRA run's adapter: merged into its base, so the result is a plain model to use or tune
         from peft import PeftModel
 
         model = PeftModel.from_pretrained(model, path).merge_and_unload()
-    return _finish(model, tokenizer, dev, lora, "CAUSAL_LM"), tokenizer
+    return _finish(model, tokenizer, plan, lora, "CAUSAL_LM"), tokenizer
 
 
 def load_sequence_classifier(
@@ -302,16 +492,20 @@ def load_sequence_classifier(
     device: str = "auto",
     trust_remote_code: bool = False,
     lora: LoraSpec | None = None,
+    load_in_4bit: bool = False,
+    placement: Placement = "device",
 ) -> tuple[Any, Any]:
     """(model, tokenizer) for a reward model: `AutoModelForSequenceClassification` with `num_labels`
     outputs (1 = scalar reward) and `pad_token_id` set so the last non-pad token is scored. The head
-    is freshly initialised when the checkpoint has none (e.g. MiniLM, a causal LM)."""
+    is freshly initialised when the checkpoint has none (e.g. MiniLM, a causal LM). `load_in_4bit` and
+    `placement` as for `load_causal_lm` (the head stays in full precision and trains with LoRA)."""
     from transformers import AutoModelForSequenceClassification
     from transformers.utils import logging as hf_logging
 
-    dev = choose_device(device)
+    plan = plan_loading(device, dtype, placement, load_in_4bit)
     path = _resolve_for_weights(name)
     tokenizer = load_tokenizer(path, trust_remote_code=trust_remote_code)
+    _before_weights(plan)
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # "newly initialized: score.weight" is expected for a reward head
     try:
@@ -322,13 +516,13 @@ def load_sequence_classifier(
             new_head=True,
             num_labels=num_labels,
             pad_token_id=tokenizer.pad_token_id,
-            dtype=choose_dtype(dtype, dev),
             use_safetensors=True,
             trust_remote_code=trust_remote_code,
+            **plan.from_pretrained_kwargs(),
         )
     finally:
         hf_logging.set_verbosity(verbosity)
-    return _finish(model, tokenizer, dev, lora, "SEQ_CLS"), tokenizer
+    return _finish(model, tokenizer, plan, lora, "SEQ_CLS"), tokenizer
 
 
 @dataclass
@@ -424,12 +618,13 @@ class LoraSpec:
         )
 
 
-def apply_lora(model: Any, spec: LoraSpec, task_type: str = "CAUSAL_LM") -> Any:
-    """Wrap `model` in a peft LoRA adapter. For SEQ_CLS, peft also trains the (new) score head."""
+def apply_lora(model: Any, spec: LoraSpec, task_type: str = "CAUSAL_LM", autocast_adapter_dtype: bool = True) -> Any:
+    """Wrap `model` in a peft LoRA adapter. For SEQ_CLS, peft also trains the (new) score head.
+    `autocast_adapter_dtype=False` keeps the adapter in the base's dtype (peft's default: fp32)."""
     from peft import get_peft_model
 
     try:
-        return get_peft_model(model, spec.to_peft(task_type))
+        return get_peft_model(model, spec.to_peft(task_type), autocast_adapter_dtype=autocast_adapter_dtype)
     except ValueError as err:
         raise UserError(f"lora.target_modules {spec.target_modules!r}: {str(err).splitlines()[0]}") from err
 

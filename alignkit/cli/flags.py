@@ -61,6 +61,7 @@ SHARED: tuple[Flag, ...] = (
     Flag("dtype", "model.dtype", ("--dtype",), str),
     Flag("device", "model.device", ("--device",), str),
     Flag("trust_remote_code", "model.trust_remote_code", ("--trust-remote-code",), bool),
+    Flag("load_in_4bit", "model.load_in_4bit", ("--load-in-4bit",), bool),
     Flag("num_processes", "launch.num_processes", ("--num-processes",), int),
     Flag("accelerate_config", "launch.accelerate_config", ("--accelerate-config",), str),
 )
