@@ -13,11 +13,14 @@ from typing import Any
 SHARDING = ("fsdp", "zero2", "zero3")  # launch.accelerate_config values the explicit loops shard with FSDP2
 
 
-def check_launch(config: str | None, command: str) -> None:
+def check_launch(config: str | None, command: str, load_in_4bit: bool = False) -> None:
     """A config check (ValueError): the accelerate configs an explicit loop runs under."""
     if config not in (None, "ddp", *SHARDING):
         raise ValueError(f"launch.accelerate_config={config} is not supported by {command}: ddp, or "
                          f"{', '.join(SHARDING)} (FSDP2 sharding)")
+    if config in SHARDING and load_in_4bit:
+        raise ValueError(f"model.load_in_4bit cannot be sharded by {command}'s FSDP2 (4-bit weights): use "
+                         "launch.accelerate_config ddp, or full-precision weights")
 
 
 def sharding(config: str | None, world: int) -> str | None:

@@ -65,6 +65,10 @@ def begin(cfg: JobConfig) -> tuple[str, bool]:
     from alignkit.runs import default_dir
 
     quiet_libraries()
+    if cfg.model.load_in_4bit:  # no CUDA / no bitsandbytes: one line before the data loads
+        from alignkit.models import check_load_in_4bit
+
+        check_load_in_4bit(cfg.model.device)
     out = cfg.output.dir or str(default_dir(cfg.command))
     is_main = rank_info()["is_main"]
     if is_main:  # also: is another process on this run? on --resume, does the checkpoint honour the settings?

@@ -141,7 +141,7 @@ class PPOConfig(JobConfig):
             raise ValueError("ppo.kl_horizon acts only with the adaptive controller: set ppo.kl_target too, or drop it")
         from alignkit.online.ranks import SHARDING, check_launch
 
-        check_launch(self.launch.accelerate_config, "ppo")
+        check_launch(self.launch.accelerate_config, "ppo", self.model.load_in_4bit)
         if self.launch.accelerate_config in SHARDING and p.backend == "vllm":
             raise ValueError("ppo.backend=vllm cannot take weights from a sharded policy: use accelerate_config ddp "
                              "(or backend hf)")
@@ -207,7 +207,8 @@ def run(cfg: PPOConfig, progress: Any | None = None) -> dict[str, Any]:
     gold = rewards.load_scorer("gold") if p.reward != "gold" and cfg.data.source == "builtin:prompts" else None
 
     torch.manual_seed(cfg.train.seed)  # LoRA A matrices are initialised from the global RNG
-    load = dict(dtype=cfg.model.dtype, device=device, trust_remote_code=cfg.model.trust_remote_code)
+    load = dict(dtype=cfg.model.dtype, device=device, trust_remote_code=cfg.model.trust_remote_code,
+                load_in_4bit=cfg.model.load_in_4bit)
     lora = models.LoraSpec(**cfg.model.lora.model_dump(exclude={"enabled"})) if cfg.model.lora.enabled else None
     policy, tokenizer = models.load_causal_lm(cfg.model.name, lora=lora, **load)
     chat = generation.chat_mode(p.chat, cfg.data.source)

@@ -209,7 +209,8 @@ def _policy_and_reference(cfg: DPOConfig | KTOConfig, section: PrefSection | KTO
     and the peft config TRL should apply. Every model is loaded before anything is written."""
     from alignkit import models
 
-    load = dict(dtype=cfg.model.dtype, device=cfg.model.device, trust_remote_code=cfg.model.trust_remote_code)
+    load = dict(dtype=cfg.model.dtype, device=cfg.model.device, trust_remote_code=cfg.model.trust_remote_code,
+                load_in_4bit=cfg.model.load_in_4bit, placement=models.launch_placement())
     model, tokenizer = models.load_causal_lm(cfg.model.name, **load)
     lora = cfg.model.lora.enabled
     peft_config = models.LoraSpec(**cfg.model.lora.model_dump(exclude={"enabled"})).to_peft() if lora else None
@@ -259,9 +260,10 @@ def _fit_and_finish(cfg, trainer, setup, run_dir, title: str, extra: dict[str, A
 def _trl_common(cfg, run_dir, setup, eval_split) -> dict[str, Any]:
     import torch
 
+    from alignkit import models
     from alignkit.trainers import _hf
 
-    bf16 = next(setup["model"].parameters()).dtype == torch.bfloat16
+    bf16 = models.training_dtype(setup["model"]) == torch.bfloat16
     return dict(
         **_hf.training_args(cfg, run_dir, bf16=bf16),
         max_length=_hf.cap_max_length(cfg.train.max_length, setup["model"]),

@@ -105,6 +105,9 @@ class RMEnsembleConfig(RMConfig):
             raise ValueError("model.lora.enabled=false: ensemble members are LoRA adapters (use `alignkit rm`)")
         if self.model.lora.dropout > 0:
             raise ValueError("model.lora.dropout > 0 has no effect: ensemble forwards run without dropout")
+        if self.model.load_in_4bit:
+            raise ValueError("model.load_in_4bit: rm-ensemble does not train on 4-bit weights yet; "
+                             "drop --load-in-4bit (or train single reward models with `alignkit rm --load-in-4bit`)")
         return self
     model: EnsembleModel = Field(default_factory=EnsembleModel)
     ensemble: EnsembleSection = Field(default_factory=EnsembleSection)
@@ -218,9 +221,10 @@ def run(cfg: RMConfig, callbacks: list | None = None, progress: Any | None = Non
     model, tokenizer = models.load_sequence_classifier(
         cfg.model.name, num_labels=1, dtype=cfg.model.dtype, device=cfg.model.device,
         trust_remote_code=cfg.model.trust_remote_code, lora=lora,
+        load_in_4bit=cfg.model.load_in_4bit, placement=models.launch_placement(),
     )
     trainable, total = models.trainable_parameters(model)
-    bf16 = next(model.parameters()).dtype == torch.bfloat16
+    bf16 = models.training_dtype(model) == torch.bfloat16
     max_length = _hf.cap_max_length(cfg.train.max_length, model)
     train_tokens = _tokenized(train_ds, tokenizer, max_length)
     run_dir = RunDir.open(out, cfg.output.overwrite, cfg.output.resume, to_yaml(cfg), is_main=is_main)

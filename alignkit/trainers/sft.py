@@ -53,6 +53,7 @@ def run(cfg: SFTConfig, callbacks: list | None = None, progress: Any | None = No
         cfg.model.name, dtype=cfg.model.dtype, device=cfg.model.device,
         trust_remote_code=cfg.model.trust_remote_code,
         lora=models.LoraSpec(**cfg.model.lora.model_dump(exclude={"enabled"})) if cfg.model.lora.enabled else None,
+        load_in_4bit=cfg.model.load_in_4bit, placement=models.launch_placement(),
     )
     trainable, total = models.trainable_parameters(model)
     max_length = _hf.cap_max_length(cfg.train.max_length, model)
@@ -62,7 +63,7 @@ def run(cfg: SFTConfig, callbacks: list | None = None, progress: Any | None = No
         ds, too_long = data.drop_too_long(ds, tokenizer, max_length)
         dropped |= data.note_dropped(cfg.data.source, rows_in, {"too_long": too_long})
     splits = data.train_eval_split(ds, cfg.data)
-    bf16 = next(model.parameters()).dtype == torch.bfloat16  # as TRL: bf16 weights train under bf16 autocast
+    bf16 = models.training_dtype(model) == torch.bfloat16  # as TRL: bf16 weights train under bf16 autocast
 
     run_dir = RunDir.open(out, cfg.output.overwrite, cfg.output.resume, to_yaml(cfg), is_main=is_main)
     args = TRLSFTConfig(

@@ -97,7 +97,7 @@ class SPPOConfig(JobConfig):
     def _check_sppo(self) -> SPPOConfig:
         from alignkit.online.ranks import check_launch
 
-        check_launch(self.launch.accelerate_config, "sppo")
+        check_launch(self.launch.accelerate_config, "sppo", self.model.load_in_4bit)
         if self.data.eval_fraction > 0:
             raise ValueError("sppo holds out sppo.eval_prompts itself: data.eval_fraction must be 0")
         if self.sppo.chunk_prompts < self.launch.num_processes:
