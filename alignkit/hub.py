@@ -21,17 +21,20 @@ METHOD_BLOCKS = ("pref", "kto", "ensemble", "ppo", "sppo", "eval")
 NOT_UPLOADED = ["README.md", "*.lock", "checkpoints/*", "tensorboard/*"]  # README.md: the card replaces it
 
 
-def check_can_push(repo: str) -> None:
-    """Before training: the cheap reasons a push at the end would fail (bad repo id, offline, no token)."""
+def check_can_push(repo: str, what: str | None = None) -> None:
+    """Before training (or `alignkit push`): the cheap reasons a push would fail: a bad repo id, offline,
+    no token. `what` names the request in the error (default: `--push-to-hub REPO`)."""
+    what = what or f"--push-to-hub {repo}"
+    later = " or drop --push-to-hub and push the finished run later with `alignkit push RUN_DIR REPO`"
     if repo.count("/") != 1 or not all(repo.split("/")):
-        raise UserError(f"--push-to-hub {repo}: a repo id is user/name or org/name")
+        raise UserError(f"{what}: a repo id is user/name or org/name")
     if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
-        raise UserError(f"--push-to-hub {repo}: HF_HUB_OFFLINE is set: unset it to push, or drop --push-to-hub "
-                        "and push the finished run later with `alignkit push RUN_DIR REPO`")
+        raise UserError(f"{what}: HF_HUB_OFFLINE is set: unset it to push"
+                        + (later if what.startswith("--") else ""))
     from huggingface_hub import get_token
 
     if not get_token():
-        raise UserError(f"--push-to-hub {repo}: no hub token: run `hf auth login` or set HF_TOKEN")
+        raise UserError(f"{what}: no hub token: run `hf auth login` or set HF_TOKEN")
 
 
 def _read_run(run_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]:

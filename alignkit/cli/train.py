@@ -260,8 +260,8 @@ def push(
     """Upload a finished run to the Hugging Face Hub with a model card (what --push-to-hub does at the end)."""
     from alignkit import hub
 
-    hub.check_can_push(repo)
     hub.model_card(run)  # not a finished run: one line before anything is sent
+    hub.check_can_push(repo, what=f"alignkit push {run} {repo}")
     console.print(f"pushed to {hub.push(run, repo, private=private)}", highlight=False)
 
 
