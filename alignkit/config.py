@@ -149,6 +149,17 @@ class JobConfig(Block):
         return self
 
     @model_validator(mode="after")
+    def _check_eval_steps(self) -> JobConfig:
+        steps = getattr(self.train, "eval_steps", None)
+        if steps and self.command in COMMAND_FIXES:
+            raise ValueError(f"train.eval_steps: `alignkit {self.command}` evaluates once, at the end (its eval: "
+                             "block): remove train.eval_steps")
+        if steps and not self.data.eval_fraction:
+            raise ValueError(f"train.eval_steps={steps}: there is no held-out split to evaluate: set "
+                             "data.eval_fraction (e.g. 0.05)")
+        return self
+
+    @model_validator(mode="after")
     def _check_trainer(self) -> JobConfig:
         """The `trainer:` block: only for the commands built on a TRL config, and never a key alignkit
         sets from its own blocks (one place per setting). Its keys' names are checked against the TRL

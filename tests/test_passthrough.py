@@ -81,7 +81,7 @@ def test_trainer_keys_and_new_train_fields_reach_the_trl_config(tmp_path, capsys
     from trl import DPOConfig
 
     cfg = _cfg("dpo", train={"max_grad_norm": 0.25, "optim": "adafactor", "eval_steps": 3, "save_total_limit": 2},
-               trainer={"label_smoothing": 0.1, "dataloader_drop_last": True})
+               data={"eval_fraction": 0.1}, trainer={"label_smoothing": 0.1, "dataloader_drop_last": True})
     args = DPOConfig(**_hf.training_args(cfg, RunDir(tmp_path / "run"), bf16=False), beta=0.1)
     assert args.label_smoothing == 0.1 and args.dataloader_drop_last is True
     assert args.max_grad_norm == 0.25 and args.optim == "adafactor"
@@ -102,9 +102,19 @@ def test_a_trainer_key_replacing_an_alignkit_default_says_so(tmp_path, capsys):
 
 
 def test_eval_steps_evaluates_every_n_steps():
-    assert _hf.eval_strategy(_cfg("sft", train={"eval_steps": 5}), eval_split=[1]) == "steps"
-    assert _hf.eval_strategy(_cfg("sft"), eval_split=[1]) == "epoch"
-    assert _hf.eval_strategy(_cfg("sft", train={"eval_steps": 5}), eval_split=None) == "no"
+    held_out = {"eval_fraction": 0.1}
+    assert _hf.eval_strategy(_cfg("sft", train={"eval_steps": 5}, data=held_out), eval_split=[1]) == "steps"
+    assert _hf.eval_strategy(_cfg("sft", data=held_out), eval_split=[1]) == "epoch"
+    assert _hf.eval_strategy(_cfg("sft"), eval_split=None) == "no"
+
+
+@pytest.mark.parametrize("argv,words", [
+    (["dpo", "--set", "train.eval_steps=5"], ("train.eval_steps=5", "data.eval_fraction")),
+    (["rm", "--set", "train.eval_steps=5", "--set", "data.eval_fraction=0.1"], ("train.eval_steps", "alignkit rm")),
+])
+def test_eval_steps_that_would_never_evaluate_are_refused(argv, words, monkeypatch, capsys):
+    code, _, err = run_cli([*argv, "--dry-run"], monkeypatch, capsys)
+    one_line_error(code, err, *words)
 
 
 def test_an_sft_run_trains_with_the_passed_keys(tmp_path, tiny_model_dir, monkeypatch, capsys):

@@ -96,11 +96,9 @@ def begin(cfg: JobConfig) -> tuple[str, bool]:
     rank, before anything is loaded) refuse what the run-directory contract refuses.
     Returns (output dir, is_main). The rank comes from the launcher's environment: no accelerate
     state may exist before the TrainingArguments, which configure it (gloo on CPU)."""
-    from alignkit.config import to_yaml
+    from alignkit.config import check_trainer_block, to_yaml
     from alignkit.launch import rank_info
     from alignkit.runs import default_dir
-
-    from alignkit.config import check_trainer_block
     from alignkit.tracking import require
 
     check_trainer_block(cfg)  # cheap checks before anything is loaded
