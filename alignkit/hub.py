@@ -25,7 +25,7 @@ def check_can_push(repo: str, what: str | None = None) -> None:
     """Before training (or `alignkit push`): the cheap reasons a push would fail: a bad repo id, offline,
     no token. `what` names the request in the error (default: `--push-to-hub REPO`)."""
     what = what or f"--push-to-hub {repo}"
-    later = " or drop --push-to-hub and push the finished run later with `alignkit push RUN_DIR REPO`"
+    later = ", or drop --push-to-hub and push the finished run later with `alignkit push RUN_DIR REPO`"
     if repo.count("/") != 1 or not all(repo.split("/")):
         raise UserError(f"{what}: a repo id is user/name or org/name")
     if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
