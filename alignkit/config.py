@@ -241,7 +241,7 @@ COMMAND_FIXES = {
 COMMAND_FIXES["rm-ensemble"] = COMMAND_FIXES["rm"]
 # TRL keys alignkit only gives a default: a `trainer:` value replaces it, with a printed note
 ALIGNKIT_DEFAULTS = ("per_device_eval_batch_size", "dataloader_num_workers", "dataloader_pin_memory",
-                     "ddp_find_unused_parameters", "logging_first_step", "data_seed", "run_name")
+                     "ddp_find_unused_parameters", "logging_first_step", "data_seed", "run_name", "project")
 
 
 def check_trainer_block(cfg: JobConfig) -> dict[str, Any]:

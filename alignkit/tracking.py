@@ -17,6 +17,7 @@ from typing import Any
 from alignkit.errors import UserError
 
 TENSORBOARD_DIR = "tensorboard"
+PROJECT = "alignkit"  # the wandb / trackio project every run logs under
 # tracker -> (module that must be importable, pip package that provides it)
 PACKAGES = {"tensorboard": ("tensorboard", "tensorboard"), "wandb": ("wandb", "wandb"),
             "trackio": ("trackio", "trackio")}
@@ -77,7 +78,7 @@ class Tracker:
 _active: Tracker | None = None
 
 
-def use(kind: str, project: str = "alignkit", config: dict[str, Any] | None = None) -> None:
+def use(kind: str, project: str = PROJECT, config: dict[str, Any] | None = None) -> None:
     """Choose the tracker for the loops this process runs next (`none`: no tracker)."""
     global _active
     close()

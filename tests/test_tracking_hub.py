@@ -117,6 +117,20 @@ def test_trl_trainers_report_to_the_chosen_tracker_in_the_run_directory(tmp_path
     assert _hf.training_args(cfg, run, bf16=False)["report_to"] == "none"
 
 
+def test_trl_trainers_log_to_wandb_and_trackio_under_the_alignkit_project(tmp_path, monkeypatch, fake_wandb):
+    monkeypatch.delenv("WANDB_PROJECT", raising=False)
+    cfg = config.build_config(config_class("dpo"), {"command": "dpo", "output": {"report_to": "wandb"}})
+    args = _hf.training_args(cfg, RunDir(tmp_path / "my-dpo"), bf16=False)
+    import os
+
+    assert args["report_to"] == "wandb" and args["run_name"] == "my-dpo"
+    assert os.environ["WANDB_PROJECT"] == "alignkit"
+    monkeypatch.setitem(tracking.PACKAGES, "trackio", ("json", "trackio"))  # "installed"
+    cfg = config.build_config(config_class("dpo"), {"command": "dpo", "output": {"report_to": "trackio"}})
+    args = _hf.training_args(cfg, RunDir(tmp_path / "my-dpo"), bf16=False)
+    assert args["report_to"] == "trackio" and args["project"] == "alignkit"  # TrackioCallback reads `project`
+
+
 def test_ppo_from_the_cli_logs_every_iteration_to_the_tracker(tmp_path, tiny_model_dir, monkeypatch, capsys,
                                                               fake_tensorboard):
     out = tmp_path / "ppo"

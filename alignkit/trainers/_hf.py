@@ -20,6 +20,7 @@ from transformers import TrainerCallback
 from alignkit.config import JobConfig
 from alignkit.errors import TrainingDiverged
 from alignkit.runs import RunDir, last_checkpoint
+from alignkit.tracking import PROJECT
 
 
 def training_args(cfg: JobConfig, run: RunDir, bf16: bool) -> dict[str, Any]:
@@ -54,6 +55,8 @@ def training_args(cfg: JobConfig, run: RunDir, bf16: bool) -> dict[str, Any]:
         bf16=bf16,
         report_to=report_to(cfg, run),
         run_name=run.final.name,
+        # trackio's project (wandb's: WANDB_PROJECT, see report_to); only then: older transformers lack the field
+        **({"project": PROJECT} if cfg.output.report_to == "trackio" else {}),
         disable_tqdm=True,
         dataloader_num_workers=0,
         dataloader_pin_memory=cfg.model.device != "cpu" and _cuda(),
@@ -88,6 +91,8 @@ def report_to(cfg: JobConfig, run: RunDir) -> str:
     require(kind)
     if kind == "tensorboard":
         os.environ["TENSORBOARD_LOGGING_DIR"] = str(run.work / TENSORBOARD_DIR)
+    if kind == "wandb":  # the loops' project too (tracking.py); the user's own WANDB_PROJECT wins
+        os.environ.setdefault("WANDB_PROJECT", PROJECT)
     return kind
 
 
