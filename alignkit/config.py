@@ -108,11 +108,17 @@ class TrainSection(Block):
     weight_decay: float = Field(0.0, ge=0.0)
     lr_scheduler: str = Field("linear", description="transformers scheduler name")
     max_length: int = Field(512, ge=8, description="truncate tokenised sequences to this length")
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool = Field(False, description="recompute activations in the backward pass (less memory)")
+    max_grad_norm: float = Field(1.0, ge=0.0, description="clip the gradient norm to this (0: no clipping)")
+    optim: str | None = Field(None, description="transformers optimizer name, e.g. adamw_torch, adamw_8bit "
+                              "(default: transformers' own)")
     logging_steps: int = Field(10, ge=1)
+    eval_steps: int | None = Field(None, ge=1, description="evaluate every N steps (default: once per epoch); "
+                                   "needs data.eval_fraction > 0")
     save_steps: int = Field(
         500, ge=0, description="checkpoint every N steps for --resume (0: none; a resumed run restarts)"
     )
+    save_total_limit: int | None = Field(None, ge=1, description="keep only the newest N checkpoints while training")
     seed: int = Field(42, ge=0, description="training seed")
 
 
@@ -120,6 +126,12 @@ class OutputSection(Block):
     dir: str | None = Field(None, description="run directory (default runs/<command>-<timestamp>)")
     overwrite: bool = Field(False, description="replace an existing run directory")
     resume: bool = Field(False, description="continue an interrupted run from its last checkpoint")
+    report_to: Literal["none", "tensorboard", "wandb", "trackio"] = Field(
+        "none", description="also log metrics to this tracker (metrics.jsonl is always written)"
+    )
+    push_to_hub: str | None = Field(
+        None, description="hub repo (user/name) to upload the finished run to, with a model card"
+    )
 
 
 class LaunchSection(Block):
@@ -138,12 +150,132 @@ class JobConfig(Block):
     train: TrainSection = Field(default_factory=TrainSection)
     output: OutputSection = Field(default_factory=OutputSection)
     launch: LaunchSection = Field(default_factory=LaunchSection)
+    trainer: dict[str, Any] = Field(
+        default_factory=dict,
+        description="keys passed as they are to the command's TRL config (SFTConfig, DPOConfig, ...); docs/recipes.md",
+    )
 
     @model_validator(mode="after")
     def _check_output(self) -> JobConfig:
         if self.output.overwrite and self.output.resume:
             raise ValueError("output.overwrite and output.resume exclude each other: pick one")
         return self
+
+    @model_validator(mode="after")
+    def _check_eval_steps(self) -> JobConfig:
+        steps = getattr(self.train, "eval_steps", None)
+        if steps and self.command in COMMAND_FIXES:
+            raise ValueError(f"train.eval_steps: `alignkit {self.command}` evaluates once, at the end (its eval: "
+                             "block): remove train.eval_steps")
+        if steps and not self.data.eval_fraction:
+            raise ValueError(f"train.eval_steps={steps}: there is no held-out split to evaluate: set "
+                             "data.eval_fraction (e.g. 0.05)")
+        return self
+
+    @model_validator(mode="after")
+    def _check_trainer(self) -> JobConfig:
+        """The `trainer:` block: only for the commands built on a TRL config, and never a key alignkit
+        sets from its own blocks (one place per setting). Its keys' names are checked against the TRL
+        dataclass by `check_trainer_block` (that needs trl imported)."""
+        if not self.trainer:
+            return self
+        if self.command not in TRL_CONFIGS:
+            raise ValueError(f"trainer.{next(iter(self.trainer))}: `alignkit {self.command}` builds no TRL config "
+                             f"to pass it to (only {', '.join(TRL_CONFIGS)} do): set its own keys instead "
+                             f"(`alignkit {self.command} --help`, docs/recipes.md)")
+        for key in self.trainer:
+            why = ALIGNKIT_FIXES.get(key) or COMMAND_FIXES.get(self.command, {}).get(key)
+            if why:
+                raise ValueError(f"trainer.{key}: alignkit fixes it ({why}): remove it from trainer:")
+            owner = ALIGNKIT_SETS.get(key) or COMMAND_SETS.get(self.command, {}).get(key)
+            if owner:
+                raise ValueError(f"trainer.{key}: alignkit sets it from {owner}: set that instead (docs/recipes.md)")
+        return self
+
+
+# ---------------------------------------------------------------- the trainer: passthrough block
+# command -> its TRL config class (trl.<name>); the other commands are explicit loops
+TRL_CONFIGS = {"sft": "SFTConfig", "rm": "RewardConfig", "rm-ensemble": "RewardConfig", "dpo": "DPOConfig",
+               "kto": "KTOConfig"}
+# TRL keys alignkit sets on every TRL config (trainers/_hf.py `training_args`) -> where a user sets them
+ALIGNKIT_SETS = {
+    "output_dir": "output.dir (--output-dir)",
+    "learning_rate": "train.learning_rate (--lr)",
+    "num_train_epochs": "train.epochs (--epochs)",
+    "max_steps": "train.max_steps (--max-steps)",
+    "per_device_train_batch_size": "train.batch_size (--batch-size)",
+    "gradient_accumulation_steps": "train.grad_accum (--grad-accum)",
+    "warmup_steps": "train.warmup_ratio",
+    "warmup_ratio": "train.warmup_ratio",
+    "weight_decay": "train.weight_decay",
+    "lr_scheduler_type": "train.lr_scheduler",
+    "gradient_checkpointing": "train.gradient_checkpointing",
+    "max_grad_norm": "train.max_grad_norm",
+    "optim": "train.optim",
+    "logging_steps": "train.logging_steps",
+    "eval_steps": "train.eval_steps",
+    "eval_strategy": "data.eval_fraction and train.eval_steps",
+    "save_strategy": "train.save_steps (0: no checkpoints)",
+    "save_steps": "train.save_steps",
+    "save_total_limit": "train.save_total_limit",
+    "seed": "train.seed (--seed)",
+    "max_length": "train.max_length (--max-length)",
+    "bf16": "model.dtype (--dtype)",
+    "fp16": "model.dtype (--dtype)",
+    "use_cpu": "model.device (--device)",
+    "report_to": "output.report_to (--report-to)",
+    "push_to_hub": "output.push_to_hub (--push-to-hub, at the end of the run)",
+    "hub_model_id": "output.push_to_hub (--push-to-hub, at the end of the run)",
+    "resume_from_checkpoint": "output.resume (--resume)",
+    "model_init_kwargs": "the model: block (alignkit loads the model itself)",
+    "trust_remote_code": "model.trust_remote_code (--trust-remote-code)",
+}
+# TRL keys alignkit fixes because its contracts rely on them -> why
+ALIGNKIT_FIXES = {
+    "save_only_model": "--resume needs the optimiser state in every checkpoint",
+    "logging_nan_inf_filter": "a NaN loss must reach the log, where the divergence guard stops the run",
+    "disable_tqdm": "alignkit shows its own progress bar",
+}
+# the keys one command's trainer sets on top of ALIGNKIT_SETS (trainers/sft.py, preference.py, reward.py)
+COMMAND_SETS = {
+    "sft": {"packing": "train.packing", "completion_only_loss": "train.completion_only_loss"},
+    "dpo": {"beta": "pref.beta (--beta)", "loss_type": "pref.loss (--loss)",
+            "precompute_ref_log_probs": "pref.precompute_ref_log_probs (--precompute-ref)"},
+    "kto": {"beta": "kto.beta (--beta)", "loss_type": "kto.loss (--loss)",
+            "desirable_weight": "kto.desirable_weight", "undesirable_weight": "kto.undesirable_weight",
+            "precompute_ref_log_probs": "kto.precompute_ref_log_probs (--precompute-ref)"},
+}
+# the keys one command's trainer fixes (trainers/reward.py) -> why
+COMMAND_FIXES = {
+    "rm": {"disable_dropout": "the Bradley-Terry loss compares two passes of the same weights",
+           "remove_unused_columns": "the reward collator reads alignkit's own columns",
+           "eval_strategy": "`alignkit rm` evaluates the model itself at the end (eval:)"},
+}
+COMMAND_FIXES["rm-ensemble"] = COMMAND_FIXES["rm"]
+# TRL keys alignkit only gives a default: a `trainer:` value replaces it, with a printed note
+ALIGNKIT_DEFAULTS = ("per_device_eval_batch_size", "dataloader_num_workers", "dataloader_pin_memory",
+                     "ddp_find_unused_parameters", "logging_first_step", "data_seed", "run_name", "project")
+
+
+def check_trainer_block(cfg: JobConfig) -> dict[str, Any]:
+    """The `trainer:` keys, each checked against the fields of the command's TRL config dataclass
+    (unknown key: one line with the closest field). Imports trl only when the block has keys."""
+    if not cfg.trainer:
+        return {}
+    import dataclasses
+
+    import trl
+
+    cls = getattr(trl, TRL_CONFIGS[cfg.command])
+    names = [f.name for f in dataclasses.fields(cls) if f.init]
+    for key in cfg.trainer:
+        if key not in names:
+            hint = closest(key, names)
+            match = hint.split('"')[1] if hint else ""
+            owner = ALIGNKIT_SETS.get(match) or COMMAND_SETS.get(cfg.command, {}).get(match)
+            hint += f": alignkit sets it from {owner}" if owner else ""
+            raise UserError(f"trainer.{key}: not a field of trl.{cls.__name__} (`alignkit {cfg.command}`){hint}")
+    return dict(cfg.trainer)
 
 
 # --------------------------------------------------------------------------- building a config

@@ -34,8 +34,8 @@ from alignkit.errors import UserError
 def train(command: str, recipe: Path | str | None, sets: list[str] | None, flags: dict[str, Any],
           dry_run: bool = False) -> None:
     """Build and validate the config, re-launch through accelerate if asked, run, print the summary."""
-    from alignkit import launch
-    from alignkit.config import build_config, read_recipe, to_yaml
+    from alignkit import hub, launch, tracking
+    from alignkit.config import build_config, check_trainer_block, read_recipe, to_yaml
     from alignkit.trainers import config_class, load
 
     cfg_cls = config_class(command)
@@ -44,9 +44,14 @@ def train(command: str, recipe: Path | str | None, sets: list[str] | None, flags
         raise UserError(f"{recipe}: this recipe is for `alignkit {tree['command']}`, not `alignkit {command}`")
     tree["command"] = command
     cfg = build_config(cfg_cls, tree, sets, flags, origin=str(recipe or command))
+    check_trainer_block(cfg)  # the `trainer:` keys against the TRL config (imports trl only when there are some)
     if dry_run:
         _print_plan(cfg, to_yaml(cfg))
         return
+    out = cfg.output  # cheap checks before any process is started or anything loaded
+    tracking.require(out.report_to)
+    if out.push_to_hub:
+        hub.check_can_push(out.push_to_hub)
     code = launch.maybe_relaunch(sys.argv[1:], cfg.launch.num_processes, launch_config(cfg))
     if code is not None:
         raise typer.Exit(code)
@@ -54,13 +59,20 @@ def train(command: str, recipe: Path | str | None, sets: list[str] | None, flags
 
     run_fn = load(command)[1]
     show = launch.rank_info()["is_main"]
-    with Progress(
-        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-        console=console, disable=not show, transient=False,
-    ) as progress:
-        summary = run_fn(cfg, progress=progress)
+    tracking.use(out.report_to, config=cfg.model_dump(mode="json"))  # the explicit loops' rows (Loop.log)
+    try:
+        with Progress(
+            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+            console=console, disable=not show, transient=False,
+        ) as progress:
+            summary = run_fn(cfg, progress=progress)
+    finally:
+        tracking.close()
     if show and not getattr(cfg_cls, "REPORTS_ITSELF", False):
         print_summary(f"alignkit {command}", summary)
+    if show and out.push_to_hub:  # the run is finished: a failed push leaves it as it is (one line)
+        url = hub.push(summary.get("output_dir") or out.dir, out.push_to_hub)
+        console.print(f"pushed to {url}", highlight=False)
 
 
 def launch_config(cfg: Any) -> str | None:
@@ -238,6 +250,20 @@ def run_recipe(
         return
     summary = pipeline.run(pipe, actions, run_step, say=lambda m: console.print(f"[bold]{m}[/bold]", highlight=False))
     console.print(f"pipeline finished: {len(summary['steps'])} steps in {pipe.dir}/")
+
+
+@app.command("push")
+def push(
+    run: Annotated[str, typer.Argument(help="a finished run directory")],
+    repo: Annotated[str, typer.Argument(help="hub repo id, user/name (created if needed)")],
+    private: Annotated[bool, typer.Option("--private", help="create the repo private")] = False,
+) -> None:
+    """Upload a finished run to the Hugging Face Hub with a model card (what --push-to-hub does at the end)."""
+    from alignkit import hub
+
+    hub.model_card(run)  # not a finished run: one line before anything is sent
+    hub.check_can_push(repo, what=f"alignkit push {run} {repo}")
+    console.print(f"pushed to {hub.push(run, repo, private=private)}", highlight=False)
 
 
 # -------------------------------------------------------------------------------- rm eval

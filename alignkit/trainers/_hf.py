@@ -20,12 +20,17 @@ from transformers import TrainerCallback
 from alignkit.config import JobConfig
 from alignkit.errors import TrainingDiverged
 from alignkit.runs import RunDir, last_checkpoint
+from alignkit.tracking import PROJECT
 
 
 def training_args(cfg: JobConfig, run: RunDir, bf16: bool) -> dict[str, Any]:
-    """Keyword arguments for a TRL `*Config` (a `TrainingArguments` subclass) from our blocks."""
+    """Keyword arguments for a TRL `*Config` (a `TrainingArguments` subclass) from our blocks, then the
+    recipe's `trainer:` keys (checked: `config.check_trainer_block`; none may be a key set here from a
+    block, and one that replaces a default of `config.ALIGNKIT_DEFAULTS` is said on stderr)."""
+    from alignkit.config import check_trainer_block
+
     t = cfg.train
-    return dict(
+    args = dict(
         output_dir=str(run.work / "checkpoints"),
         learning_rate=t.learning_rate,
         num_train_epochs=t.epochs,
@@ -37,14 +42,21 @@ def training_args(cfg: JobConfig, run: RunDir, bf16: bool) -> dict[str, Any]:
         weight_decay=t.weight_decay,
         lr_scheduler_type=t.lr_scheduler,
         gradient_checkpointing=t.gradient_checkpointing,  # explicit: TRL's configs default to True
+        max_grad_norm=t.max_grad_norm,
+        **({"optim": t.optim} if t.optim else {}),  # None: transformers' default (fused AdamW on recent torch)
         logging_steps=t.logging_steps,
+        eval_steps=t.eval_steps,
         save_strategy="steps" if t.save_steps else "no",
         save_steps=t.save_steps or 500,
+        save_total_limit=t.save_total_limit,
         save_only_model=False,
         seed=t.seed,
         data_seed=t.seed,
         bf16=bf16,
-        report_to="none",
+        report_to=report_to(cfg, run),
+        run_name=run.final.name,
+        # trackio's project (wandb's: WANDB_PROJECT, see report_to); only then: older transformers lack the field
+        **({"project": PROJECT} if cfg.output.report_to == "trackio" else {}),
         disable_tqdm=True,
         dataloader_num_workers=0,
         dataloader_pin_memory=cfg.model.device != "cpu" and _cuda(),
@@ -53,6 +65,35 @@ def training_args(cfg: JobConfig, run: RunDir, bf16: bool) -> dict[str, Any]:
         ddp_find_unused_parameters=False,
         use_cpu=cfg.model.device == "cpu",
     )
+    passed = check_trainer_block(cfg)
+    if run.is_main:
+        for key in sorted(passed.keys() & args.keys()):  # only ALIGNKIT_DEFAULTS get here (JobConfig._check_trainer)
+            print(f"note: trainer.{key}={passed[key]!r} replaces alignkit's default {args[key]!r}", file=sys.stderr)
+    return {**args, **passed}
+
+
+def eval_strategy(cfg: JobConfig, eval_split: Any) -> str:
+    """When the trainer evaluates: every `train.eval_steps` steps, else once per epoch; never without
+    a held-out split (`data.eval_fraction`)."""
+    if eval_split is None:
+        return "no"
+    return "steps" if cfg.train.eval_steps else "epoch"
+
+
+def report_to(cfg: JobConfig, run: RunDir) -> str:
+    """`output.report_to` for transformers' `report_to`; TensorBoard writes into DIR/tensorboard (the
+    callback reads TENSORBOARD_LOGGING_DIR; its default would be inside the checkpoints, deleted at the end)."""
+    import os
+
+    from alignkit.tracking import TENSORBOARD_DIR, require
+
+    kind = cfg.output.report_to
+    require(kind)
+    if kind == "tensorboard":
+        os.environ["TENSORBOARD_LOGGING_DIR"] = str(run.work / TENSORBOARD_DIR)
+    if kind == "wandb":  # the loops' project too (tracking.py); the user's own WANDB_PROJECT wins
+        os.environ.setdefault("WANDB_PROJECT", PROJECT)
+    return kind
 
 
 def begin(cfg: JobConfig) -> tuple[str, bool]:
@@ -60,10 +101,13 @@ def begin(cfg: JobConfig) -> tuple[str, bool]:
     rank, before anything is loaded) refuse what the run-directory contract refuses.
     Returns (output dir, is_main). The rank comes from the launcher's environment: no accelerate
     state may exist before the TrainingArguments, which configure it (gloo on CPU)."""
-    from alignkit.config import to_yaml
+    from alignkit.config import check_trainer_block, to_yaml
     from alignkit.launch import rank_info
     from alignkit.runs import default_dir
+    from alignkit.tracking import require
 
+    check_trainer_block(cfg)  # cheap checks before anything is loaded
+    require(cfg.output.report_to)
     quiet_libraries()
     if cfg.model.load_in_4bit:  # no CUDA / no bitsandbytes: one line before the data loads
         from alignkit.models import check_load_in_4bit

@@ -114,9 +114,13 @@ class Loop:
             self.times[name] = self.times.get(name, 0.0) + time.perf_counter() - t0
 
     def log(self, metrics: dict[str, Any]) -> dict[str, Any]:
-        """Append one row to metrics.jsonl: `step`, the metrics, and `time_<name>_s` so far per timer."""
+        """Append one row to metrics.jsonl: `step`, the metrics, and `time_<name>_s` so far per timer; the
+        same row goes to the tracker of `--report-to` (`tracking.log`) when one was chosen."""
+        from alignkit import tracking
+
         row = {"step": self.step, **metrics, **{f"time_{k}_s": v for k, v in self.times.items()}}
         self.run.log(row)
+        tracking.log(self.run, row)
         return row
 
     # -- the non-finite guard ---------------------------------------------------------------------
