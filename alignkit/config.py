@@ -72,6 +72,9 @@ class ModelSection(Block):
     load_in_4bit: bool = Field(
         False, description="QLoRA: 4-bit NF4 base weights under the LoRA adapter (CUDA, pip install 'alignkit[qlora]')"
     )
+    attn_implementation: str | None = Field(
+        None, description="attention kernel passed to from_pretrained: eager, sdpa, flash_attention_2, ... "
+        "(default: transformers' choice)")
     lora: LoraSection = Field(default_factory=LoraSection)
 
     @model_validator(mode="after")

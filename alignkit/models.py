@@ -458,6 +458,7 @@ def load_causal_lm(
     lora: LoraSpec | None = None,
     load_in_4bit: bool = False,
     placement: Placement = "device",
+    attn_implementation: str | None = None,
 ) -> tuple[Any, Any]:
     """(model, tokenizer) for a decoder-only LM, safetensors only, on `device` (in a launched rank:
     its own GPU), optionally with LoRA. `load_in_4bit`: QLoRA's NF4 weights (CUDA + bitsandbytes),
@@ -477,6 +478,7 @@ def load_causal_lm(
         use_safetensors=True,
         trust_remote_code=trust_remote_code,
         **plan.from_pretrained_kwargs(),
+        **({"attn_implementation": attn_implementation} if attn_implementation else {}),
     )
     if base:  # a LoRA run's adapter: merged into its base, so the result is a plain model to use or tune
         from peft import PeftModel
@@ -494,6 +496,7 @@ def load_sequence_classifier(
     lora: LoraSpec | None = None,
     load_in_4bit: bool = False,
     placement: Placement = "device",
+    attn_implementation: str | None = None,
 ) -> tuple[Any, Any]:
     """(model, tokenizer) for a reward model: `AutoModelForSequenceClassification` with `num_labels`
     outputs (1 = scalar reward) and `pad_token_id` set so the last non-pad token is scored. The head
@@ -519,6 +522,7 @@ def load_sequence_classifier(
             use_safetensors=True,
             trust_remote_code=trust_remote_code,
             **plan.from_pretrained_kwargs(),
+            **({"attn_implementation": attn_implementation} if attn_implementation else {}),
         )
     finally:
         hf_logging.set_verbosity(verbosity)

@@ -255,3 +255,12 @@ def test_qlora_tiny_trains_one_step_on_gpu(tiny_model_dir):
     assert torch.isfinite(loss)
     after = dict(model.named_parameters())
     assert any(not torch.equal(after[n].detach(), before) for n, before in trainable.items())
+
+
+def test_attn_implementation_reaches_from_pretrained(tiny_model_dir):
+    """model.attn_implementation (a recipe key) is what the loaded model's config says."""
+    lm, _ = models.load_causal_lm(str(tiny_model_dir), device="cpu", attn_implementation="eager")
+    assert lm.config._attn_implementation == "eager"
+    from alignkit.config import ModelSection
+
+    assert ModelSection(attn_implementation="sdpa").attn_implementation == "sdpa"

@@ -64,6 +64,8 @@ SHARED: tuple[Flag, ...] = (
     Flag("load_in_4bit", "model.load_in_4bit", ("--load-in-4bit",), bool),
     Flag("num_processes", "launch.num_processes", ("--num-processes",), int),
     Flag("accelerate_config", "launch.accelerate_config", ("--accelerate-config",), str),
+    Flag("report_to", "output.report_to", ("--report-to",), str),
+    Flag("push_to_hub", "output.push_to_hub", ("--push-to-hub",), str),
 )
 
 

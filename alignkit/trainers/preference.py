@@ -210,7 +210,8 @@ def _policy_and_reference(cfg: DPOConfig | KTOConfig, section: PrefSection | KTO
     from alignkit import models
 
     load = dict(dtype=cfg.model.dtype, device=cfg.model.device, trust_remote_code=cfg.model.trust_remote_code,
-                load_in_4bit=cfg.model.load_in_4bit, placement=models.launch_placement())
+                load_in_4bit=cfg.model.load_in_4bit, placement=models.launch_placement(),
+                attn_implementation=cfg.model.attn_implementation)
     model, tokenizer = models.load_causal_lm(cfg.model.name, **load)
     lora = cfg.model.lora.enabled
     peft_config = models.LoraSpec(**cfg.model.lora.model_dump(exclude={"enabled"})).to_peft() if lora else None
@@ -267,7 +268,7 @@ def _trl_common(cfg, run_dir, setup, eval_split) -> dict[str, Any]:
     return dict(
         **_hf.training_args(cfg, run_dir, bf16=bf16),
         max_length=_hf.cap_max_length(cfg.train.max_length, setup["model"]),
-        eval_strategy="epoch" if eval_split is not None else "no",
+        eval_strategy=_hf.eval_strategy(cfg, eval_split),
     )
 
 

@@ -222,6 +222,7 @@ def run(cfg: RMConfig, callbacks: list | None = None, progress: Any | None = Non
         cfg.model.name, num_labels=1, dtype=cfg.model.dtype, device=cfg.model.device,
         trust_remote_code=cfg.model.trust_remote_code, lora=lora,
         load_in_4bit=cfg.model.load_in_4bit, placement=models.launch_placement(),
+        attn_implementation=cfg.model.attn_implementation,
     )
     trainable, total = models.trainable_parameters(model)
     bf16 = models.training_dtype(model) == torch.bfloat16

@@ -54,6 +54,7 @@ def run(cfg: SFTConfig, callbacks: list | None = None, progress: Any | None = No
         trust_remote_code=cfg.model.trust_remote_code,
         lora=models.LoraSpec(**cfg.model.lora.model_dump(exclude={"enabled"})) if cfg.model.lora.enabled else None,
         load_in_4bit=cfg.model.load_in_4bit, placement=models.launch_placement(),
+        attn_implementation=cfg.model.attn_implementation,
     )
     trainable, total = models.trainable_parameters(model)
     max_length = _hf.cap_max_length(cfg.train.max_length, model)
@@ -71,7 +72,7 @@ def run(cfg: SFTConfig, callbacks: list | None = None, progress: Any | None = No
         max_length=max_length,
         completion_only_loss=cfg.train.completion_only_loss if "prompt" in ds.column_names else None,
         packing=cfg.train.packing,
-        eval_strategy="epoch" if splits["eval"] is not None else "no",
+        eval_strategy=_hf.eval_strategy(cfg, splits["eval"]),
     )
     trainer = SFTTrainer(
         model=model, args=args, train_dataset=splits["train"], eval_dataset=splits["eval"],
