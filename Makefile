@@ -44,8 +44,8 @@ $(STAMP): pyproject.toml $(CONSTRAINTS)
 # floor when a CPU wheel of it can be had, else the tested torch (said on the console)
 $(LOWEST_STAMP): pyproject.toml .ci/constraints.py
 	rm -rf $(LOWEST)
+	mkdir -p $(LOWEST) && echo '*' > $(LOWEST)/.gitignore
 	$(PYTHON) -m venv $(LOWEST)
-	echo '*' > $(LOWEST)/.gitignore
 	$(PYTHON) .ci/constraints.py lowest --extra dev --skip torch > $(LOWEST)/constraints.txt
 	@( $(call install_torch,$(LOWEST)/bin/python,$(TORCH_LOWEST)) ) || { \
 		echo "*** torch $(TORCH_LOWEST) (the floor) cannot be installed here: the lowest run uses torch $(TORCH_VERSION)"; \
