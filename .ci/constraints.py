@@ -25,10 +25,8 @@ HEADER = """\
 
 
 def read_project(pyproject: str) -> dict:
-    try:
-        import tomllib
-    except ModuleNotFoundError:  # Python 3.10
-        import tomli as tomllib  # type: ignore[no-redef]
+    import tomllib
+
     return tomllib.loads(Path(pyproject).read_text())["project"]
 
 

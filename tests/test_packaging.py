@@ -31,10 +31,8 @@ def _project() -> dict:
 
 
 def _toml() -> dict:
-    try:
-        import tomllib
-    except ModuleNotFoundError:  # Python 3.10
-        import tomli as tomllib
+    import tomllib
+
     return tomllib.loads((ROOT / "pyproject.toml").read_text())
 
 
