@@ -1,7 +1,7 @@
 """`alignkit recipes ls/show/validate/cp`, and how a recipe name becomes a file (`recipe_path`).
 
-Shipped recipes live in recipes/ (or $ALIGNKIT_RECIPES); `alignkit run NAME` lives in cli/train.py, a
-pipeline recipe's steps (`steps:`) in alignkit/pipeline.py.
+Shipped recipes live in recipes/ (a wheel carries them as alignkit/recipes/; or $ALIGNKIT_RECIPES);
+`alignkit run NAME` lives in cli/train.py, a pipeline recipe's steps (`steps:`) in alignkit/pipeline.py.
 """
 
 from __future__ import annotations
@@ -22,9 +22,15 @@ app.add_typer(recipes_app, name="recipes")
 
 
 def recipes_dir() -> Path:
-    """The shipped recipes, or $ALIGNKIT_RECIPES."""
+    """$ALIGNKIT_RECIPES, else the recipes an installed wheel carries (alignkit/recipes/, copied from
+    recipes/ at build time: pyproject.toml's force-include), else the checkout's recipes/ (editable or
+    source installs)."""
     env = os.environ.get("ALIGNKIT_RECIPES")
-    return Path(env) if env else Path(__file__).resolve().parents[2] / "recipes"
+    if env:
+        return Path(env)
+    package = Path(__file__).resolve().parents[1]
+    packaged = package / "recipes"
+    return packaged if packaged.is_dir() else package.parent / "recipes"
 
 
 def shipped_recipes() -> list[Path]:
