@@ -53,6 +53,10 @@ class EnsembleLora(LoraSection):
     target_modules: str | list[str] | None = Field(
         None, description="None: peft's default for the architecture (query/value projections)"
     )
+    layers_to_transform: int | list[int] | None = Field(
+        None, description="adapt only these transformer blocks (negative = from the top, e.g. [-2, -1]); the "
+        "blocks below the lowest are shared by all members and run once when scoring",
+    )
 
 
 class EnsembleModel(ModelSection):
@@ -66,9 +70,10 @@ class EnsembleSection(Block):
         "mean", description="mean: BT on the members' mean reward (the paper); each: independent BT per member"
     )
     seeds: list[int] | None = Field(None, description="one seed per member (default: train.seed + n)")
-    forward: Literal["auto", "mixed", "loop"] = Field(
+    forward: Literal["auto", "mixed", "loop", "shared"] = Field(
         "auto",
         description="mixed: all members in one peft mixed-adapter batch; loop: one pass per member; "
+        "shared: mixed, with the blocks below lora.layers_to_transform run once; "
         "auto: loop in one process (faster on CPU), mixed under DDP",
     )
 
@@ -338,6 +343,8 @@ MEMBERS_CHECKPOINT = "ensemble_members.safetensors"
 
 def _ensemble_trainer_cls():
     """RewardTrainer with eq. 12 as its loss (built lazily: importing trl is slow)."""
+    import contextlib
+
     import torch
     from trl import RewardTrainer
 
@@ -399,8 +406,9 @@ def _ensemble_trainer_cls():
             model.eval()  # peft allows adapter_names only in eval mode; dropout is off anyway
             try:
                 names = [name for name in self.ensemble.names for _ in range(b)]
-                out = model(input_ids=input_ids.repeat(n, 1), attention_mask=attention_mask.repeat(n, 1),
-                            adapter_names=names)
+                with self.ensemble.trunk(b) if mode == "shared" else contextlib.nullcontext():
+                    out = model(input_ids=input_ids.repeat(n, 1), attention_mask=attention_mask.repeat(n, 1),
+                                adapter_names=names)
             finally:
                 model.train()
             return out.logits.view(n, b)
@@ -426,11 +434,12 @@ def run_ensemble(cfg: RMEnsembleConfig, callbacks: list | None = None, progress:
     ood_ds = _ood(cfg)
     ens = cfg.ensemble
     seeds = ens.seeds or [cfg.train.seed + n for n in range(ens.n_members)]
-    lora = models.LoraSpec(**cfg.model.lora.model_dump(exclude={"enabled"}))
+    lora = models.LoraSpec(**cfg.model.lora.model_dump(exclude={"enabled", "layers_to_transform"}))
     set_seed(cfg.train.seed)  # the base's new scalar head (copied into every member) uses the global RNG
     ensemble = rewards.RewardEnsemble.build(
         cfg.model.name, n_members=ens.n_members, lora=lora, seeds=seeds, dtype=cfg.model.dtype,
         device=cfg.model.device, trust_remote_code=cfg.model.trust_remote_code, max_length=cfg.train.max_length,
+        layers_to_transform=cfg.model.lora.layers_to_transform,
     )
     tokenizer = ensemble.tokenizer
     trainable, total = ensemble.trainable_parameters()
