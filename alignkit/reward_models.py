@@ -24,7 +24,7 @@ from alignkit import models
 from alignkit.errors import UserError
 from alignkit.scoring import Scores, checked_scores
 
-Mode = Literal["mixed", "loop", "shared"]
+Mode = Literal["mixed", "loop", "shared", "shared-loop"]
 REWARD_CONFIG = "alignkit_reward.json"  # written next to an `alignkit rm` model: {"max_length": ...}
 
 
@@ -133,6 +133,34 @@ def _first_adapted_layer(peft_model: torch.nn.Module) -> int:
     return len(blocks)
 
 
+class _TrunkOnce:
+    """For a loop over members: the first member's forward runs blocks 0 … k-1 (no member adapts
+    them) and their output is kept; after `replay()` each of those blocks returns it without computing
+    (an instance `forward`, removed on exit), so later members run only the adapted blocks."""
+
+    def __init__(self, blocks: torch.nn.ModuleList, k: int) -> None:
+        self.blocks, self.k = blocks, k
+        self.output: Any = None
+
+    def _keep(self, module: Any, args: tuple, output: Any) -> None:
+        self.output = output
+
+    def replay(self) -> None:
+        self.handle.remove()
+        for block in self.blocks[: self.k]:
+            block.forward = lambda *args, **kwargs: self.output
+
+    def __enter__(self) -> _TrunkOnce:
+        self.handle = self.blocks[self.k - 1].register_forward_hook(self._keep)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.handle.remove()
+        for block in self.blocks[: self.k]:
+            block.__dict__.pop("forward", None)
+        self.output = None
+
+
 class _SharedTrunk:
     """Forward hooks that run blocks 0 … k-1 (no member adapts them) on B rows instead of the N·B rows
     of the mixed batch, and repeat their output N times at the fork (docs/algorithms/rm-ensemble.md,
@@ -183,6 +211,8 @@ class RewardEnsemble(torch.nn.Module):
     * "shared": "mixed", but the `shared_layers` blocks below the members' first adapted block are
       run on the B rows once and forked N ways above them (`_SharedTrunk`; the embedding lookup still
       sees the N·B rows). The same rewards as "mixed"; with no shared block it is "mixed".
+    * "shared-loop": "loop", but the shared blocks run for the first member only and the later members
+      reuse their output (`_TrunkOnce`): activations of B rows at a time. With no shared block, "loop".
     """
 
     def __init__(self, model: Any, tokenizer: Any, info: dict[str, Any], max_length: int = 512) -> None:
@@ -286,20 +316,27 @@ class RewardEnsemble(torch.nn.Module):
                 inputs = {"input_ids": input_ids.repeat(n, 1), "attention_mask": attention_mask.repeat(n, 1)}
                 with self.trunk(b) if mode == "shared" else contextlib.nullcontext():
                     return self.model(**inputs, adapter_names=names).logits.view(n, b)
-            if mode == "loop":
+            if mode in ("loop", "shared-loop"):
                 params = self.member_parameters()
                 flags = [p.requires_grad for p in params]
                 rows = []
+                once = (_TrunkOnce(layer_list(self.model.get_base_model()), self.shared_layers)
+                        if mode == "shared-loop" and self.shared_layers > 0 else None)
                 try:
-                    for name in self.names:
-                        self.model.set_adapter(name)
-                        _set_requires_grad_from(params, flags)  # set_adapter froze the other members
-                        rows.append(self.model(input_ids=input_ids, attention_mask=attention_mask).logits.view(b))
+                    with once or contextlib.nullcontext():
+                        for i, name in enumerate(self.names):
+                            if once is not None and i == 1:
+                                once.replay()
+                            self.model.set_adapter(name)
+                            _set_requires_grad_from(params, flags)  # set_adapter froze the other members
+                            rows.append(
+                                self.model(input_ids=input_ids, attention_mask=attention_mask).logits.view(b)
+                            )
                 finally:
                     self.model.set_adapter(self.names[0])
                     _set_requires_grad_from(params, flags)
                 return torch.stack(rows)
-            raise ValueError(f"mode must be 'mixed', 'loop' or 'shared', got {mode!r}")
+            raise ValueError(f"mode must be 'mixed', 'loop', 'shared' or 'shared-loop', got {mode!r}")
         finally:
             self.model.train(was_training)
 
@@ -482,12 +519,12 @@ class RewardModelScorer:
 class EnsembleScorer:
     """A `RewardEnsemble` as a Scorer. mode "auto" times the modes on the first batch (after one
     warm-up forward) and keeps the fastest for the rest of the scorer's life (`timings`, `mode`):
-    loop and mixed, and "shared" when the members leave a trunk of blocks unadapted
+    loop and mixed, and "shared" / "shared-loop" when the members leave a trunk of blocks unadapted
     (`lora.layers_to_transform`; docs/algorithms/rm-ensemble.md)."""
 
-    MODES = ("auto", "mixed", "loop", "shared")
+    MODES = ("auto", "mixed", "loop", "shared", "shared-loop")
 
-    def __init__(self, ensemble: RewardEnsemble, mode: Literal["auto", "mixed", "loop", "shared"] = "auto",
+    def __init__(self, ensemble: RewardEnsemble, mode: Literal["auto", "mixed", "loop", "shared", "shared-loop"] = "auto",
                  batch_size: int = 32):
         if mode not in self.MODES:
             raise UserError(f"ensemble scoring mode '{mode}' is unknown: use {', '.join(self.MODES)}")
@@ -500,7 +537,8 @@ class EnsembleScorer:
     def _choose(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         rewards = self.ensemble(**batch, mode="mixed")  # warm-up (first-call allocations), result kept
         cuda = batch["input_ids"].is_cuda
-        modes = ("loop", "mixed", "shared") if self.ensemble.shared_layers > 0 else ("loop", "mixed")
+        shared = ("shared", "shared-loop") if self.ensemble.shared_layers > 0 else ()
+        modes = ("loop", "mixed", *shared)
         for mode in modes:
             if cuda:
                 torch.cuda.synchronize()

@@ -35,48 +35,64 @@ def _ensemble(base: str, layers, n: int = 3) -> RewardEnsemble:
     return ens
 
 
-def _rows_seen(ens: RewardEnsemble) -> tuple[list[int], list]:
-    """Batch rows each block receives, recorded by forward hooks."""
-    seen: list[int] = []
+def _computed(ens: RewardEnsemble) -> tuple[list[tuple[int, int]], list]:
+    """(block index, batch rows) each time a block really computes: forward hooks on each block's
+    first submodule (attention), which a block replaying the trunk's output does not call."""
+    seen: list[tuple[int, int]] = []
     blocks = layer_list(ens.model.get_base_model())
-    handles = [b.register_forward_hook(lambda m, a, kw, out: seen.append(a[0].shape[0] if a else
-                                                                          kw["hidden_states"].shape[0]),
-                                       with_kwargs=True) for b in blocks]
+
+    def hook(i):
+        return lambda m, a, kw, out: seen.append((i, (a[0] if a else kw["hidden_states"]).shape[0]))
+
+    handles = [next(iter(b.children())).register_forward_hook(hook(i), with_kwargs=True)
+               for i, b in enumerate(blocks)]
     return seen, handles
 
 
 @pytest.mark.parametrize("base", ["tiny", "minilm"])
 def test_shared_trunk_scores_equal_the_unshared_forward(base, texts, tiny_model_dir):
     ens = _ensemble(base, [-1])
-    n_blocks = len(layer_list(ens.model.get_base_model()))
-    assert ens.shared_layers == n_blocks - 1 >= 1
+    top = len(layer_list(ens.model.get_base_model())) - 1
+    assert ens.shared_layers == top >= 1
     prompts, completions = texts
     mixed = ens.score(prompts, completions, mode="mixed", batch_size=5)
     loop = ens.score(prompts, completions, mode="loop", batch_size=5)
-    seen, handles = _rows_seen(ens)
-    try:
-        shared = ens.score(prompts, completions, mode="shared", batch_size=5)
-    finally:
-        for h in handles:
-            h.remove()
-    assert shared.shape == (3, 12)
-    assert (shared - mixed).abs().max() < 1e-5 and (shared - loop).abs().max() < 1e-5
     assert mixed.std(dim=0).mean() > 1e-4  # the members differ: equal rewards are not trivially equal
-    # the trunk ran on the B rows of each batch (5, 5, 2), the adapted top block on N·B
-    per_batch = [seen[i : i + n_blocks] for i in range(0, len(seen), n_blocks)]
-    assert per_batch == [[b] * (n_blocks - 1) + [3 * b] for b in (5, 5, 2)]
+    assert (mixed - loop).abs().max() < 1e-5
+    expected = {  # per batch (5, 5, 2 rows): the trunk once, then the adapted top block on N·B rows
+        # at once ("shared") or on B rows once per member ("shared-loop")
+        "shared": [x for b in (5, 5, 2) for x in [(i, b) for i in range(top)] + [(top, 3 * b)]],
+        "shared-loop": [x for b in (5, 5, 2) for x in [(i, b) for i in range(top)] + [(top, b)] * 3],
+    }
+    for mode, calls in expected.items():
+        seen, handles = _computed(ens)
+        try:
+            shared = ens.score(prompts, completions, mode=mode, batch_size=5)
+        finally:
+            for h in handles:
+                h.remove()
+        assert shared.shape == (3, 12)
+        assert (shared - mixed).abs().max() < 1e-5, mode
+        assert seen == calls, mode
+    # the replayed blocks are restored: a plain loop computes every block for every member again
+    seen, handles = _computed(ens)
+    ens.score(prompts[:5], completions[:5], mode="loop", batch_size=5)
+    for h in handles:
+        h.remove()
+    assert len(seen) == 3 * (top + 1)
 
 
 def test_shared_forward_has_the_gradients_of_the_mixed_forward(texts, tiny_model_dir):
     ens = _ensemble("tiny", [-1])
     batch = ens.encode([p + c for p, c in zip(*texts)][:6])
     grads = {}
-    for mode in ("mixed", "shared"):
+    for mode in ("mixed", "shared", "loop", "shared-loop"):
         ens.model.zero_grad()
         ens(**batch, mode=mode).pow(2).sum().backward()
         grads[mode] = [p.grad.clone() for p in ens.member_parameters()]
     assert all(g is not None for g in grads["shared"]) and len(grads["shared"]) > 0
-    assert max((a - b).abs().max().item() for a, b in zip(grads["mixed"], grads["shared"])) < 1e-5
+    for mode in ("shared", "loop", "shared-loop"):
+        assert max((a - b).abs().max().item() for a, b in zip(grads["mixed"], grads[mode])) < 1e-5, mode
 
 
 def test_layers_to_transform_adapts_only_those_blocks(tmp_path, texts, tiny_model_dir):
@@ -97,6 +113,7 @@ def test_no_shared_trunk_when_every_block_is_adapted(texts, tiny_model_dir):
     ens = _ensemble("tiny", None)
     assert ens.shared_layers == 0
     assert (ens.score(*texts, mode="shared") - ens.score(*texts, mode="mixed")).abs().max() == 0
+    assert (ens.score(*texts, mode="shared-loop") - ens.score(*texts, mode="loop")).abs().max() == 0
     scorer = EnsembleScorer(ens, mode="auto")
     scorer.score(*texts)
     assert set(scorer.timings) == {"loop", "mixed"}  # nothing to share: not timed
@@ -106,9 +123,10 @@ def test_scorer_auto_times_the_shared_mode(texts, tiny_model_dir):
     ens = _ensemble("tiny", [1])
     scorer = EnsembleScorer(ens, mode="auto", batch_size=6)
     s = scorer.score(*texts)
-    assert set(scorer.timings) == {"loop", "mixed", "shared"} and scorer.mode in scorer.timings
-    direct = EnsembleScorer(ens, mode="shared", batch_size=6).score(*texts)
-    assert (direct.members - s.members).abs().max() < 1e-5
+    assert set(scorer.timings) == {"loop", "mixed", "shared", "shared-loop"} and scorer.mode in scorer.timings
+    for mode in ("shared", "shared-loop"):
+        direct = EnsembleScorer(ens, mode=mode, batch_size=6).score(*texts)
+        assert (direct.members - s.members).abs().max() < 1e-5
 
 
 def test_layers_out_of_range_is_one_user_error(tiny_model_dir):
@@ -124,7 +142,7 @@ def test_rm_ensemble_trains_top_layers_with_the_shared_forward(tmp_path: Path, t
         "data": {"source": "builtin:pairwise", "max_samples": 96, "eval_fraction": 0.25},
         "train": {"epochs": 1, "batch_size": 16, "max_length": 64, "logging_steps": 1, "save_steps": 0},
         "eval": {"ood_max_samples": 24},
-        "ensemble": {"n_members": 2, "forward": "shared"},
+        "ensemble": {"n_members": 2, "forward": "shared-loop"},
         "output": {"dir": str(tmp_path / "ens")},
     })
     summary = reward.run_ensemble(cfg)

@@ -47,7 +47,7 @@ def quickstart_time(output_dir: str | Path | None = None) -> dict[str, Any]:
 
 # --------------------------------------------------------------------------- reward scoring cost
 
-SCORING_CONFIGS = ("one", "separate", "mixed", "loop", "shared")
+SCORING_CONFIGS = ("one", "separate", "mixed", "loop", "shared", "shared-loop")
 
 
 def scoring_child(backbone: str, config: str, n_members: int, batch: int, rows: int, repeats: int,
@@ -58,8 +58,9 @@ def scoring_child(backbone: str, config: str, n_members: int, batch: int, rows: 
     one: one plain reward model (`RewardModelScorer`); separate: `n_members` plain reward models of the
     same backbone, each loaded (its own weights) and scored one after another; mixed / loop: a
     `RewardEnsemble` of `n_members` LoRA members (trainer defaults: r 32, α 64, query/value) through
-    `EnsembleScorer` in that mode; shared: the same ensemble with its LoRA on the top `top_layers`
-    blocks only (`lora.layers_to_transform`), the blocks below run once per batch ("shared" mode).
+    `EnsembleScorer` in that mode; shared / shared-loop: the same ensemble with its LoRA on the top
+    `top_layers` blocks only (`lora.layers_to_transform`), the blocks below run once per batch, in
+    that mode.
     Every configuration includes tokenisation, batches of `batch`.
     """
     import resource
@@ -73,8 +74,8 @@ def scoring_child(backbone: str, config: str, n_members: int, batch: int, rows: 
     prompts, texts = [r["prompt"] for r in pairs], [r["chosen"] for r in pairs]
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
     torch.manual_seed(0)
-    if config in ("mixed", "loop", "shared"):
-        top = list(range(-top_layers, 0)) if config == "shared" else None
+    if config in ("mixed", "loop", "shared", "shared-loop"):
+        top = list(range(-top_layers, 0)) if config.startswith("shared") else None
         ens = rewards.RewardEnsemble.build(backbone, n_members=n_members, lora=models.LoraSpec(
             r=32, alpha=64, dropout=0.0, target_modules=None), device="cpu", layers_to_transform=top)
         with torch.no_grad():  # non-zero B: members that differ, as after training
@@ -156,7 +157,7 @@ def rm_scoring(backbone: str = "tiny", n_members: int = 5, batch: int = 32, rows
                "memory_vs_one": c[name]["peak_rss_delta_mib"] / one_mem if one_mem > 0 else None}
         for name in configs
     }
-    for mode in ("mixed", "loop", "shared"):
+    for mode in ("mixed", "loop", "shared", "shared-loop"):
         if mode in c and "separate" in c:
             ratio = c[mode]["samples_per_s"] / c["separate"]["samples_per_s"]
             result["ratios"][f"{mode}_vs_separate_throughput"] = ratio

@@ -70,10 +70,10 @@ class EnsembleSection(Block):
         "mean", description="mean: BT on the members' mean reward (the paper); each: independent BT per member"
     )
     seeds: list[int] | None = Field(None, description="one seed per member (default: train.seed + n)")
-    forward: Literal["auto", "mixed", "loop", "shared"] = Field(
+    forward: Literal["auto", "mixed", "loop", "shared", "shared-loop"] = Field(
         "auto",
         description="mixed: all members in one peft mixed-adapter batch; loop: one pass per member; "
-        "shared: mixed, with the blocks below lora.layers_to_transform run once; "
+        "shared / shared-loop: mixed / loop, with the blocks below lora.layers_to_transform run once; "
         "auto: loop in one process (faster on CPU), mixed under DDP",
     )
 
@@ -100,9 +100,9 @@ class RMEnsembleConfig(RMConfig):
 
     @model_validator(mode="after")
     def _check_ensemble(self) -> RMEnsembleConfig:
-        if self.launch.num_processes > 1 and self.ensemble.forward == "loop":
-            raise ValueError("ensemble.forward=loop cannot run under DDP (one forward per step must go through "
-                             "the DDP wrapper): use mixed or auto with launch.num_processes > 1")
+        if self.launch.num_processes > 1 and self.ensemble.forward in ("loop", "shared-loop"):
+            raise ValueError(f"ensemble.forward={self.ensemble.forward} cannot run under DDP (one forward per step "
+                             "must go through the DDP wrapper): use mixed, shared or auto with launch.num_processes > 1")
         if self.launch.accelerate_config in ("zero3", "fsdp"):
             raise ValueError(f"rm-ensemble with --accelerate-config {self.launch.accelerate_config}: the NNM term "
                              "reads whole LoRA-A matrices, which ZeRO-3/FSDP shard; use ddp or zero2")
@@ -401,7 +401,7 @@ def _ensemble_trainer_cls():
             if mode == "auto":  # loop measured 2x faster per step on CPU; one large launch suits GPUs
                 cpu = input_ids.device.type == "cpu"
                 mode = "loop" if cpu and self.accelerator.num_processes == 1 else "mixed"
-            if mode == "loop" or model is self.ensemble.model:
+            if mode in ("loop", "shared-loop") or model is self.ensemble.model:
                 return self.ensemble.forward(input_ids, attention_mask, mode=mode)
             model.eval()  # peft allows adapter_names only in eval mode; dropout is off anyway
             try:
