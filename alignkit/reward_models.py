@@ -524,8 +524,7 @@ class EnsembleScorer:
 
     MODES = ("auto", "mixed", "loop", "shared", "shared-loop")
 
-    def __init__(self, ensemble: RewardEnsemble, mode: Literal["auto", "mixed", "loop", "shared", "shared-loop"] = "auto",
-                 batch_size: int = 32):
+    def __init__(self, ensemble: RewardEnsemble, mode: str = "auto", batch_size: int = 32):
         if mode not in self.MODES:
             raise UserError(f"ensemble scoring mode '{mode}' is unknown: use {', '.join(self.MODES)}")
         self.ensemble = ensemble

@@ -101,8 +101,9 @@ class RMEnsembleConfig(RMConfig):
     @model_validator(mode="after")
     def _check_ensemble(self) -> RMEnsembleConfig:
         if self.launch.num_processes > 1 and self.ensemble.forward in ("loop", "shared-loop"):
-            raise ValueError(f"ensemble.forward={self.ensemble.forward} cannot run under DDP (one forward per step "
-                             "must go through the DDP wrapper): use mixed, shared or auto with launch.num_processes > 1")
+            raise ValueError(f"ensemble.forward={self.ensemble.forward} cannot run under DDP (one forward per "
+                             "step must go through the DDP wrapper): use mixed, shared or auto with "
+                             "launch.num_processes > 1")
         if self.launch.accelerate_config in ("zero3", "fsdp"):
             raise ValueError(f"rm-ensemble with --accelerate-config {self.launch.accelerate_config}: the NNM term "
                              "reads whole LoRA-A matrices, which ZeRO-3/FSDP shard; use ddp or zero2")
@@ -472,7 +473,7 @@ def run_ensemble(cfg: RMEnsembleConfig, callbacks: list | None = None, progress:
         # per-member offsets on (up to 512) training pairs' completions: see EnsembleScorer.offsets
         sub = train_ds.select(range(min(512, len(train_ds))))
         prompts = list(sub["prompt"]) * 2
-        members = ensemble.score(prompts, list(sub["chosen"]) + list(sub["rejected"]), mode="loop")
+        members = ensemble.score(prompts, list(sub["chosen"]) + list(sub["rejected"]), mode="shared-loop")
         ensemble.info["member_offsets"] = members.mean(dim=1).tolist()
         summary["member_offsets"] = ensemble.info["member_offsets"]
         ensemble.save(run_dir.work, metadata={"config": cfg.model_dump(mode="json"), "steps": summary["steps"]})
