@@ -74,7 +74,7 @@ class EnsembleSection(Block):
         "auto",
         description="mixed: all members in one peft mixed-adapter batch; loop: one pass per member; "
         "shared / shared-loop: mixed / loop, with the blocks below lora.layers_to_transform run once; "
-        "auto: loop in one process (faster on CPU), mixed under DDP",
+        "auto: shared-loop in one process (faster on CPU), shared under DDP (= loop / mixed without a trunk)",
     )
 
     @model_validator(mode="after")
@@ -396,12 +396,13 @@ def _ensemble_trainer_cls():
         def _members(self, model, input_ids, attention_mask):
             """(N, 2B) member rewards. With several processes the forward must go through the DDP
             wrapper once per step, so it is peft's mixed-adapter batch; in one process `auto` takes
-            the loop over members (measured 2x faster per training step on CPU, docs/rewards.md)."""
+            the loop over members (measured 2x faster per training step on CPU, docs/rewards.md). The
+            shared variants are those two with the unadapted trunk run once (the same work without one)."""
             n, b = len(self.ensemble.names), input_ids.shape[0]
             mode = self.ens.forward
             if mode == "auto":  # loop measured 2x faster per step on CPU; one large launch suits GPUs
                 cpu = input_ids.device.type == "cpu"
-                mode = "loop" if cpu and self.accelerator.num_processes == 1 else "mixed"
+                mode = "shared-loop" if cpu and self.accelerator.num_processes == 1 else "shared"
             if mode in ("loop", "shared-loop") or model is self.ensemble.model:
                 return self.ensemble.forward(input_ids, attention_mask, mode=mode)
             model.eval()  # peft allows adapter_names only in eval mode; dropout is off anyway
