@@ -10,6 +10,7 @@ ensemble's modes, offsets and on-disk layout: docs/rewards.md. Use them through 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from collections.abc import Sequence
@@ -23,7 +24,7 @@ from alignkit import models
 from alignkit.errors import UserError
 from alignkit.scoring import Scores, checked_scores
 
-Mode = Literal["mixed", "loop"]
+Mode = Literal["mixed", "loop", "shared", "shared-loop"]
 REWARD_CONFIG = "alignkit_reward.json"  # written next to an `alignkit rm` model: {"max_length": ...}
 
 
@@ -87,6 +88,115 @@ def _set_requires_grad_from(params: list[torch.nn.Parameter], flags: list[bool])
         p.requires_grad_(flag)
 
 
+def layer_list(model: torch.nn.Module) -> torch.nn.ModuleList | None:
+    """The transformer's block list (Llama `model.layers`, BERT `encoder.layer`, ...): the ModuleList
+    with `config.num_hidden_layers` entries; None when there is no such single list."""
+    n_layers = getattr(getattr(model, "config", None), "num_hidden_layers", None)
+    found = [m for m in model.modules() if isinstance(m, torch.nn.ModuleList) and n_layers and len(m) == n_layers]
+    return found[0] if len(found) == 1 else None
+
+
+def resolve_layers(layers: int | Sequence[int] | None, n_layers: int) -> list[int] | None:
+    """`lora.layers_to_transform` as peft takes it: sorted layer indices, negatives counted from the
+    top (-1 = the last layer); a UserError names an index outside 0 … n_layers-1."""
+    if layers is None:
+        return None
+    given = [layers] if isinstance(layers, int) else list(layers)
+    if not given:
+        raise UserError("lora.layers_to_transform is empty: list the layers to adapt, e.g. [-2, -1], or leave it out")
+    out = set()
+    for i in given:
+        if not -n_layers <= int(i) < n_layers:
+            raise UserError(f"lora.layers_to_transform: layer {i} does not exist (the model has {n_layers} "
+                            f"layers: 0 … {n_layers - 1}, or -1 … -{n_layers} from the top)")
+        out.add(int(i) % n_layers)
+    return sorted(out)
+
+
+def _first_adapted_layer(peft_model: torch.nn.Module) -> int:
+    """Index of the lowest block holding a LoRA or a member-owned (modules_to_save) module; 0 when the
+    blocks cannot be found or something outside them (an embedding) is adapted: no shared trunk then.
+    A modules_to_save wrapper outside the blocks is the scalar head, which comes after them."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    from peft.utils import ModulesToSaveWrapper
+
+    blocks = layer_list(peft_model.get_base_model())
+    if blocks is None:
+        return 0
+    inside = {id(m) for block in blocks for m in block.modules()}
+    for m in peft_model.modules():
+        if isinstance(m, BaseTunerLayer) and id(m) not in inside:
+            return 0
+    for i, block in enumerate(blocks):
+        if any(isinstance(m, (BaseTunerLayer, ModulesToSaveWrapper)) for m in block.modules()):
+            return i
+    return len(blocks)
+
+
+class _TrunkOnce:
+    """For a loop over members: the first member's forward runs blocks 0 … k-1 (no member adapts
+    them) and their output is kept; after `replay()` each of those blocks returns it without computing
+    (an instance `forward`, removed on exit), so later members run only the adapted blocks."""
+
+    def __init__(self, blocks: torch.nn.ModuleList, k: int) -> None:
+        self.blocks, self.k = blocks, k
+        self.output: Any = None
+
+    def _keep(self, module: Any, args: tuple, output: Any) -> None:
+        self.output = output
+
+    def replay(self) -> None:
+        self.handle.remove()
+        for block in self.blocks[: self.k]:
+            block.forward = lambda *args, **kwargs: self.output
+
+    def __enter__(self) -> _TrunkOnce:
+        self.handle = self.blocks[self.k - 1].register_forward_hook(self._keep)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.handle.remove()
+        for block in self.blocks[: self.k]:
+            block.__dict__.pop("forward", None)
+        self.output = None
+
+
+class _SharedTrunk:
+    """Forward hooks that run blocks 0 … k-1 (no member adapts them) on B rows instead of the N·B rows
+    of the mixed batch, and repeat their output N times at the fork (docs/algorithms/rm-ensemble.md,
+    "Shared trunk"). Every tensor argument of a trunk block whose first dimension is N·B (the hidden
+    states, the attention mask) is cut to its first B rows, which are the batch itself: the mixed
+    batch is the batch repeated N times."""
+
+    def __init__(self, blocks: torch.nn.ModuleList, k: int, n: int, b: int) -> None:
+        self.blocks, self.k, self.n, self.b = blocks, k, n, b
+        self.handles: list[Any] = []
+
+    def _cut(self, x: Any) -> Any:
+        if isinstance(x, torch.Tensor) and x.dim() >= 2 and x.shape[0] == self.n * self.b:
+            return x[: self.b]
+        return x
+
+    def _pre(self, module: Any, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        return tuple(self._cut(a) for a in args), {key: self._cut(v) for key, v in kwargs.items()}
+
+    def _fork(self, module: Any, args: tuple, kwargs: dict, output: Any) -> Any:
+        def repeat(h: torch.Tensor) -> torch.Tensor:
+            return h.repeat(self.n, *([1] * (h.dim() - 1)))
+
+        return (repeat(output[0]), *output[1:]) if isinstance(output, tuple) else repeat(output)
+
+    def __enter__(self) -> _SharedTrunk:
+        for block in self.blocks[: self.k]:
+            self.handles.append(block.register_forward_pre_hook(self._pre, with_kwargs=True))
+        self.handles.append(self.blocks[self.k - 1].register_forward_hook(self._fork, with_kwargs=True))
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for h in self.handles:
+            h.remove()
+
+
 class RewardEnsemble(torch.nn.Module):
     """N LoRA reward members with their own heads on one frozen base (UP-RLHF eq. 12).
 
@@ -98,6 +208,11 @@ class RewardEnsemble(torch.nn.Module):
       always runs (dropout off, docs/rewards.md); gradients still flow to every member.
     * "loop": N forwards, one per member, after `set_adapter` (which freezes the inactive members:
       the members' requires_grad flags are saved before and restored after).
+    * "shared": "mixed", but the `shared_layers` blocks below the members' first adapted block are
+      run on the B rows once and forked N ways above them (`_SharedTrunk`; the embedding lookup still
+      sees the N·B rows). The same rewards as "mixed"; with no shared block it is "mixed".
+    * "shared-loop": "loop", but the shared blocks run for the first member only and the later members
+      reuse their output (`_TrunkOnce`): activations of B rows at a time. With no shared block, "loop".
     """
 
     def __init__(self, model: Any, tokenizer: Any, info: dict[str, Any], max_length: int = 512) -> None:
@@ -107,6 +222,8 @@ class RewardEnsemble(torch.nn.Module):
         self.info = info  # what ensemble.json records
         self.names: list[str] = list(info["members"])
         self.max_length = context_length(model, max_length)
+        # blocks below the first adapted one are the same for every member (lora.layers_to_transform)
+        self.shared_layers = _first_adapted_layer(model)
 
     # -- construction -------------------------------------------------------------------------------
     @classmethod
@@ -120,8 +237,13 @@ class RewardEnsemble(torch.nn.Module):
         device: str = "auto",
         trust_remote_code: bool = False,
         max_length: int = 512,
+        layers_to_transform: int | Sequence[int] | None = None,
     ) -> RewardEnsemble:
-        """A fresh ensemble of `n_members` LoRA members on `base` (member n seeded with seeds[n], default n)."""
+        """A fresh ensemble of `n_members` LoRA members on `base` (member n seeded with seeds[n], default n).
+
+        `layers_to_transform` (peft's option; negative = from the top) puts the members' LoRA on those
+        blocks only: the blocks below the lowest one are then a trunk the members share, which the
+        "shared" forward runs once per batch."""
         from peft import get_peft_model
 
         if n_members < 2:
@@ -138,6 +260,12 @@ class RewardEnsemble(torch.nn.Module):
         model.requires_grad_(False)  # the base stays frozen; only LoRA weights and member heads train
         names = [f"m{n}" for n in range(n_members)]
         config = lora.to_peft("SEQ_CLS")
+        blocks = layer_list(model)
+        layers = resolve_layers(layers_to_transform, len(blocks) if blocks is not None else 0)
+        if layers is not None:
+            if blocks is None:
+                raise UserError(f"lora.layers_to_transform: cannot find the layer list of '{base}'; leave it out")
+            config.layers_to_transform = layers
         for name, seed in zip(names, seeds):
             with torch.random.fork_rng(devices=[]):  # LoRA A is initialised on CPU, then moved
                 torch.manual_seed(seed)
@@ -155,7 +283,7 @@ class RewardEnsemble(torch.nn.Module):
             "n_members": n_members,
             "members": names,
             "seeds": seeds,
-            "lora": asdict(lora),
+            "lora": {**asdict(lora), "layers_to_transform": layers},
             "dropout": "disabled (eval mode in every forward, as TRL's disable_dropout)",
             "max_length": max_length,
             "metadata": {},
@@ -183,28 +311,41 @@ class RewardEnsemble(torch.nn.Module):
         was_training = self.model.training
         self.model.eval()  # dropout off in both modes; peft requires eval mode for adapter_names
         try:
-            if mode == "mixed":
+            if mode in ("mixed", "shared"):
                 names = [name for name in self.names for _ in range(b)]
-                out = self.model(
-                    input_ids=input_ids.repeat(n, 1), attention_mask=attention_mask.repeat(n, 1), adapter_names=names
-                )
-                return out.logits.view(n, b)
-            if mode == "loop":
+                inputs = {"input_ids": input_ids.repeat(n, 1), "attention_mask": attention_mask.repeat(n, 1)}
+                with self.trunk(b) if mode == "shared" else contextlib.nullcontext():
+                    return self.model(**inputs, adapter_names=names).logits.view(n, b)
+            if mode in ("loop", "shared-loop"):
                 params = self.member_parameters()
                 flags = [p.requires_grad for p in params]
                 rows = []
+                once = (_TrunkOnce(layer_list(self.model.get_base_model()), self.shared_layers)
+                        if mode == "shared-loop" and self.shared_layers > 0 else None)
                 try:
-                    for name in self.names:
-                        self.model.set_adapter(name)
-                        _set_requires_grad_from(params, flags)  # set_adapter froze the other members
-                        rows.append(self.model(input_ids=input_ids, attention_mask=attention_mask).logits.view(b))
+                    with once or contextlib.nullcontext():
+                        for i, name in enumerate(self.names):
+                            if once is not None and i == 1:
+                                once.replay()
+                            self.model.set_adapter(name)
+                            _set_requires_grad_from(params, flags)  # set_adapter froze the other members
+                            rows.append(
+                                self.model(input_ids=input_ids, attention_mask=attention_mask).logits.view(b)
+                            )
                 finally:
                     self.model.set_adapter(self.names[0])
                     _set_requires_grad_from(params, flags)
                 return torch.stack(rows)
-            raise ValueError(f"mode must be 'mixed' or 'loop', got {mode!r}")
+            raise ValueError(f"mode must be 'mixed', 'loop', 'shared' or 'shared-loop', got {mode!r}")
         finally:
             self.model.train(was_training)
+
+    def trunk(self, b: int) -> contextlib.AbstractContextManager:
+        """Around a mixed-batch forward of B rows × N members: run the shared blocks once (a no-op
+        when every block is adapted)."""
+        if self.shared_layers == 0:
+            return contextlib.nullcontext()
+        return _SharedTrunk(layer_list(self.model.get_base_model()), self.shared_layers, len(self.names), b)
 
     @torch.no_grad()
     def score(
@@ -376,12 +517,16 @@ class RewardModelScorer:
 
 
 class EnsembleScorer:
-    """A `RewardEnsemble` as a Scorer. mode "auto" times both modes on the first batch (after one
-    warm-up forward) and keeps the faster one for the rest of the scorer's life (`timings`, `mode`)."""
+    """A `RewardEnsemble` as a Scorer. mode "auto" times the modes on the first batch (after one
+    warm-up forward) and keeps the fastest for the rest of the scorer's life (`timings`, `mode`):
+    loop and mixed, and "shared" / "shared-loop" when the members leave a trunk of blocks unadapted
+    (`lora.layers_to_transform`; docs/algorithms/rm-ensemble.md)."""
 
-    def __init__(self, ensemble: RewardEnsemble, mode: Literal["auto", "mixed", "loop"] = "auto", batch_size: int = 32):
-        if mode not in ("auto", "mixed", "loop"):
-            raise UserError(f"ensemble scoring mode '{mode}' is unknown: use auto, mixed or loop")
+    MODES = ("auto", "mixed", "loop", "shared", "shared-loop")
+
+    def __init__(self, ensemble: RewardEnsemble, mode: str = "auto", batch_size: int = 32):
+        if mode not in self.MODES:
+            raise UserError(f"ensemble scoring mode '{mode}' is unknown: use {', '.join(self.MODES)}")
         self.ensemble = ensemble
         self.mode = mode
         self.batch_size = batch_size
@@ -391,7 +536,9 @@ class EnsembleScorer:
     def _choose(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         rewards = self.ensemble(**batch, mode="mixed")  # warm-up (first-call allocations), result kept
         cuda = batch["input_ids"].is_cuda
-        for mode in ("loop", "mixed"):
+        shared = ("shared", "shared-loop") if self.ensemble.shared_layers > 0 else ()
+        modes = ("loop", "mixed", *shared)
+        for mode in modes:
             if cuda:
                 torch.cuda.synchronize()
             start = time.perf_counter()

@@ -47,17 +47,21 @@ def quickstart_time(output_dir: str | Path | None = None) -> dict[str, Any]:
 
 # --------------------------------------------------------------------------- reward scoring cost
 
-SCORING_CONFIGS = ("one", "separate", "mixed", "loop")
+SCORING_CONFIGS = ("one", "separate", "mixed", "loop", "shared", "shared-loop")
 
 
-def scoring_child(backbone: str, config: str, n_members: int, batch: int, rows: int, repeats: int) -> dict[str, Any]:
+def scoring_child(backbone: str, config: str, n_members: int, batch: int, rows: int, repeats: int,
+                  top_layers: int = 1) -> dict[str, Any]:
     """One scoring configuration, measured in THIS (fresh) process: median seconds to score `rows`
     built-in (prompt, chosen) texts, and peak RSS minus the RSS after imports.
 
     one: one plain reward model (`RewardModelScorer`); separate: `n_members` plain reward models of the
     same backbone, each loaded (its own weights) and scored one after another; mixed / loop: a
     `RewardEnsemble` of `n_members` LoRA members (trainer defaults: r 32, α 64, query/value) through
-    `EnsembleScorer` in that mode. Every configuration includes tokenisation, batches of `batch`.
+    `EnsembleScorer` in that mode; shared / shared-loop: the same ensemble with its LoRA on the top
+    `top_layers` blocks only (`lora.layers_to_transform`), the blocks below run once per batch, in
+    that mode.
+    Every configuration includes tokenisation, batches of `batch`.
     """
     import resource
 
@@ -70,9 +74,10 @@ def scoring_child(backbone: str, config: str, n_members: int, batch: int, rows: 
     prompts, texts = [r["prompt"] for r in pairs], [r["chosen"] for r in pairs]
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
     torch.manual_seed(0)
-    if config in ("mixed", "loop"):
+    if config in ("mixed", "loop", "shared", "shared-loop"):
+        top = list(range(-top_layers, 0)) if config.startswith("shared") else None
         ens = rewards.RewardEnsemble.build(backbone, n_members=n_members, lora=models.LoraSpec(
-            r=32, alpha=64, dropout=0.0, target_modules=None), device="cpu")
+            r=32, alpha=64, dropout=0.0, target_modules=None), device="cpu", layers_to_transform=top)
         with torch.no_grad():  # non-zero B: members that differ, as after training
             for name, p in ens.model.named_parameters():
                 if "lora_B" in name:
@@ -91,21 +96,25 @@ def scoring_child(backbone: str, config: str, n_members: int, batch: int, rows: 
 
     for s in scorers:  # warm-up: first-call allocations
         s.score(prompts[:batch], texts[:batch])
-    times = []
+    times, cpu = [], []
     for _ in range(repeats):
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         once()
         times.append(time.perf_counter() - t)
+        cpu.append(time.process_time() - c)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     sec = statistics.median(times)
+    # CPU seconds of this process: what a pass costs even while other processes share the cores
     return {"config": config, "seconds": times, "median_s": sec, "samples_per_s": rows / sec,
+            "cpu_seconds": cpu, "samples_per_cpu_s": rows / statistics.median(cpu),
             "peak_rss_delta_mib": (peak - rss0) / 1024}
 
 
 def rm_scoring(backbone: str = "tiny", n_members: int = 5, batch: int = 32, rows: int = 512,
-               repeats: int = 3, configs: tuple[str, ...] = SCORING_CONFIGS) -> dict[str, Any]:
-    """Scoring throughput and peak memory of an N-member ensemble (mixed, loop) vs N separate plain
-    reward models vs one, each configuration in a FRESH subprocess (`scoring_child`), in one run.
+               repeats: int = 3, configs: tuple[str, ...] = SCORING_CONFIGS, top_layers: int = 1) -> dict[str, Any]:
+    """Scoring throughput and peak memory of an N-member ensemble (mixed, loop; shared: LoRA on the top
+    `top_layers` blocks, the trunk below run once) vs N separate plain reward models vs one, each
+    configuration in a FRESH subprocess (`scoring_child`), in one run.
 
     samples/s counts (prompt, completion) texts scored, i.e. N member rewards per sample for the
     ensemble and the separate models. Ratios are relative to one model (`configs` must include "one").
@@ -126,6 +135,7 @@ def rm_scoring(backbone: str = "tiny", n_members: int = 5, batch: int = 32, rows
         "machine": machine(),
         "settings": {"backbone": backbone, "n_members": n_members, "batch": batch, "rows": rows,
                      "repeats": repeats, "ensemble_lora": "r 32, alpha 64, peft default targets (query/value)",
+                     "shared_top_layers": top_layers,
                      "texts": "builtin:pairwise (prompt, chosen)", "device": "cpu",
                      "memory": "peak ru_maxrss minus ru_maxrss after imports (torch, transformers, peft), "
                                "fresh process per configuration"},
@@ -134,7 +144,8 @@ def rm_scoring(backbone: str = "tiny", n_members: int = 5, batch: int = 32, rows
     code = ("import json, sys; from alignkit.bench.throughput import scoring_child; "
             "print('RESULT ' + json.dumps(scoring_child(*sys.argv[1:3], *map(int, sys.argv[3:]))))")
     for config in configs:
-        cmd = [sys.executable, "-c", code, backbone, config, str(n_members), str(batch), str(rows), str(repeats)]
+        cmd = [sys.executable, "-c", code, backbone, config, str(n_members), str(batch), str(rows), str(repeats),
+               str(top_layers)]
         env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
         line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
@@ -149,10 +160,12 @@ def rm_scoring(backbone: str = "tiny", n_members: int = 5, batch: int = 32, rows
                "memory_vs_one": c[name]["peak_rss_delta_mib"] / one_mem if one_mem > 0 else None}
         for name in configs
     }
-    for mode in ("mixed", "loop"):
+    for mode in ("mixed", "loop", "shared", "shared-loop"):
         if mode in c and "separate" in c:
             ratio = c[mode]["samples_per_s"] / c["separate"]["samples_per_s"]
             result["ratios"][f"{mode}_vs_separate_throughput"] = ratio
+            ratio = c[mode]["samples_per_cpu_s"] / c["separate"]["samples_per_cpu_s"]
+            result["ratios"][f"{mode}_vs_separate_per_cpu_s"] = ratio
     result["load_avg_1m_end"] = os.getloadavg()[0]
     return result
 

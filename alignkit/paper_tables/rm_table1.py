@@ -65,7 +65,7 @@ def _sft_backbone(root: Path, s: dict[str, Any], seed: int) -> tuple[Path, dict[
 
 
 def _rm_job(row: dict[str, Any], model: str, s: dict[str, Any], out: Path, seed: int, n_members: int,
-            lora_r: int, lora_alpha: int) -> dict[str, Any]:
+            lora_r: int, lora_alpha: int, layers_to_transform: list[int] | None = None) -> dict[str, Any]:
     """Train + evaluate one Table-1 row for one seed; returns its metrics."""
     from alignkit.trainers import reward
 
@@ -84,8 +84,10 @@ def _rm_job(row: dict[str, Any], model: str, s: dict[str, Any], out: Path, seed:
     if row["kind"] == "full":
         summary = reward.run(reward.RMConfig.model_validate(tree))
     else:
-        tree["model"]["lora"] = {"r": lora_r, "alpha": lora_alpha}
-        tree["ensemble"] = {"n_members": n_members, "lam": row["lam"], "member_loss": row["member_loss"]}
+        tree["model"]["lora"] = {"r": lora_r, "alpha": lora_alpha, "layers_to_transform": layers_to_transform}
+        tree["ensemble"] = {"n_members": n_members, "lam": row["lam"], "member_loss": row["member_loss"],
+                            # top-layer members: the unadapted trunk runs once per step (same gradients)
+                            "forward": "shared" if layers_to_transform is not None else "auto"}
         summary = reward.run_ensemble(reward.RMEnsembleConfig.model_validate(tree))
     wall = time.perf_counter() - t0
     ev = summary["eval"]
@@ -109,7 +111,7 @@ def rm_table1(
     lams: tuple[float, ...] | None = None, member_losses: tuple[str, ...] = ("mean", "each"),
     pairs: int | None = None, epochs: float | None = None, lora_r: int = 32, lora_alpha: int = 64,
     full_lr: float | None = None, lora_lr: float | None = None, ood_max_samples: int | None = None,
-    sft_rows: int | None = None,
+    sft_rows: int | None = None, layers_to_transform: list[int] | None = None,
 ) -> dict[str, Any]:
     """UP-RLHF Table 1 on the built-in task: full-FT RM vs LoRA ensembles (λ = 0 and λ > 0), per seed.
 
@@ -119,7 +121,9 @@ def rm_table1(
     mean uncertainty (eq. 13) on held-out completions vs `builtin:ood`, and the AUROC of uncertainty at
     telling them apart. `seeds` vary the training seed (head init, member seeds, data order). Rows:
     full FT, then for each member loss (`mean` = the paper's eq. 12, `each` = alignkit's option) one
-    ensemble per λ in `lams`. Defaults per backbone in `RM_SETTINGS`; the keyword arguments override.
+    ensemble per λ in `lams`. `layers_to_transform` puts the members' LoRA on those blocks only
+    (negative = from the top; trained with the shared-trunk forward). Defaults per backbone in
+    `RM_SETTINGS`; the keyword arguments override.
     """
     if backbone not in RM_SETTINGS:
         raise ValueError(f"backbone must be one of {sorted(RM_SETTINGS)}, got {backbone!r}")
@@ -143,6 +147,7 @@ def rm_table1(
         "settings": {"backbone": backbone, "seeds": list(seeds), "lams": list(lams), "n_members": n_members,
                      "lora_r": lora_r,
                      "lora_alpha": lora_alpha, "lora_targets": "peft default (query/value projections)",
+                     "lora_layers_to_transform": layers_to_transform,
                      "data": "builtin:pairwise", "ood": "builtin:ood", "data_seed": 0, "device": "cpu", **s},
     }
     t_all = time.perf_counter()
@@ -156,7 +161,7 @@ def rm_table1(
         for seed in seeds:  # seed-major: machine drift spreads over all rows alike
             for i, row in enumerate(rows):
                 runs[i].append(_rm_job(row, model, s, root / f"row{i}-seed{seed}", seed, n_members, lora_r,
-                                       lora_alpha))
+                                       lora_alpha, layers_to_transform))
     result["rows"] = []
     for row, per_seed in zip(rows, runs, strict=True):
         agg = {k: _mean_sd([r[k] for r in per_seed]) for k in RM_METRICS}

@@ -53,6 +53,10 @@ class EnsembleLora(LoraSection):
     target_modules: str | list[str] | None = Field(
         None, description="None: peft's default for the architecture (query/value projections)"
     )
+    layers_to_transform: int | list[int] | None = Field(
+        None, description="adapt only these transformer blocks (negative = from the top, e.g. [-2, -1]); the "
+        "blocks below the lowest are shared by all members and run once when scoring",
+    )
 
 
 class EnsembleModel(ModelSection):
@@ -66,10 +70,11 @@ class EnsembleSection(Block):
         "mean", description="mean: BT on the members' mean reward (the paper); each: independent BT per member"
     )
     seeds: list[int] | None = Field(None, description="one seed per member (default: train.seed + n)")
-    forward: Literal["auto", "mixed", "loop"] = Field(
+    forward: Literal["auto", "mixed", "loop", "shared", "shared-loop"] = Field(
         "auto",
         description="mixed: all members in one peft mixed-adapter batch; loop: one pass per member; "
-        "auto: loop in one process (faster on CPU), mixed under DDP",
+        "shared / shared-loop: mixed / loop, with the blocks below lora.layers_to_transform run once; "
+        "auto: shared-loop in one process (faster on CPU), shared under DDP (= loop / mixed without a trunk)",
     )
 
     @model_validator(mode="after")
@@ -95,9 +100,10 @@ class RMEnsembleConfig(RMConfig):
 
     @model_validator(mode="after")
     def _check_ensemble(self) -> RMEnsembleConfig:
-        if self.launch.num_processes > 1 and self.ensemble.forward == "loop":
-            raise ValueError("ensemble.forward=loop cannot run under DDP (one forward per step must go through "
-                             "the DDP wrapper): use mixed or auto with launch.num_processes > 1")
+        if self.launch.num_processes > 1 and self.ensemble.forward in ("loop", "shared-loop"):
+            raise ValueError(f"ensemble.forward={self.ensemble.forward} cannot run under DDP (one forward per "
+                             "step must go through the DDP wrapper): use mixed, shared or auto with "
+                             "launch.num_processes > 1")
         if self.launch.accelerate_config in ("zero3", "fsdp"):
             raise ValueError(f"rm-ensemble with --accelerate-config {self.launch.accelerate_config}: the NNM term "
                              "reads whole LoRA-A matrices, which ZeRO-3/FSDP shard; use ddp or zero2")
@@ -343,6 +349,8 @@ MEMBERS_CHECKPOINT = "ensemble_members.safetensors"
 
 def _ensemble_trainer_cls():
     """RewardTrainer with eq. 12 as its loss (built lazily: importing trl is slow)."""
+    import contextlib
+
     import torch
     from trl import RewardTrainer
 
@@ -393,19 +401,21 @@ def _ensemble_trainer_cls():
         def _members(self, model, input_ids, attention_mask):
             """(N, 2B) member rewards. With several processes the forward must go through the DDP
             wrapper once per step, so it is peft's mixed-adapter batch; in one process `auto` takes
-            the loop over members (measured 2x faster per training step on CPU, docs/rewards.md)."""
+            the loop over members (measured 2x faster per training step on CPU, docs/rewards.md). The
+            shared variants are those two with the unadapted trunk run once (the same work without one)."""
             n, b = len(self.ensemble.names), input_ids.shape[0]
             mode = self.ens.forward
             if mode == "auto":  # loop measured 2x faster per step on CPU; one large launch suits GPUs
                 cpu = input_ids.device.type == "cpu"
-                mode = "loop" if cpu and self.accelerator.num_processes == 1 else "mixed"
-            if mode == "loop" or model is self.ensemble.model:
+                mode = "shared-loop" if cpu and self.accelerator.num_processes == 1 else "shared"
+            if mode in ("loop", "shared-loop") or model is self.ensemble.model:
                 return self.ensemble.forward(input_ids, attention_mask, mode=mode)
             model.eval()  # peft allows adapter_names only in eval mode; dropout is off anyway
             try:
                 names = [name for name in self.ensemble.names for _ in range(b)]
-                out = model(input_ids=input_ids.repeat(n, 1), attention_mask=attention_mask.repeat(n, 1),
-                            adapter_names=names)
+                with self.ensemble.trunk(b) if mode == "shared" else contextlib.nullcontext():
+                    out = model(input_ids=input_ids.repeat(n, 1), attention_mask=attention_mask.repeat(n, 1),
+                                adapter_names=names)
             finally:
                 model.train()
             return out.logits.view(n, b)
@@ -431,11 +441,12 @@ def run_ensemble(cfg: RMEnsembleConfig, callbacks: list | None = None, progress:
     ood_ds = _ood(cfg)
     ens = cfg.ensemble
     seeds = ens.seeds or [cfg.train.seed + n for n in range(ens.n_members)]
-    lora = models.LoraSpec(**cfg.model.lora.model_dump(exclude={"enabled"}))
+    lora = models.LoraSpec(**cfg.model.lora.model_dump(exclude={"enabled", "layers_to_transform"}))
     set_seed(cfg.train.seed)  # the base's new scalar head (copied into every member) uses the global RNG
     ensemble = rewards.RewardEnsemble.build(
         cfg.model.name, n_members=ens.n_members, lora=lora, seeds=seeds, dtype=cfg.model.dtype,
         device=cfg.model.device, trust_remote_code=cfg.model.trust_remote_code, max_length=cfg.train.max_length,
+        layers_to_transform=cfg.model.lora.layers_to_transform,
     )
     tokenizer = ensemble.tokenizer
     trainable, total = ensemble.trainable_parameters()
@@ -468,7 +479,7 @@ def run_ensemble(cfg: RMEnsembleConfig, callbacks: list | None = None, progress:
         # per-member offsets on (up to 512) training pairs' completions: see EnsembleScorer.offsets
         sub = train_ds.select(range(min(512, len(train_ds))))
         prompts = list(sub["prompt"]) * 2
-        members = ensemble.score(prompts, list(sub["chosen"]) + list(sub["rejected"]), mode="loop")
+        members = ensemble.score(prompts, list(sub["chosen"]) + list(sub["rejected"]), mode="shared-loop")
         ensemble.info["member_offsets"] = members.mean(dim=1).tolist()
         summary["member_offsets"] = ensemble.info["member_offsets"]
         ensemble.save(run_dir.work, metadata={"config": cfg.model_dump(mode="json"), "steps": summary["steps"]})
