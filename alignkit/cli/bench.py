@@ -444,14 +444,16 @@ def bench_rm_scoring(
     batch: Annotated[int, typer.Option("--batch", min=1, help="texts per forward")] = 32,
     rows: Annotated[int, typer.Option("--rows", min=1, help="texts scored per timed pass")] = 512,
     repeats: Annotated[int, typer.Option("--repeats", min=1, help="timed passes (median)")] = 3,
+    top_layers: Annotated[int, typer.Option("--top-layers", min=1, help="blocks the shared / shared-loop "
+                                            "ensembles adapt, from the top")] = 1,
     json_out: JsonOpt = None,
 ) -> None:
-    """Ensemble scoring (mixed, loop) vs N separate reward models vs one: samples/s and peak memory."""
+    """Ensemble scoring (mixed, loop, shared trunk) vs N separate reward models vs one: samples/s, memory."""
     from alignkit import bench
 
     if backbone not in bench.SCORING_BACKBONES:
         raise UserError(f"--backbone must be one of {', '.join(bench.SCORING_BACKBONES)}, got '{backbone}'")
-    r = bench.rm_scoring(backbone, n_members=n_members, batch=batch, rows=rows, repeats=repeats)
+    r = bench.rm_scoring(backbone, n_members=n_members, batch=batch, rows=rows, repeats=repeats, top_layers=top_layers)
     m, c, q = r["machine"], r["configs"], r["ratios"]
     out = [("machine", f"{m['cpu']}, {m['cores']} cores; load avg {m['load_avg_1m']:.2f} -> "
                        f"{r['load_avg_1m_end']:.2f}"),
@@ -460,8 +462,8 @@ def bench_rm_scoring(
         mem = "–" if q[name]["memory_vs_one"] is None else f"{q[name]['memory_vs_one']:.2f}x one"
         out.append((name, f"{c[name]['samples_per_s']:.1f} samples/s ({q[name]['throughput_vs_one']:.3f}x one) | "
                           f"peak RSS Δ {c[name]['peak_rss_delta_mib']:.0f} MiB ({mem})"))
-    out.append(("mixed | loop vs separate (throughput)",
-                f"{q['mixed_vs_separate_throughput']:.2f}x | {q['loop_vs_separate_throughput']:.2f}x"))
+    out.append(("vs separate, samples per CPU s (mixed | loop | shared | shared-loop)",
+                " | ".join(f"{q[f'{m}_vs_separate_per_cpu_s']:.2f}x" for m in ("mixed", "loop", "shared", "shared-loop"))))
     _bench_out(r, out, f"alignkit bench rm-scoring --backbone {backbone}", json_out)
 
 
