@@ -462,8 +462,9 @@ def bench_rm_scoring(
         mem = "–" if q[name]["memory_vs_one"] is None else f"{q[name]['memory_vs_one']:.2f}x one"
         out.append((name, f"{c[name]['samples_per_s']:.1f} samples/s ({q[name]['throughput_vs_one']:.3f}x one) | "
                           f"peak RSS Δ {c[name]['peak_rss_delta_mib']:.0f} MiB ({mem})"))
+    forwards = ("mixed", "loop", "shared", "shared-loop")
     out.append(("vs separate, samples per CPU s (mixed | loop | shared | shared-loop)",
-                " | ".join(f"{q[f'{m}_vs_separate_per_cpu_s']:.2f}x" for m in ("mixed", "loop", "shared", "shared-loop"))))
+                " | ".join(f"{q[f'{m}_vs_separate_per_cpu_s']:.2f}x" for m in forwards)))
     _bench_out(r, out, f"alignkit bench rm-scoring --backbone {backbone}", json_out)
 
 
