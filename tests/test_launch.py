@@ -118,6 +118,7 @@ out = Path(sys.argv[1])
 """
 
 
+@pytest.mark.slow  # a 2-process launch, like the other launches: `make test-all`
 def test_two_gloo_ranks_on_cpu(tmp_path, capsys):
     script = tmp_path / "ranks.py"
     script.write_text(textwrap.dedent(RANK_SCRIPT))
