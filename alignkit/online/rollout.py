@@ -54,6 +54,20 @@ class Batch:
         return (self.attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
+def load_policy(model: Any, device: str, seed: int) -> tuple[Any, Any, dict[str, Any], Any]:
+    """(policy, tokenizer, load kwargs, LoRA spec or None) of an online loop from its `model:` block: the
+    global RNG seeded first (LoRA's A matrices are drawn from it); `load` reloads the same model (a
+    reference or critic copy, π_0)."""
+    from alignkit import models
+
+    torch.manual_seed(seed)
+    load = dict(dtype=model.dtype, device=device, trust_remote_code=model.trust_remote_code,
+                load_in_4bit=model.load_in_4bit, attn_implementation=model.attn_implementation)
+    lora = models.LoraSpec(**model.lora.model_dump(exclude={"enabled"})) if model.lora.enabled else None
+    policy, tokenizer = models.load_causal_lm(model.name, lora=lora, **load)
+    return policy, tokenizer, load, lora
+
+
 def prompt_indices(pool_size: int, iteration: int, n: int, seed: int, rank: int = 0, world_size: int = 1) -> list[int]:
     """The pool indices of this rank's prompts in `iteration`: the iteration takes the next `n` entries of
     one seeded permutation of the pool per pass over it, and rank r keeps entries r, r + world_size, ...
@@ -233,4 +247,5 @@ def score_tokens(batch: Batch, policy: Any, reference: Any | None, critic: Criti
     batch.values = torch.cat(val) if critic is not None else None
 
 
-__all__ = ["Batch", "Critic", "completion_logits", "pack", "prompt_indices", "sample", "score_tokens", "token_logprobs"]
+__all__ = ["Batch", "Critic", "completion_logits", "load_policy", "pack", "prompt_indices", "sample", "score_tokens",
+           "token_logprobs"]

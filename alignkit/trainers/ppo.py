@@ -206,11 +206,7 @@ def run(cfg: PPOConfig, progress: Any | None = None) -> dict[str, Any]:
     # the built-in task has a gold reward: with a proxy scorer, log it too (over-optimisation shows)
     gold = rewards.load_scorer("gold") if p.reward != "gold" and cfg.data.source == "builtin:prompts" else None
 
-    torch.manual_seed(cfg.train.seed)  # LoRA A matrices are initialised from the global RNG
-    load = dict(dtype=cfg.model.dtype, device=device, trust_remote_code=cfg.model.trust_remote_code,
-                load_in_4bit=cfg.model.load_in_4bit, attn_implementation=cfg.model.attn_implementation)
-    lora = models.LoraSpec(**cfg.model.lora.model_dump(exclude={"enabled"})) if cfg.model.lora.enabled else None
-    policy, tokenizer = models.load_causal_lm(cfg.model.name, lora=lora, **load)
+    policy, tokenizer, load, lora = rollout.load_policy(cfg.model, device, cfg.train.seed)
     chat = generation.chat_mode(p.chat, cfg.data.source)
     generation.check_chat(tokenizer, chat)
     engine = (vllm_backend.VLLMEngine.from_spec(

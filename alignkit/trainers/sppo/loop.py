@@ -50,7 +50,7 @@ def run(cfg: SPPOConfig, progress: Any | None = None) -> dict[str, Any]:
     from alignkit import data, generation, models, rewards
     from alignkit.config import to_yaml
     from alignkit.errors import UserError
-    from alignkit.online import ranks, selfplay
+    from alignkit.online import ranks, rollout, selfplay
     from alignkit.trainers import _hf
     from alignkit.trainers.loop import Loop, Trainable
     from alignkit.trainers.sppo import stages
@@ -79,11 +79,7 @@ def run(cfg: SPPOConfig, progress: Any | None = None) -> dict[str, Any]:
     preference = rewards.load_preference(p.preference, device=device)
     gold = rewards.load_scorer("gold") if cfg.data.source == "builtin:prompts" else None
 
-    torch.manual_seed(tr.seed)  # LoRA A matrices are initialised from the global RNG
-    load = dict(dtype=cfg.model.dtype, device=device, trust_remote_code=cfg.model.trust_remote_code,
-                load_in_4bit=cfg.model.load_in_4bit, attn_implementation=cfg.model.attn_implementation)
-    lora = models.LoraSpec(**cfg.model.lora.model_dump(exclude={"enabled"})) if cfg.model.lora.enabled else None
-    policy, tokenizer = models.load_causal_lm(cfg.model.name, lora=lora, **load)
+    policy, tokenizer, load, lora = rollout.load_policy(cfg.model, device, tr.seed)
     chat = generation.chat_mode(p.chat, cfg.data.source)
     generation.check_chat(tokenizer, chat)
     policy.eval()  # dropout off (as TRL's DPO): the log-ratio is exactly 0 before the first step of an iteration
