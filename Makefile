@@ -41,13 +41,16 @@ $(STAMP): pyproject.toml $(CONSTRAINTS)
 	touch $(STAMP)
 
 # every pin at its lower bound (.ci/constraints.py lowest: pip has no --resolution=lowest); torch at its
-# floor when a CPU wheel of it can be had, else the tested torch (said on the console)
+# floor: its CPU wheel when one can be had, else PyPI's (CUDA) build of it, which runs on a CPU too but
+# downloads ~3 GB; else the tested torch (said on the console)
 $(LOWEST_STAMP): pyproject.toml .ci/constraints.py
 	rm -rf $(LOWEST)
 	mkdir -p $(LOWEST) && echo '*' > $(LOWEST)/.gitignore
 	$(PYTHON) -m venv $(LOWEST)
 	$(PYTHON) .ci/constraints.py lowest --extra dev --skip torch > $(LOWEST)/constraints.txt
 	@( $(call install_torch,$(LOWEST)/bin/python,$(TORCH_LOWEST)) ) || { \
+		echo "no CPU wheel of torch $(TORCH_LOWEST): installing PyPI's build of it (~3 GB)"; \
+		$(LOWEST)/bin/python -m pip install --quiet "torch==$(TORCH_LOWEST)"; } || { \
 		echo "*** torch $(TORCH_LOWEST) (the floor) cannot be installed here: the lowest run uses torch $(TORCH_VERSION)"; \
 		$(call install_torch,$(LOWEST)/bin/python,$(TORCH_VERSION)); }
 	$(LOWEST)/bin/python -m pip install --quiet -c $(LOWEST)/constraints.txt -e ".[dev]"

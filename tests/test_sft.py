@@ -46,6 +46,8 @@ def test_sft_learns_the_builtin_task(sft_tiny_dir: Path, tiny_model_dir):
     assert (out / "model" / "model.safetensors").is_file() and not (out / "model" / "training_args.bin").exists()
     assert {"config.yaml", "metrics.jsonl", "summary.json", "README.md"} <= {p.name for p in out.iterdir()}
     assert (out / "plots" / "loss.png").stat().st_size > 0
+    assert summary["train_tokens"] > 1024 and summary["train_tokens_per_s"] == pytest.approx(
+        summary["train_tokens"] / summary["train_runtime_s"], rel=1e-9)
     assert not out.with_name(out.name + ".partial").exists() and not (out / "checkpoints").exists()
     before, after = _sample_stats(str(tiny_model_dir)), _sample_stats(str(out))
     # the untrained model babbles until max tokens; the SFT policy writes reviews that end with EOS
@@ -64,6 +66,7 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path: Path, tiny_model_dir)
     again.output.resume = True
     resumed = sft.run(again)
     assert resumed["steps"] == straight["steps"] == 12
+    assert resumed["train_tokens"] == straight["train_tokens"] and resumed["train_tokens_per_s"] > 0
     wa = load_file(str(tmp_path / "a" / "model" / "model.safetensors"))
     wb = load_file(str(tmp_path / "b" / "model" / "model.safetensors"))
     for k in wa:
@@ -73,6 +76,19 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path: Path, tiny_model_dir)
     assert len(steps_b) == len(set(steps_b)), "a resumed run must not log a step twice"
     la, lb = _losses(tmp_path / "a"), _losses(tmp_path / "b")
     assert set(la) == set(range(1, 13)) and all(abs(la[s] - lb[s]) < 1e-5 for s in la), (la, lb)
+
+
+def test_token_throughput_counts_the_tokens_of_this_process_s_training_time():
+    from alignkit.trainers._hf import token_throughput
+
+    rows = [{"step": 1, "num_tokens": 100.0}, {"step": 2, "loss": 1.0}, {"step": 4, "num_tokens": 400.0},
+            {"step": 6, "num_tokens": 700.0}]
+    assert token_throughput(rows, 0, 7.0) == {"train_tokens": 700, "train_tokens_per_s": 100.0}
+    # resumed at step 4: TRL's count restarts at 0, so step 6 logs the 300 tokens since the checkpoint
+    resumed = rows[:3] + [{"step": 6, "num_tokens": 300.0}]
+    assert token_throughput(resumed, 4, 3.0) == {"train_tokens": 700, "train_tokens_per_s": 100.0}
+    assert token_throughput(rows[:1] + resumed[3:], 4, 3.0) == {"train_tokens": None, "train_tokens_per_s": 100.0}
+    assert token_throughput([{"step": 1, "loss": 1.0}], 0, 1.0) == {}  # a trainer without num_tokens
 
 
 def _losses(run: Path) -> dict[int, float]:

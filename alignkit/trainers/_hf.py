@@ -290,6 +290,7 @@ def training_summary(trainer, result, metrics: list[dict[str, Any]], trainable: 
         **loss_summary(metrics),
         "train_runtime_s": result.metrics.get("train_runtime"),
         "train_samples_per_s": result.metrics.get("train_samples_per_second"),
+        **token_throughput(metrics, resumed_from, result.metrics.get("train_runtime")),
         "peak_gpu_memory_gib": result.metrics.get("peak_gpu_memory_gib"),
         "trainable_params": trainable,
         "total_params": total,
@@ -313,6 +314,21 @@ def whole_run_loss(metrics: list[dict[str, Any]], resumed_from: int, segment_los
             last = m["step"]
     segment = steps - resumed_from
     return (total + segment_loss * segment) / max(counted + segment, 1)
+
+
+def token_throughput(metrics: list[dict[str, Any]], resumed_from: int, runtime_s: float | None) -> dict[str, Any]:
+    """`train_tokens` (TRL's `num_tokens`: non-padding tokens of every process) and `train_tokens_per_s`
+    over this process's training time. TRL's count lives in the trainer, not the checkpoint, so after a
+    resume it restarts at 0: the tokens of this segment are the last count logged after the resumed step,
+    and the run's total adds the count logged AT the resumed step (None when that step was not logged).
+    Empty for trainers that log no `num_tokens`."""
+    seen = [(m["step"], m["num_tokens"]) for m in metrics if m.get("num_tokens") is not None]
+    segment = [t for step, t in seen if step > resumed_from]
+    if not segment:
+        return {}
+    before = 0.0 if not resumed_from else next((t for step, t in seen if step == resumed_from), None)
+    return {"train_tokens": int(before + segment[-1]) if before is not None else None,
+            "train_tokens_per_s": segment[-1] / runtime_s if runtime_s else None}
 
 
 def loss_summary(metrics: list[dict[str, Any]]) -> dict[str, Any]:
