@@ -5,12 +5,15 @@ The data step of on-policy DPO/IPO/KTO and of each round of iterative DPO / SPPO
 steps 1-4). `pick` selects best-worst by P̂_i = (1/K) Σ_j P[i, j] (steps 3-4) or a random pair; every row
 carries `prob` = P(chosen ≻ rejected) (pairwise SPPO eq. 4.12) and the self-play targets `p_hat_chosen`
 / `p_hat_rejected`. Prompts without two different non-empty samples, or whose samples the judge cannot
-tell apart, are dropped and counted (`build`). Usage and options: docs/algorithms/dpo.md.
+tell apart, are dropped and counted (`build`). `write_pairs` is the whole command (judge and policy
+loaded, pairs built and written), shared by `alignkit pairs` and a pipeline's `pairs` step. Usage and
+options: docs/algorithms/dpo.md.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -117,3 +120,44 @@ def build(
         "samples_per_s": gen_stats.get("samples_per_s"),
     }
     return rows, stats
+
+
+def write_pairs(
+    model: str,
+    prompts: list,
+    out: str | Path,
+    preference: str = "oracle",
+    source: str | None = None,
+    backend: str = "hf",
+    chat: str | bool = "auto",
+    dtype: str = "auto",
+    device: str = "auto",
+    k: int = 4,
+    select: Select = "best-worst",
+    label: Label = "prob",
+    seed: int = 0,
+    progress: bool = True,
+    **generate_kwargs: Any,
+) -> dict[str, Any]:
+    """`alignkit pairs` after its checks: load the judge (`rewards.load_preference`) and the policy's sampler
+    (`generation.load_sampler`: HF or vLLM), `build` the pairs, write them to `out` as JSONL; returns the
+    stats. `chat` is the --chat setting, resolved for the prompts' `source` (`generation.chat_mode`: `auto`
+    is off for builtin: prompts); it and the backend are checked before anything loads."""
+    import datasets
+
+    from alignkit import generation, vllm_backend
+    from alignkit.data import to_jsonl
+    from alignkit.rewards import load_preference
+
+    mode = generation.chat_mode(chat, source)
+    vllm_backend.check_backend(backend, device)
+    judge = load_preference(preference, device=device)
+    sampler, tokenizer = generation.load_sampler(model, backend, dtype=dtype, device=device, seed=seed)
+    try:
+        rows, stats = build(sampler, tokenizer, prompts, judge, k=k, select=select, label=label, seed=seed,
+                            progress=progress, chat=mode, **generate_kwargs)
+    finally:
+        if backend == "vllm":  # free the engine's GPU memory before a pipeline's next step loads a model
+            sampler.close()
+    to_jsonl(datasets.Dataset.from_list(rows), out)
+    return {**stats, "backend": backend, "chat": mode}

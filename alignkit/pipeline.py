@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from alignkit.config import Block, DataSection, LaunchSection, ModelSection, OutputSection, build_config, parse_override
 from alignkit.errors import UserError, closest
@@ -409,6 +409,17 @@ class PairsSection(Block):
     max_new_tokens: int = Field(48, ge=1, description="tokens per completion")
     batch_size: int = Field(32, ge=1, description="sequences (prompts x k) per generate call")
     seed: int = Field(0, ge=0, description="sampling and selection seed")
+    backend: Literal["hf", "vllm"] = Field("hf", description="sampler: hf (transformers generate) or vllm "
+                                           "(pip install 'alignkit[vllm]', a CUDA GPU)")
+    chat: Literal["auto", "on", "off"] = Field(
+        "auto", description="chat template for plain prompts: auto (when the tokenizer has one; not for builtin: "
+        "prompts), on, off; message prompts always use it (docs/models.md#chat-templates)")
+
+    @field_validator("chat", mode="before")
+    @classmethod
+    def _yaml_on_off(cls, value: Any) -> Any:
+        """YAML reads an unquoted `chat: on` / `chat: off` as true / false: they mean on / off here."""
+        return ("on" if value else "off") if isinstance(value, bool) else value
 
 
 class PairsData(DataSection):
@@ -436,32 +447,29 @@ class PairsStepConfig(Block):
 
 
 def run_pairs(cfg: PairsStepConfig, progress: bool = True) -> dict[str, Any]:
-    """Sample, judge and pick pairs (`pairs.build`) into a run directory: DIR/pairs.jsonl and summary.json."""
-    import datasets
-
-    from alignkit import data, generation, models, pairs
+    """`alignkit pairs` as a step (`pairs.write_pairs`) into a run directory: DIR/pairs.jsonl and summary.json."""
+    from alignkit import data, generation, pairs, vllm_backend
     from alignkit.config import to_yaml
-    from alignkit.rewards import load_preference
     from alignkit.runs import RunDir, run_readme
     from alignkit.trainers._hf import quiet_libraries
 
     quiet_libraries()
     p = cfg.pairs
     generation.check_settings(p.k, p.max_new_tokens, p.temperature, p.top_p, p.batch_size)
+    vllm_backend.check_backend(p.backend, cfg.model.device)
     out = Path(cfg.output.dir or "runs/pairs")
     RunDir.check(out, cfg.output.overwrite, False, resumable=False)
     ds, _ = data.load_source(cfg.data, expected=("prompts",))
-    judge = load_preference(p.preference, device=cfg.model.device)
-    lm, tok = models.load_causal_lm(cfg.model.name, dtype=cfg.model.dtype, device=cfg.model.device)
     run_dir = RunDir.open(out, cfg.output.overwrite, False, to_yaml(cfg))
     try:
-        rows, stats = pairs.build(lm, tok, list(ds["prompt"]), judge, k=p.k, select=p.select, label=p.label,
-                                  seed=p.seed, progress=progress, temperature=p.temperature, top_p=p.top_p,
-                                  max_new_tokens=p.max_new_tokens, batch_size=p.batch_size)
+        stats = pairs.write_pairs(
+            cfg.model.name, list(ds["prompt"]), run_dir.path("pairs.jsonl"), preference=p.preference,
+            source=cfg.data.source, backend=p.backend, chat=p.chat, dtype=cfg.model.dtype, device=cfg.model.device,
+            k=p.k, select=p.select, label=p.label, seed=p.seed, progress=progress, temperature=p.temperature,
+            top_p=p.top_p, max_new_tokens=p.max_new_tokens, batch_size=p.batch_size)
     except UserError:  # e.g. no prompt with two different samples: nothing that looks like a result
         run_dir.discard()
         raise
-    data.to_jsonl(datasets.Dataset.from_list(rows), run_dir.path("pairs.jsonl"))
     summary = {"command": "pairs", "model": cfg.model.name, **stats}
     final = run_dir.finish(summary, readme=run_readme(
         "pairs", f"{stats['pairs']} on-policy pairs of `{cfg.model.name}` judged by `{p.preference}` "

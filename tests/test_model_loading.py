@@ -1,4 +1,5 @@
-"""Where a model loads in a launched rank (its own GPU, ZeRO-3, FSDP) and 4-bit QLoRA (models.py).
+"""Where a model loads in a launched rank (its own GPU, ZeRO-3, FSDP) and 4-bit QLoRA (placement.py,
+followed by the loaders of models.py).
 
 CUDA is faked (torch.cuda.is_available / device_count) where a test only checks a decision; the
 one test that needs a real GPU and bitsandbytes skips without them.
@@ -13,9 +14,10 @@ import pytest
 import torch
 from helpers import one_line_error, run_cli
 
-from alignkit import models
+from alignkit import models, placement
 from alignkit.errors import UserError
-from alignkit.models import LoraSpec, choose_device, launch_placement, plan_loading
+from alignkit.models import LoraSpec
+from alignkit.placement import choose_device, launch_placement, plan_loading
 
 LAUNCH_ENV = ("LOCAL_RANK", "RANK", "WORLD_SIZE", "ALIGNKIT_LAUNCHED")
 
@@ -103,10 +105,10 @@ def _accelerate_rank_env(name: str) -> dict[str, str]:
     return prepare_multi_gpu_env(args)
 
 
-@pytest.mark.parametrize("name,placement", [("ddp", "device"), ("zero2", "device"), ("zero3", "zero3"),
+@pytest.mark.parametrize("name,expected", [("ddp", "device"), ("zero2", "device"), ("zero3", "zero3"),
                                             ("fsdp", "fsdp")])
-def test_placement_follows_the_launch_config(name, placement):
-    assert launch_placement(_accelerate_rank_env(name)) == placement
+def test_placement_follows_the_launch_config(name, expected):
+    assert launch_placement(_accelerate_rank_env(name)) == expected
 
 
 def test_placement_decisions(tmp_path: Path):
@@ -146,10 +148,10 @@ def test_zero3_config_exists_before_the_weights_load(fake_cuda, rank1, tiny_mode
     real = models._load_weights
     monkeypatch.setattr(accelerate.utils, "DeepSpeedPlugin", FakePlugin)
     monkeypatch.setattr(models, "_load_weights", lambda *a, **k: (events.append("weights"), real(*a, **k))[1])
-    monkeypatch.setattr(models, "_zero3_configs", [])
+    monkeypatch.setattr(placement, "_zero3_configs", [])
     model, _ = models.load_causal_lm("tiny", dtype="bfloat16", placement="zero3", lora=LoraSpec(r=4))
     assert events == ["mixed_precision bf16", "deepspeed config", "weights"]
-    assert isinstance(models._zero3_configs[0], FakePlugin)  # kept alive (transformers holds a weak reference)
+    assert isinstance(placement._zero3_configs[0], FakePlugin)  # kept alive (transformers holds a weak reference)
     assert {p.device.type for p in model.parameters()} == {"cpu"}  # not moved: DeepSpeed places it
     # one dtype for base and adapter under ZeRO-3 (peft would make the adapter fp32)
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
@@ -164,7 +166,7 @@ def test_placement_is_checked():
 
 
 def test_4bit_plan_is_qlora_nf4(fake_cuda, rank1, monkeypatch):
-    monkeypatch.setattr(models, "_has_bitsandbytes", lambda: True)
+    monkeypatch.setattr(placement, "_has_bitsandbytes", lambda: True)
     plan = plan_loading("auto", "bfloat16", load_in_4bit=True)
     kwargs = plan.from_pretrained_kwargs()
     q = kwargs["quantization_config"]
@@ -177,11 +179,11 @@ def test_4bit_plan_is_qlora_nf4(fake_cuda, rank1, monkeypatch):
 
 def test_training_dtype_of_a_4bit_model_is_its_compute_dtype(tiny_model_dir):
     model, _ = models.load_causal_lm("tiny", dtype="float32", device="cpu")
-    assert models.training_dtype(model) == torch.float32
+    assert placement.training_dtype(model) == torch.float32
     from transformers import BitsAndBytesConfig
 
     model.config.quantization_config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.bfloat16)
-    assert models.training_dtype(model) == torch.bfloat16
+    assert placement.training_dtype(model) == torch.bfloat16
 
 
 def _no_loading(monkeypatch):
@@ -202,7 +204,7 @@ def test_4bit_without_cuda_is_one_line_before_anything_loads(monkeypatch):
 
 
 def test_4bit_without_bitsandbytes_says_how_to_install_it(fake_cuda, monkeypatch):
-    monkeypatch.setattr(models, "_has_bitsandbytes", lambda: False)
+    monkeypatch.setattr(placement, "_has_bitsandbytes", lambda: False)
     _no_loading(monkeypatch)
     with pytest.raises(UserError, match=r"pip install 'alignkit\[qlora\]'"):
         models.load_causal_lm("tiny", load_in_4bit=True, lora=LoraSpec())
@@ -226,7 +228,7 @@ def test_cli_4bit_without_cuda_is_one_line(tmp_path, monkeypatch, capsys):
 
 
 def test_cli_4bit_without_bitsandbytes_is_one_line(tmp_path, fake_cuda, single_process, monkeypatch, capsys):
-    monkeypatch.setattr(models, "_has_bitsandbytes", lambda: False)
+    monkeypatch.setattr(placement, "_has_bitsandbytes", lambda: False)
     out = tmp_path / "run"
     code, _, err = run_cli(["sft", "--lora", "--load-in-4bit", "--max-samples", "8", "-o", str(out)],
                            monkeypatch, capsys)
@@ -248,7 +250,7 @@ def test_qlora_tiny_trains_one_step_on_gpu(tiny_model_dir):
     assert trainable and all("lora_" in n for n in trainable)
     batch = tok(["the cat sat on the mat", "a dog ran"], return_tensors="pt", padding=True).to("cuda")
     optimiser = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    with torch.autocast("cuda", dtype=models.training_dtype(model)):
+    with torch.autocast("cuda", dtype=placement.training_dtype(model)):
         loss = model(**batch, labels=batch["input_ids"]).loss
     loss.backward()
     optimiser.step()

@@ -155,6 +155,18 @@ def test_dtype_and_device_rules() -> None:
             choose_device("cuda")
 
 
+def test_placement_and_encoder_names_are_reexported_by_the_loader() -> None:
+    """`from alignkit.models import choose_device` (and the rest of placement.py's and encoders.py's
+    public names) keeps working for the modules and users that import them from the loader."""
+    from alignkit import encoders, models, placement
+
+    for name in ("choose_device", "choose_dtype", "launch_placement", "Placement", "LoadPlan", "plan_loading",
+                 "check_load_in_4bit", "quantization_config", "training_dtype", "QLORA_HINT"):
+        assert getattr(models, name) is getattr(placement, name), name
+    for name in ("Encoder", "mean_pool", "load_encoder"):
+        assert getattr(models, name) is getattr(encoders, name), name
+
+
 def test_max_positions_reads_the_config_names_in_use() -> None:
     from types import SimpleNamespace
 

@@ -188,6 +188,63 @@ def test_dry_run_shows_every_step_and_writes_nothing(tmp_path, monkeypatch, caps
     assert list(tmp_path.iterdir()) == []
 
 
+PAIRS_STEP = """# alignkit run pipe.yaml
+output: {dir: out}
+steps:
+  pairs:
+    model: tiny
+    data: {max_samples: 3}
+    pairs: {k: 2, max_new_tokens: 4, seed: 5, chat: %s, backend: %s}
+"""
+
+
+def _record_write_pairs(monkeypatch) -> list[dict]:
+    """`pairs.write_pairs` replaced by a recorder (nothing sampled); the vLLM backend check made a no-op."""
+    from alignkit import pairs, vllm_backend
+
+    calls: list[dict] = []
+
+    def record(model, prompts, out, **kwargs):
+        calls.append({"model": model, "prompts": len(prompts), **kwargs})
+        Path(out).write_text("")
+        return {"pairs": 0, "dropped_identical": 0, "mean_prob": 0.5, "eos_rate": 0.0}
+
+    monkeypatch.setattr(pairs, "write_pairs", record)
+    monkeypatch.setattr(vllm_backend, "check_backend", lambda backend, device=None: None)
+    return calls
+
+
+def test_a_pairs_step_passes_chat_and_backend_to_the_function_alignkit_pairs_runs(tmp_path, monkeypatch, capsys):
+    """The pipeline's pairs step and `alignkit pairs` make the same `pairs.write_pairs` call: a recipe's
+    `chat: off` (YAML reads it as false) and `backend: vllm` reach it as the CLI's --chat / --backend do."""
+    calls = _record_write_pairs(monkeypatch)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "pipe.yaml").write_text(PAIRS_STEP % ("off", "vllm"))
+    code, _, err = run_cli(["run", "pipe.yaml"], monkeypatch, capsys)
+    assert code == 0, err
+    code, _, err = run_cli(["pairs", "-m", "tiny", "--max-samples", "3", "--k", "2", "--max-new-tokens", "4",
+                            "--seed", "5", "--chat", "off", "--backend", "vllm", "--out", "cli.jsonl"],
+                           monkeypatch, capsys)
+    assert code == 0, err
+    step, cli = calls
+    assert step["chat"] == "off" and step["backend"] == "vllm" and step["source"] == "builtin:prompts"
+    assert {k: v for k, v in step.items() if k != "progress"} == {k: v for k, v in cli.items() if k != "progress"}
+    assert (tmp_path / "out" / "pairs" / "summary.json").is_file()
+
+
+def test_a_bad_chat_value_in_a_pairs_step_is_one_line_before_anything_runs(tmp_path, monkeypatch, capsys):
+    calls = _record_write_pairs(monkeypatch)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "pipe.yaml").write_text(PAIRS_STEP % ("maybe", "hf"))
+    code, _, err = run_cli(["run", "pipe.yaml"], monkeypatch, capsys)
+    one_line_error(code, err, "step 'pairs'", "pairs.chat", "'auto', 'on' or 'off'", "maybe")
+    assert calls == [] and sorted(p.name for p in tmp_path.iterdir()) == ["pipe.yaml"]
+    tree = _tree()  # after a step that would train first: refused when the pipeline is read
+    tree["steps"]["pairs"]["pairs"]["chat"] = "sometimes"
+    with pytest.raises(UserError, match="pairs.chat"):
+        pipeline.load(tree, "pipe.yaml", ["output.dir=o"])
+
+
 def test_pipeline_dry_run_imports_no_torch():
     assert_python_runs(
         "import sys\n"

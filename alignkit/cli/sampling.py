@@ -134,12 +134,8 @@ def pairs(
     chat: ChatOpt = "auto", dtype: DtypeOpt = None, device: DeviceOpt = None, overwrite: OverwriteOutOpt = False,
 ) -> None:
     """On-policy preference pairs: K samples per prompt from a policy, judged, one pair per prompt."""
-    import datasets
-
     from alignkit import data as data_mod
-    from alignkit import generation
     from alignkit import pairs as pairs_mod
-    from alignkit.rewards import load_preference
     from alignkit.trainers._hf import quiet_libraries
 
     quiet_libraries()
@@ -153,14 +149,11 @@ def pairs(
     check_output_file(out, overwrite)
     ds, _ = data_mod.load(prompts, kind="prompts", columns=columns, max_samples=max_samples,
                           skip_invalid=skip_invalid)
-    judge = load_preference(preference, device=device or "auto")
-    lm, tok = generation.load_sampler(model, backend, dtype=dtype or "auto", device=device or "auto", seed=seed)
-    rows, stats = pairs_mod.build(
-        lm, tok, list(ds["prompt"]), judge, k=k, select=select, label=label, seed=seed,  # type: ignore[arg-type]
+    stats = pairs_mod.write_pairs(
+        model, list(ds["prompt"]), out, preference=preference, source=prompts, backend=backend, chat=chat,
+        dtype=dtype or "auto", device=device or "auto", k=k, select=select, label=label, seed=seed,  # type: ignore[arg-type]
         temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, batch_size=batch_size,
-        chat=generation.chat_mode(chat, prompts),
     )
-    data_mod.to_jsonl(datasets.Dataset.from_list(rows), out)
     console.print(
         f"wrote {stats['pairs']} pairs to {out} ({stats['dropped_identical']} prompts dropped: identical samples; "
         f"mean P(chosen ≻ rejected) {stats['mean_prob']:.3f}; EOS {stats['eos_rate']:.0%})"
