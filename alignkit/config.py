@@ -13,12 +13,32 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 from pydantic_core import PydanticCustomError
 
 from alignkit.errors import UserError, closest
 
 Kind = Literal["sft", "pairwise", "unpaired", "prompts", "scored"]
+
+
+def _yaml_on_off(value: Any) -> Any:
+    """YAML reads an unquoted `chat: on` / `chat: off` as true / false: they mean on / off."""
+    return ("on" if value else "off") if isinstance(value, bool) else value
+
+
+# `chat:` of every config that samples (docs/models.md#chat-templates)
+ChatMode = Annotated[Literal["auto", "on", "off"], BeforeValidator(_yaml_on_off)]
+CHAT_HELP = ("chat template for plain prompts: auto (when the tokenizer has one; not for builtin: prompts), on, off; "
+             "message prompts always use it (docs/models.md#chat-templates)")
 
 
 def _plain_types(annotation: Any) -> set[Any]:

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from pydantic import Field, model_validator
 
-from alignkit.config import Block, OutputSection
+from alignkit.config import CHAT_HELP, Block, ChatMode, OutputSection
 from alignkit.errors import UserError
 from alignkit.runs import run_readme, strict_json
 
@@ -54,10 +54,7 @@ class PolicyEvalConfig(Block):
     backend: Literal["hf", "vllm"] = Field(
         "hf", description="sampler: hf (transformers generate) or vllm (extra alignkit[vllm], a CUDA GPU)"
     )
-    chat: Literal["auto", "on", "off"] = Field(
-        "auto", description="chat template for plain prompts: auto (when the tokenizer has one; not for builtin: "
-        "prompts), on, off; message prompts always use it (docs/models.md#chat-templates)"
-    )
+    chat: ChatMode = Field("auto", description=CHAT_HELP)
     device: str = Field("auto", description="auto, cpu, cuda, cuda:N")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="auto: bf16 on a capable GPU, fp32 on CPU"

@@ -16,9 +16,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, model_validator
 
-from alignkit.config import Block, DataSection, LaunchSection, ModelSection, OutputSection, build_config, parse_override
+from alignkit.config import (
+    CHAT_HELP,
+    Block,
+    ChatMode,
+    DataSection,
+    LaunchSection,
+    ModelSection,
+    OutputSection,
+    build_config,
+    parse_override,
+)
 from alignkit.errors import UserError, closest
 
 PIPELINE = "pipeline"  # the `command:` of a pipeline recipe (optional in the file)
@@ -411,15 +421,7 @@ class PairsSection(Block):
     seed: int = Field(0, ge=0, description="sampling and selection seed")
     backend: Literal["hf", "vllm"] = Field("hf", description="sampler: hf (transformers generate) or vllm "
                                            "(pip install 'alignkit[vllm]', a CUDA GPU)")
-    chat: Literal["auto", "on", "off"] = Field(
-        "auto", description="chat template for plain prompts: auto (when the tokenizer has one; not for builtin: "
-        "prompts), on, off; message prompts always use it (docs/models.md#chat-templates)")
-
-    @field_validator("chat", mode="before")
-    @classmethod
-    def _yaml_on_off(cls, value: Any) -> Any:
-        """YAML reads an unquoted `chat: on` / `chat: off` as true / false: they mean on / off here."""
-        return ("on" if value else "off") if isinstance(value, bool) else value
+    chat: ChatMode = Field("auto", description=CHAT_HELP)
 
 
 class PairsData(DataSection):

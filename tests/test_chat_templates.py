@@ -128,3 +128,21 @@ def test_online_loops_read_the_chat_setting(command: str, no_template_dir: Path,
     with pytest.raises(UserError, match="--chat on needs a tokenizer with a chat template"):
         run_fn(cfg)
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("module, cls", [("alignkit.trainers.ppo", "PPOSection"),
+                                         ("alignkit.trainers.sppo.config", "SPPOSection"),
+                                         ("alignkit.evaluate", "PolicyEvalConfig"),
+                                         ("alignkit.pipeline", "PairsSection")])
+def test_unquoted_yaml_on_off_is_the_chat_mode_everywhere(module: str, cls: str) -> None:
+    """YAML reads `chat: off` as false: every config that samples takes it as `off` (one shared type)."""
+    import importlib
+
+    import yaml
+
+    config = getattr(importlib.import_module(module), cls)
+    required = {"policies": {"sft": "tiny"}} if cls == "PolicyEvalConfig" else {}
+    for text, mode in (("chat: off", "off"), ("chat: on", "on"), ("chat: auto", "auto")):
+        assert config(**required, **yaml.safe_load(text)).chat == mode
+    with pytest.raises(ValueError, match="chat"):
+        config(**required, chat="maybe")

@@ -40,7 +40,7 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import Field, model_validator
 
-from alignkit.config import Block, DataSection, JobConfig
+from alignkit.config import CHAT_HELP, Block, ChatMode, DataSection, JobConfig
 
 
 class PPODataSection(DataSection):
@@ -98,9 +98,7 @@ class PPOSection(Block):
                              "(reference = adapter disabled, critic = a second adapter + value head); false: "
                              "separate copies, as full fine-tuning has (for comparison)")
     temperature: float = Field(1.0, gt=0.0, description="sampling temperature (log-probs use the same)")
-    chat: Literal["auto", "on", "off"] = Field(
-        "auto", description="chat template for plain prompts: auto (when the tokenizer has one; not for builtin: "
-        "prompts), on, off; message prompts always use it (docs/models.md#chat-templates)")
+    chat: ChatMode = Field("auto", description=CHAT_HELP)
     backend: Literal["hf", "vllm"] = Field(
         "hf", description="rollout sampler: hf (transformers generate) or vllm (colocated, the policy's weights "
         "pushed before every rollout; docs/vllm.md)")

@@ -11,7 +11,7 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import Field, model_validator
 
-from alignkit.config import Block, DataSection, JobConfig
+from alignkit.config import CHAT_HELP, Block, ChatMode, DataSection, JobConfig
 
 
 class SPPODataSection(DataSection):
@@ -54,9 +54,7 @@ class SPPOSection(Block):
     max_new_tokens: int = Field(128, ge=1, description="completion tokens per sample")
     temperature: float = Field(1.0, gt=0.0, description="sampling temperature (SPPO: 1.0)")
     top_p: float = Field(1.0, gt=0.0, le=1.0, description="nucleus sampling (SPPO: 1.0)")
-    chat: Literal["auto", "on", "off"] = Field(
-        "auto", description="chat template for plain prompts: auto (when the tokenizer has one; not for builtin: "
-        "prompts), on, off; message prompts always use it (docs/models.md#chat-templates)")
+    chat: ChatMode = Field("auto", description=CHAT_HELP)
     sample_batch_size: int = Field(64, ge=1, description="sequences per generate call")
     chunk_prompts: int = Field(64, ge=1, description="prompts per saved sampling chunk (what --resume keeps)")
     eval_prompts: int = Field(64, ge=0, description="held-out prompts for the per-iteration win rates (0: none)")
