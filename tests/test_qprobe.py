@@ -540,7 +540,7 @@ def test_vllm_backend_features_equal_hf_capture_greedy(fake_vllm, tiny_model_dir
     """Greedy (T = 0): vLLM samples, then ONE teacher-forced forward of the HF model gives the features that
     capture during HF sampling gives; meta.json records the backend and the time of each part."""
     common = dict(model=str(tiny_model_dir), max_samples=3, n=2, layer=1, max_new_tokens=6, temperature=0.0,
-                  reward="none", device="auto", dtype="float32")
+                  device="auto", dtype="float32")
     feats = {}
     for backend in ("hf", "vllm"):
         cfg = Q.CollectConfig(**common, backend=backend, output={"dir": str(tmp_path / backend)})
@@ -553,6 +553,17 @@ def test_vllm_backend_features_equal_hf_capture_greedy(fake_vllm, tiny_model_dir
     assert vl.meta["timings"]["forward_s"] > 0 and "forward_load_s" in vl.meta["timings"]
     assert hf.meta["timings"]["forward_s"] == 0  # captured while sampling: no second forward
     assert len(fake_vllm.CALLS["generate"]) == 1 and fake_vllm.CALLS["cleanup"]  # one engine, closed after sampling
+    # `qprobe sample` too: the probe policy picks the same completions with the same Q from either backend
+    run = Q.fit(Q.FitConfig(features=str(hf.path), loss="q", k=2, epochs=1, zero_init=False,
+                            output={"dir": str(tmp_path / "probe")}), progress=False)["output_dir"]
+    picked = {}
+    for backend in ("hf", "vllm"):
+        res = Q.sample(run, "builtin:prompts", tmp_path / f"{backend}.jsonl", k=2, beta=0.0, max_samples=3,
+                       backend=backend, dtype="float32", progress=False)
+        assert res["backend"] == backend and res["warnings"] == []
+        picked[backend] = [json.loads(x) for x in (tmp_path / f"{backend}.jsonl").read_text().splitlines()]
+    assert [r["completion"] for r in picked["vllm"]] == [r["completion"] for r in picked["hf"]]
+    assert [r["q"] for r in picked["vllm"]] == pytest.approx([r["q"] for r in picked["hf"]], abs=1e-4)
 
 
 def test_chat_on_features_read_the_rendered_ids(tiny_model_dir, tmp_path) -> None:
