@@ -266,8 +266,8 @@ def chat_setting(tokenizer: Any, chat: str, prompts: Sequence[Any], source: str)
     """(`chat` resolved for this tokenizer, `on` or `off`; whether any prompt goes through the chat template).
 
     `chat` is `generation.chat_mode`'s (auto already resolved for `builtin:` sources). The resolved setting,
-    recorded in meta.json, renders these prompts the same way under any tokenizer that has a template or
-    none; message prompts need a template: one line naming `source` when the tokenizer has none."""
+    recorded in meta.json, renders plain prompts from any source as `chat` rendered these (`qprobe sample`
+    reuses it). Message prompts need a template: one line naming `source` and the row when there is none."""
     from alignkit import generation
 
     generation.check_chat(tokenizer, chat)
