@@ -1,7 +1,8 @@
 """Q-probe (alignkit/trainers/qprobe/, losses in alignkit/losses.py): the losses by hand, chunking and
 the global baseline, β handling, the analytic policy reward against brute force, both feature paths
 agreeing with a teacher-forced forward, the probe learning on the built-in task, the error contract and
-a CLI round trip collect -> fit -> eval (+ sample)."""
+a CLI round trip collect -> fit -> eval (+ sample), the vLLM backend (through the fake `vllm` of
+tests/fake_vllm/) and chat templates (`--chat`)."""
 
 from __future__ import annotations
 
@@ -11,9 +12,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import assert_python_runs
+from helpers import assert_python_runs, one_line_error
 from helpers import run_cli as _run
 from safetensors.torch import save_file
+from test_vllm_backend import fake_vllm  # noqa: F401 (the fixture: the fake vllm package, CUDA reported visible)
 
 from alignkit import losses
 from alignkit.errors import UserError
@@ -271,7 +273,37 @@ def bad(tmp_path_factory, tiny_model_dir) -> dict[str, str]:
                                    output={"dir": str(tmp_path / "probe")}), progress=False)["output_dir"]
     d.update(_corrupt_features(tmp_path, d["real"]))
     d.update(_corrupt_probes(tmp_path, Path(d["probe"])))
+    d["plain"] = _no_template(tiny_model_dir, tmp_path / "plain-tokenizer")
+    d["chat_pairs"] = _chat_pairs(tmp_path / "chat-pairs.jsonl")
     return {k: str(v) for k, v in d.items()} | {"tiny": str(tiny_model_dir)}
+
+
+def _no_template(model_dir: Path, out: Path) -> Path:
+    """A copy of the tiny model whose tokenizer has no chat template (as base models like gpt2 or opt)."""
+    import shutil
+
+    shutil.copytree(model_dir, out)
+    cfg = json.loads((out / "tokenizer_config.json").read_text())
+    cfg.pop("chat_template", None)
+    (out / "tokenizer_config.json").write_text(json.dumps(cfg))
+    (out / "chat_template.jinja").unlink(missing_ok=True)
+    return out
+
+
+CHAT_PAIRS = [  # conversational pairs: message prompts, one assistant reply per side
+    ([{"role": "user", "content": "review : the food was"}], "great and fresh .", "cold ."),
+    ([{"role": "system", "content": "be kind ."}, {"role": "user", "content": "review : our stay"}], "lovely .",
+     "bad ."),
+    ([{"role": "user", "content": "review : the staff"}], "were helpful .", "ignored us ."),
+]
+
+
+def _chat_pairs(path: Path, extra_turn: bool = False) -> Path:
+    rows = [{"prompt": p, "chosen": [{"role": "assistant", "content": c}] + (
+             [{"role": "user", "content": "more ."}, {"role": "assistant", "content": c}] if extra_turn else []),
+             "rejected": [{"role": "assistant", "content": r}]} for p, c, r in CHAT_PAIRS]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
 
 
 def _corrupt_features(tmp_path: Path, good: Path) -> dict[str, Path]:
@@ -353,6 +385,14 @@ BAD = [
     (["fit", "{real}", "--seed", "-1"], ["seed", "0"]),  # config (ge=0) or the CLI's own seed check
     (["collect", "--model", "{tiny}", "--seed", "-1"], ["seed", "0"]),
     (["sample", "{probe}", "--out", "{out}.jsonl", "--seed", "-1"], ["--seed must be >= 0"]),
+    # issue 12: --chat and --backend
+    (["collect", "--model", "{plain}", "--chat", "on"], ["--chat on needs a tokenizer with a chat template"]),
+    (["collect", "--model", "{tiny}", "--chat", "maybe"], ["chat", "'auto', 'on' or 'off'"]),
+    (["collect", "--model", "{plain}", "--pairs", "{chat_pairs}"], ["chat-pairs.jsonl row 1", "no chat template"]),
+    (["collect", "--model", "{tiny}", "--pairs", "{chat_pairs}", "--backend", "vllm"], ["--pairs", "samples nothing"]),
+    (["collect", "--model", "{tiny}", "--backend", "tgi"], ["backend", "'hf' or 'vllm'"]),
+    (["sample", "{probe}", "--out", "{out}.jsonl", "--model", "{plain}", "--chat", "on"], ["--chat on needs"]),
+    (["sample", "{probe}", "--out", "{out}.jsonl", "--chat", "maybe"], ["--chat must be auto, on or off"]),
 ]
 
 
@@ -484,3 +524,120 @@ def test_sample_picks_the_argmax_and_is_seeded(tiny_model_dir, tmp_path) -> None
     assert (tmp_path / "a.jsonl").read_text() == (tmp_path / "b.jsonl").read_text()
     with pytest.raises(UserError, match="already exists"):
         Q.sample(run, "builtin:prompts", tmp_path / "a.jsonl", beta=1.0, **kw)
+
+
+# --------------------------------------------------------------------------- backends and chat templates (issue 12)
+
+CHAT_PROMPTS = ["review : the food was", "review : our stay", "review : the staff"]
+
+
+def _prompts_file(path: Path) -> Path:
+    path.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in CHAT_PROMPTS))
+    return path
+
+
+def test_vllm_backend_features_equal_hf_capture_greedy(fake_vllm, tiny_model_dir, tmp_path) -> None:  # noqa: F811
+    """Greedy (T = 0): vLLM samples, then ONE teacher-forced forward of the HF model gives the features that
+    capture during HF sampling gives; meta.json records the backend and the time of each part."""
+    common = dict(model=str(tiny_model_dir), max_samples=3, n=2, layer=1, max_new_tokens=6, temperature=0.0,
+                  device="auto", dtype="float32")
+    feats = {}
+    for backend in ("hf", "vllm"):
+        cfg = Q.CollectConfig(**common, backend=backend, output={"dir": str(tmp_path / backend)})
+        feats[backend] = Q.load_features(Q.collect(cfg, progress=False)["output_dir"])
+    hf, vl = feats["hf"], feats["vllm"]
+    assert [r["completion"] for r in vl.rows] == [r["completion"] for r in hf.rows]
+    torch.testing.assert_close(vl.x, hf.x, atol=1e-4, rtol=1e-4)
+    assert (hf.meta["backend"], vl.meta["backend"]) == ("hf", "vllm")
+    assert vl.meta["chat"] == hf.meta["chat"] == "off" and vl.meta["templated"] is False  # builtin: auto is off
+    assert vl.meta["timings"]["forward_s"] > 0 and "forward_load_s" in vl.meta["timings"]
+    assert hf.meta["timings"]["forward_s"] == 0  # captured while sampling: no second forward
+    assert len(fake_vllm.CALLS["generate"]) == 1 and fake_vllm.CALLS["cleanup"]  # one engine, closed after sampling
+    # `qprobe sample` too: the probe policy picks the same completions with the same Q from either backend
+    run = Q.fit(Q.FitConfig(features=str(hf.path), loss="q", k=2, epochs=1, zero_init=False,
+                            output={"dir": str(tmp_path / "probe")}), progress=False)["output_dir"]
+    picked = {}
+    for backend in ("hf", "vllm"):
+        res = Q.sample(run, "builtin:prompts", tmp_path / f"{backend}.jsonl", k=2, beta=0.0, max_samples=3,
+                       backend=backend, dtype="float32", progress=False)
+        assert res["backend"] == backend and res["warnings"] == []
+        picked[backend] = [json.loads(x) for x in (tmp_path / f"{backend}.jsonl").read_text().splitlines()]
+    assert [r["completion"] for r in picked["vllm"]] == [r["completion"] for r in picked["hf"]]
+    assert [r["q"] for r in picked["vllm"]] == pytest.approx([r["q"] for r in picked["hf"]], abs=1e-4)
+
+
+def test_chat_on_features_read_the_rendered_ids(tiny_model_dir, tmp_path) -> None:
+    """`--chat on`: the features are those of the template's ids + the completion (capture during sampling ==
+    `hidden_features(chat="on")`), not those of the plain text; meta.json records it, and `qprobe sample`
+    reuses it by default and warns when told otherwise."""
+    from alignkit.models import load_causal_lm
+
+    model, tok = load_causal_lm(str(tiny_model_dir), dtype="float32", device="cpu")
+    samples, x, _ = Q.sample_features(model, tok, CHAT_PROMPTS, 2, layer=1, encoder=None, progress=False,
+                                       max_new_tokens=5, temperature=1.0, top_p=1.0, batch_size=8, seed=0, chat="on")
+    assert samples[0].prompt == f"user: {CHAT_PROMPTS[0]}\nassistant:"
+    rep, ids = [p for p in CHAT_PROMPTS for _ in range(2)], [s.token_ids for s in samples]
+    on = Q.hidden_features(model, tok, rep, layer=1, completion_ids=ids, chat="on")
+    torch.testing.assert_close(on, x, atol=1e-4, rtol=1e-4)
+    off = Q.hidden_features(model, tok, rep, layer=1, completion_ids=ids, chat="off")
+    assert (off - x).abs().max() > 1e-2
+    template = tok.apply_chat_template([{"role": "user", "content": CHAT_PROMPTS[0]}], add_generation_prompt=True,
+                                       tokenize=False)  # by hand: the template's text, its own special tokens
+    by_hand = tok(template, add_special_tokens=False)["input_ids"] + ids[0]
+    with torch.no_grad():
+        state = model(input_ids=torch.tensor([by_hand]), output_hidden_states=True).hidden_states[1][0, -1]
+    torch.testing.assert_close(state, x[0], atol=1e-4, rtol=1e-4)
+
+    src = str(_prompts_file(tmp_path / "prompts.jsonl"))
+    common = dict(model=str(tiny_model_dir), prompts=src, n=2, layer=1, max_new_tokens=5, reward="gold",
+                  device="cpu", dtype="float32")
+    runs = {c: Q.collect(Q.CollectConfig(**common, chat=c, output={"dir": str(tmp_path / c)}), progress=False)
+            for c in ("auto", "off")}
+    assert (runs["auto"]["chat"], runs["auto"]["templated"]) == ("on", True)  # auto: the tokenizer has a template
+    assert (runs["off"]["chat"], runs["off"]["templated"]) == ("off", False)
+    with_chat, plain = (Q.load_features(runs[c]["output_dir"]) for c in ("auto", "off"))
+    assert with_chat.rows[0]["prompt"] == CHAT_PROMPTS[0]  # the index keeps the prompt as given
+    assert (with_chat.x - plain.x).abs().max() > 1e-2
+
+    run = Q.fit(Q.FitConfig(features=str(with_chat.path), loss="q", k=2, epochs=1,
+                            output={"dir": str(tmp_path / "probe")}), progress=False)["output_dir"]
+    kw = dict(k=2, beta=0.0, max_new_tokens=4, device="cpu", dtype="float32", progress=False)
+    same = Q.sample(run, src, tmp_path / "same.jsonl", **kw)
+    assert same["chat"] == "on" and same["warnings"] == []  # the probe's setting by default
+    other = Q.sample(run, src, tmp_path / "other.jsonl", chat="off", **kw)
+    assert other["chat"] == "off" and "through the chat template" in other["warnings"][0]
+
+
+def test_chat_message_pairs_are_rendered_through_the_template(tiny_model_dir, tmp_path) -> None:
+    """Pairs whose prompts are chat messages: the prompt side goes through the template, chosen / rejected
+    are the assistant replies' text; a reply of several turns is one line."""
+    from alignkit.models import load_causal_lm
+
+    src = _chat_pairs(tmp_path / "pairs.jsonl")
+    cfg = Q.CollectConfig(model=str(tiny_model_dir), pairs=str(src), layer=1, device="cpu", dtype="float32",
+                          output={"dir": str(tmp_path / "feat")})
+    feats = Q.load_features(Q.collect(cfg, progress=False)["output_dir"])
+    assert feats.kind == "pairs" and feats.meta["templated"] is True
+    assert [r["chosen"] for r in feats.rows] == [c for _, c, _ in CHAT_PAIRS]
+    model, tok = load_causal_lm(str(tiny_model_dir), dtype="float32", device="cpu")
+    expected = Q.hidden_features(model, tok, [p for p, _, _ in CHAT_PAIRS], [c for _, c, _ in CHAT_PAIRS], layer=1)
+    torch.testing.assert_close(feats.chosen, expected, atol=1e-4, rtol=1e-4)  # messages: the template always
+    with pytest.raises(UserError, match="'chosen' holds 3 messages"):
+        Q.collect(Q.CollectConfig(model=str(tiny_model_dir), pairs=str(_chat_pairs(tmp_path / "x.jsonl", True)),
+                                  device="cpu", output={"dir": str(tmp_path / "x")}))
+    assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("step", ["collect", "sample"])
+def test_backend_vllm_without_vllm_is_one_line(step, bad, tmp_path, monkeypatch, capsys) -> None:
+    """No vLLM installed: `--backend vllm` stops with the install hint before anything loads or is written."""
+    from alignkit import models, vllm_backend
+
+    monkeypatch.setattr(vllm_backend, "_vllm_installed", lambda: False)
+    monkeypatch.setattr(models, "load_causal_lm", lambda *a, **k: pytest.fail("a model was loaded"))
+    out = tmp_path / "out"
+    argv = ["qprobe", "collect", "--model", bad["tiny"], "-o", str(out)] if step == "collect" else \
+        ["qprobe", "sample", bad["probe"], "--out", str(out)]
+    code, _, err = _run([*argv, "--backend", "vllm"], monkeypatch, capsys)
+    one_line_error(code, err, "--backend vllm", "pip install 'alignkit[vllm]'")
+    assert list(tmp_path.iterdir()) == []

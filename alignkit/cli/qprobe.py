@@ -18,6 +18,8 @@ app.add_typer(qprobe_app, name="qprobe")
 QpOut = Annotated[str | None, typer.Option("--output-dir", "-o", help="run directory (default runs/qprobe-*-TIME)")]
 QpSeed = Annotated[int | None, typer.Option("--seed", help="seed >= 0 (sampling / probe init, split and batches)")]
 QpSet = Annotated[list[str] | None, typer.Option("--set", help="override any config key: --set n=32")]
+QpBackend = Annotated[str | None, typer.Option("--backend", help="sampler: hf (default) or vllm (pip install "
+                                                                 "'alignkit\\[vllm]', a CUDA GPU)")]
 
 
 def _qprobe(fn_name: str, cfg_name: str, sets: list[str] | None, flags: dict[str, Any], origin: str) -> None:
@@ -42,14 +44,17 @@ def qprobe_collect(
     temperature: Annotated[float | None, typer.Option("--temperature", help="sampling temperature")] = None,
     top_p: Annotated[float | None, typer.Option("--top-p", help="nucleus sampling")] = None,
     batch_size: Annotated[int | None, typer.Option("--batch-size", help="sequences per generate call")] = None,
+    backend: QpBackend = None,
+    chat: Annotated[str | None, typer.Option("--chat", help="chat template for plain prompts: auto (default: when "
+                                                            "the tokenizer has one; not builtin:), on, off")] = None,
     seed: QpSeed = None, dtype: DtypeOpt = None, device: DeviceOpt = None,
     output_dir: QpOut = None, overwrite: OverwriteOpt = None, set_: QpSet = None,
 ) -> None:
     """Sample n completions per prompt, score them, store their features (hidden state or encoder)."""
     flags = {"model": model, "prompts": prompts, "pairs": pairs, "max_samples": max_samples, "n": n, "layer": layer,
              "embed": embed, "reward": reward, "max_new_tokens": max_new_tokens, "temperature": temperature,
-             "top_p": top_p, "batch_size": batch_size, "seed": seed, "dtype": dtype, "device": device,
-             "output.dir": output_dir, "output.overwrite": overwrite}
+             "top_p": top_p, "batch_size": batch_size, "backend": backend, "chat": chat, "seed": seed,
+             "dtype": dtype, "device": device, "output.dir": output_dir, "output.overwrite": overwrite}
     _qprobe("collect", "CollectConfig", set_, flags, "qprobe collect")
 
 
@@ -90,6 +95,9 @@ def qprobe_sample(
     reward: Annotated[str | None, typer.Option("--reward", help="also score the chosen completions")] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", help="sequences per generate call")] = 64,
     seed: Annotated[int, typer.Option("--seed", help="sampling and choice seed")] = 0,
+    backend: QpBackend = None,
+    chat: Annotated[str | None, typer.Option("--chat", help="auto, on, off (default: the setting the probe's "
+                                                            "features were collected with)")] = None,
     dtype: DtypeOpt = None, device: DeviceOpt = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="replace --out if it exists")] = False,
 ) -> None:
@@ -99,7 +107,7 @@ def qprobe_sample(
     check_output_file(out, overwrite)
     qprobe.sample(probe, prompts, out, k=k, beta=beta, model=model, max_samples=max_samples, reward=reward,
                   batch_size=batch_size, seed=seed, device=device or "auto", dtype=dtype or "auto",
-                  overwrite=overwrite, console=console)
+                  backend=backend or "hf", chat=chat, overwrite=overwrite, console=console)
 
 
 @qprobe_app.command("eval")

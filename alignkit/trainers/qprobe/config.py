@@ -21,6 +21,12 @@ NO_REWARD = "none"  # `--reward none`: collect features only (fit then refuses: 
 FLOAT32_MAX = 3.4028234663852886e38
 
 
+CHAT_FIELD = Field(
+    "auto", description="chat template for plain prompts: auto (when the tokenizer has one; not for builtin: prompts), "
+    "on, off; message prompts always use it (docs/models.md#chat-templates)"
+)
+
+
 class Common(Block):
     """Options of every Q-probe step (inf/nan are refused by config.Block, as for every config)."""
 
@@ -56,11 +62,18 @@ class CollectConfig(Common):
     top_p: float = Field(1.0, gt=0.0, le=1.0, description="nucleus sampling (paper, MBPP: 0.95)")
     batch_size: int = Field(64, ge=1, description="sequences per generate call / forward")
     seed: int = Field(0, ge=0, description="sampling seed (and seed of the built-in prompts)")
+    backend: Literal["hf", "vllm"] = Field(
+        "hf", description="sampler: hf (hidden states captured while sampling) or vllm (extra alignkit[vllm], a CUDA "
+        "GPU; hidden states from one teacher-forced forward after sampling)"
+    )
+    chat: Literal["auto", "on", "off"] = CHAT_FIELD
 
     @model_validator(mode="after")
     def _check(self) -> CollectConfig:
         if self.embed is not None and self.layer is not None:
             raise ValueError("layer: --layer picks a hidden state; with --embed the encoder gives the features")
+        if self.pairs is not None and self.backend != "hf":
+            raise ValueError("backend: --pairs embeds given completions and samples nothing: drop --backend vllm")
         return self
 
 

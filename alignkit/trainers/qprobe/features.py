@@ -1,9 +1,10 @@
 """Q-probe features: `alignkit qprobe collect` and the features directory it writes.
 
 Features φ(x, a) of prompt + completion are the hidden state of one layer at the last token, captured
-during sampling (or one teacher-forced forward for pairs), or in API mode a sentence encoder's
-embedding. `load_features` reads a directory back and refuses a damaged one with one line.
-Layout and choices: docs/algorithms/qprobe.md.
+during sampling (or one teacher-forced forward: for pairs, and for samples of the vLLM backend), or in
+API mode a sentence encoder's embedding. Prompts are fed as the sampler feeds them (`--chat`,
+`generation.prompt_ids`). `load_features` reads a directory back and refuses a damaged one with one
+line. Layout and choices: docs/algorithms/qprobe.md.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import json
 import math
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -61,13 +62,15 @@ def hidden_features(
     layer: int = -1,
     batch_size: int = 32,
     completion_ids: Sequence[Sequence[int]] | None = None,
+    chat: str | bool = "off",
 ) -> torch.Tensor:
     """(N, d) hidden state of `layer` at the last token of prompt + completion: ONE teacher-forced forward.
 
-    The input is exactly what generation feeds: `generation.prompt_ids(prompt)` followed by the completion's
-    ids (`completion_ids`, e.g. `Sample.token_ids`, or the completion text tokenised without special
-    tokens). Rows are right-padded, so positions are 0..len-1 as in an unpadded forward, and the state is
-    read at each row's last real token. Sequences longer than the model's context keep their end.
+    The input is exactly what generation feeds: `generation.prompt_ids(prompt, chat=chat)` (pass the
+    sampler's `chat` setting) followed by the completion's ids (`completion_ids`, e.g. `Sample.token_ids`,
+    or the completion text tokenised without special tokens). Rows are right-padded, so positions are
+    0..len-1 as in an unpadded forward, and the state is read at each row's last real token. Sequences
+    longer than the model's context keep their end.
     """
     from alignkit import generation, models
 
@@ -75,7 +78,7 @@ def hidden_features(
         if completions is None:
             raise ValueError("pass completions or completion_ids")
         completion_ids = [tokenizer(c, add_special_tokens=False)["input_ids"] for c in completions]
-    pids = generation.prompt_ids(tokenizer, list(prompts))
+    pids = generation.prompt_ids(tokenizer, list(prompts), chat=chat)
     seqs = [list(p) + list(c) for p, c in zip(pids, completion_ids, strict=True)]
     limit = models.max_positions(model)
     if limit:
@@ -244,33 +247,104 @@ def read_safetensors(file: Path, redo: str) -> dict[str, torch.Tensor]:
         raise UserError(f"{file} is not a readable safetensors file (truncated or damaged: {err}): {redo}") from None
 
 
-def sample_features(
-    model: Any, tok: Any, prompts: list, k: int, *, layer: int | None, encoder: Any, progress: bool,
-    max_new_tokens: int, temperature: float, top_p: float, batch_size: int, seed: int,
-) -> tuple[list, torch.Tensor, dict[str, float]]:
-    """k samples per prompt from the base model and their features (capture, or the encoder in API mode)."""
+def model_facts(spec: str) -> tuple[Any, Any]:
+    """(tokenizer, transformers config) of a model spec (run dir, model dir, adapter dir, alias, tiny), read
+    without its weights: the checks before any model loads (chat template, layer, hidden size)."""
+    from transformers import AutoConfig
+
+    from alignkit import models
+
+    path = models._resolve_for_weights(spec)
+    base = models._adapter_base(path)
+    tokenizer = models.load_tokenizer(path)
+    config = AutoConfig.from_pretrained(models._resolve_for_weights(base) if base else path)
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return tokenizer, text
+
+
+def chat_setting(tokenizer: Any, chat: str, prompts: Sequence[Any], source: str) -> tuple[str, bool]:
+    """(`chat` resolved for this tokenizer, `on` or `off`; whether any prompt goes through the chat template).
+
+    `chat` is `generation.chat_mode`'s (auto already resolved for `builtin:` sources). The resolved setting,
+    recorded in meta.json, renders plain prompts from any source as `chat` rendered these (`qprobe sample`
+    reuses it). Message prompts need a template: one line naming `source` and the row when there is none."""
     from alignkit import generation
 
+    generation.check_chat(tokenizer, chat)
+    if not generation.has_chat_template(tokenizer):
+        at = next((i for i, p in enumerate(prompts) if not isinstance(p, str)), None)
+        if at is not None:
+            raise UserError(f"{source} row {at + 1}: the prompt is a list of chat messages and this model's tokenizer "
+                            "has no chat template to render it: give plain-text prompts or a model whose tokenizer "
+                            "has a chat_template")
+    mode = "on" if generation.uses_template(tokenizer, "", chat) else "off"
+    return mode, any(generation.uses_template(tokenizer, p, mode) for p in prompts)
+
+
+def reply_text(value: Any, side: str, row: int, source: str) -> str:
+    """A pair's chosen / rejected as completion text: a string as is, one assistant message's content."""
+    if isinstance(value, str):
+        return value
+    if len(value) == 1 and value[0].get("role") == "assistant":
+        return str(value[0]["content"])
+    raise UserError(f"{source} row {row + 1}: '{side}' holds {len(value)} messages; Q-probe embeds one assistant "
+                    "reply per side: give one assistant message (or plain text) as the completion")
+
+
+def _prompt_key(prompt: Any) -> str:
+    """A hashable key of a prompt (a message list as its JSON), for one id per distinct prompt."""
+    return prompt if isinstance(prompt, str) else json.dumps(prompt, sort_keys=True, ensure_ascii=False)
+
+
+def sample_features(
+    sampler: Any, tok: Any, prompts: list, k: int, *, layer: int | None, encoder: Any, progress: bool,
+    max_new_tokens: int, temperature: float, top_p: float, batch_size: int, seed: int, chat: str = "off",
+    load_model: Callable[[], Any] | None = None,
+) -> tuple[list, torch.Tensor, dict[str, float]]:
+    """k samples per prompt from the base model and their features, in prompt-major order.
+
+    `sampler` is what `generation.load_sampler` gives: an HF model, whose layer-`layer` state is captured while
+    it samples, or a `vllm_backend.VLLMEngine`, which cannot capture: it is closed after sampling and, in
+    hidden mode, `load_model()` gives the HF model for ONE teacher-forced forward over the very ids the engine
+    read (`hidden_features` with the same `chat`). API mode embeds prompt + completion with `encoder`.
+    Timings: `generate_s` (sampling), `embed_s` (encoder), `forward_s` / `forward_load_s` (vLLM, hidden)."""
+    from alignkit import generation
+    from alignkit.vllm_backend import VLLMEngine
+
+    engine = isinstance(sampler, VLLMEngine)
     stats: dict[str, float] = {}
     samples = generation.generate(
-        model, tok, prompts, k=k, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-        batch_size=batch_size, seed=seed, progress=progress, stats=stats,
-        capture_layer=None if encoder is not None else layer,
+        sampler, tok, prompts, k=k, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+        batch_size=batch_size, seed=seed, progress=progress, stats=stats, chat=chat,
+        capture_layer=None if encoder is not None or engine else layer,
     )
+    timing = {"generate_s": stats.get("seconds", 0.0), "samples_per_s": stats.get("samples_per_s", 0.0),
+              "embed_s": 0.0, "forward_s": 0.0}
+    if engine:
+        sampler.close()  # its GPU memory, before the HF model loads
     t0 = time.perf_counter()
     if encoder is not None:
         texts = api_texts([s.prompt for s in samples], [s.completion for s in samples])
         x = encoder.embed(texts, batch_size=batch_size)
+        timing["embed_s"] = time.perf_counter() - t0
+    elif engine:
+        if load_model is None or layer is None:
+            raise ValueError("hidden features of vLLM samples need load_model (the HF model) and the layer")
+        model = load_model()
+        timing["forward_load_s"] = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        x = hidden_features(model, tok, [p for p in prompts for _ in range(k)], layer=layer, batch_size=batch_size,
+                            completion_ids=[s.token_ids for s in samples], chat=chat)
+        timing["forward_s"] = time.perf_counter() - t1
+        del model
     else:
-        x = torch.stack([s.embedding for s in samples]) if samples else torch.empty(0, model.config.hidden_size)
-    timing = {"generate_s": stats.get("seconds", 0.0), "samples_per_s": stats.get("samples_per_s", 0.0),
-              "embed_s": time.perf_counter() - t0 if encoder is not None else 0.0}
+        x = torch.stack([s.embedding for s in samples]) if samples else torch.empty(0, sampler.config.hidden_size)
     return samples, x.float().contiguous(), timing
 
 
 def collect(cfg: CollectConfig, progress: bool = True, console: Any | None = None) -> dict[str, Any]:
     """`alignkit qprobe collect`: validate, sample, score, embed, then write the directory; returns the summary."""
-    from alignkit import data, models, rewards
+    from alignkit import data, generation, models, rewards, vllm_backend
     from alignkit.config import to_yaml
     from alignkit.runs import RunDir, checked_output
     from alignkit.trainers._hf import quiet_libraries
@@ -279,37 +353,43 @@ def collect(cfg: CollectConfig, progress: bool = True, console: Any | None = Non
     console = console_or_stderr(console)
     t_start = time.perf_counter()
     out = checked_output(cfg.output.dir, cfg.output.overwrite, "qprobe-collect")
+    vllm_backend.check_backend(cfg.backend, cfg.device)
     kind = "pairs" if cfg.pairs else "samples"
+    source = cfg.pairs or cfg.prompts
     if kind == "pairs":
         ds, _ = data.load(cfg.pairs, kind="pairwise", max_samples=cfg.max_samples, seed=cfg.seed)
-        texts = [ds["prompt"], ds["chosen"], ds["rejected"]]
-        if not all(isinstance(v, str) for col in texts for v in col):
-            raise UserError(f"{cfg.pairs}: Q-probe pairs need plain-text prompt/chosen/rejected (not chat messages)")
-        prompts = list(ds["prompt"])
+        sides = {side: [reply_text(v, side, i, cfg.pairs) for i, v in enumerate(ds[side])]
+                 for side in ("chosen", "rejected")}
     else:
         ds, _ = data.load(cfg.prompts, kind="prompts", max_samples=cfg.max_samples, seed=cfg.seed)
-        prompts = list(ds["prompt"])
+    prompts = list(ds["prompt"])
+    tok, config = model_facts(cfg.model)  # the cheap checks, before any weights load
+    chat, templated = chat_setting(tok, generation.chat_mode(cfg.chat, source), prompts, source)
+    n_layers = int(config.num_hidden_layers)
+    layer = None if cfg.embed else resolve_layer(cfg.layer, n_layers)
     scorer = None
     if kind == "samples" and cfg.reward != NO_REWARD:
         scorer = rewards.load_scorer(cfg.reward, device=cfg.device, dtype=cfg.dtype, batch_size=cfg.batch_size)
     encoder = models.load_encoder(cfg.embed, device=cfg.device) if cfg.embed else None
-    model = tok = n_layers = None
-    if kind == "samples" or encoder is None:  # pairs in API mode need only the encoder
-        model, tok = models.load_causal_lm(cfg.model, dtype=cfg.dtype, device=cfg.device)
-        n_layers = int(model.config.num_hidden_layers)
-    layer = None if encoder is not None else resolve_layer(cfg.layer, n_layers)
     mode = "api" if encoder is not None else "hidden"
+
+    def load_model() -> Any:
+        return models.load_causal_lm(cfg.model, dtype=cfg.dtype, device=cfg.device)[0]
 
     timings: dict[str, float] = {}
     tensors: dict[str, torch.Tensor] = {}
     if kind == "samples":
-        say(console, f"sampling {len(prompts)} prompts x {cfg.n} from {cfg.model} "
-                      f"({'encoder ' + cfg.embed if encoder is not None else f'layer {layer} of {n_layers}'})")
+        say(console, f"sampling {len(prompts)} prompts x {cfg.n} from {cfg.model}"
+                     + (" with vLLM" if cfg.backend == "vllm" else "")
+                     + f" ({'encoder ' + cfg.embed if encoder is not None else f'layer {layer} of {n_layers}'})")
+        sampler, tok = generation.load_sampler(cfg.model, cfg.backend, dtype=cfg.dtype, device=cfg.device,
+                                               seed=cfg.seed)
         samples, x, timings = sample_features(
-            model, tok, prompts, cfg.n, layer=layer, encoder=encoder, progress=progress,
+            sampler, tok, prompts, cfg.n, layer=layer, encoder=encoder, progress=progress,
             max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
-            batch_size=cfg.batch_size, seed=cfg.seed,
+            batch_size=cfg.batch_size, seed=cfg.seed, chat=chat, load_model=load_model,
         )
+        del sampler
         reward = [None] * len(samples)
         if scorer is not None:
             t0 = time.perf_counter()
@@ -319,9 +399,9 @@ def collect(cfg: CollectConfig, progress: bool = True, console: Any | None = Non
             timings["reward_s"] = time.perf_counter() - t0
             if not all(math.isfinite(v) for v in reward):
                 raise UserError(f"reward '{cfg.reward}' returned a non-finite value: check the scorer")
-        ids = {p: j for j, p in enumerate(dict.fromkeys(prompts))}  # a repeated prompt keeps ONE id
+        ids = {p: j for j, p in enumerate(dict.fromkeys(map(_prompt_key, prompts)))}  # a repeated prompt: ONE id
         rows = [
-            {"prompt_id": ids[prompts[i // cfg.n]], "prompt": prompts[i // cfg.n], "sample": s.index,
+            {"prompt_id": ids[_prompt_key(prompts[i // cfg.n])], "prompt": prompts[i // cfg.n], "sample": s.index,
              "completion": s.completion,
              "finished": s.finished, "n_tokens": s.n_tokens, "reward": reward[i]}
             for i, s in enumerate(samples)
@@ -331,16 +411,20 @@ def collect(cfg: CollectConfig, progress: bool = True, console: Any | None = Non
     else:
         say(console, f"embedding {len(prompts)} pairs with {cfg.model if encoder is None else cfg.embed}")
         t0 = time.perf_counter()
-        for side in ("chosen", "rejected"):
-            if encoder is not None:
-                tensors[side] = encoder.embed(api_texts(prompts, list(ds[side])), batch_size=cfg.batch_size)
-            else:
-                tensors[side] = hidden_features(model, tok, prompts, list(ds[side]), layer, cfg.batch_size)
+        if encoder is not None:  # the prompt as the model reads it, as `Sample.prompt` in sampled features
+            shown, _ = generation.render_prompts(tok, prompts, chat)
+            for side in ("chosen", "rejected"):
+                tensors[side] = encoder.embed(api_texts(shown, sides[side]), batch_size=cfg.batch_size)
+        else:
+            model = load_model()
+            for side in ("chosen", "rejected"):
+                tensors[side] = hidden_features(model, tok, prompts, sides[side], layer, cfg.batch_size, chat=chat)
+            del model
         timings["embed_s"] = time.perf_counter() - t0
         extra = "prob" if "prob" in ds.column_names else None
         rows = [
-            {"pair_id": i, "prompt_id": i, "prompt": prompts[i], "chosen": ds["chosen"][i],
-             "rejected": ds["rejected"][i], **({"prob": ds[extra][i]} if extra else {})}
+            {"pair_id": i, "prompt_id": i, "prompt": prompts[i], "chosen": sides["chosen"][i],
+             "rejected": sides["rejected"][i], **({"prob": ds[extra][i]} if extra else {})}
             for i in range(len(ds))
         ]
         d = tensors["chosen"].shape[1]
@@ -351,7 +435,8 @@ def collect(cfg: CollectConfig, progress: bool = True, console: Any | None = Non
         "layer": layer, "num_layers": n_layers, "encoder": cfg.embed, "d": int(d),
         "n_prompts": len(prompts), "n_per_prompt": cfg.n if kind == "samples" else None, "n_rows": len(rows),
         "reward": None if kind == "pairs" or cfg.reward == NO_REWARD else cfg.reward,
-        "source": cfg.pairs or cfg.prompts, "max_new_tokens": cfg.max_new_tokens, "temperature": cfg.temperature,
+        "source": source, "backend": cfg.backend if kind == "samples" else None, "chat": chat,
+        "templated": templated, "max_new_tokens": cfg.max_new_tokens, "temperature": cfg.temperature,
         "top_p": cfg.top_p, "seed": cfg.seed, "timings": timings,
     }
     if kind == "samples" and scorer is not None:
@@ -381,6 +466,7 @@ _COLLECT_README = run_readme(
     "alignkit qprobe collect",
     '`features.safetensors`: `features` float32 [N, d] (samples) or `chosen` / `rejected` [P, d] (pairs); '
     '`index.jsonl`: one row per sample (prompt_id, prompt, sample, completion, finished, n_tokens, reward) or '
-    'pair; `meta.json`: model, layer or encoder, d, samples per prompt, reward spec, timings. '
+    'pair; `meta.json`: model, layer or encoder, d, samples per prompt, reward spec, backend, chat setting, '
+    'timings. '
     'Next: `alignkit qprobe fit THIS_DIR`. See docs/algorithms/qprobe.md.',
 )

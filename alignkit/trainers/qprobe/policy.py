@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -20,8 +21,8 @@ from alignkit import losses
 from alignkit.errors import UserError
 from alignkit.runs import run_readme, strict_json
 from alignkit.trainers.qprobe.config import ProbeEvalConfig, console_or_stderr, say
-from alignkit.trainers.qprobe.features import feature_spec, load_features, sample_features
-from alignkit.trainers.qprobe.probe import check_compatible, describe_spec, load_probe
+from alignkit.trainers.qprobe.features import chat_setting, feature_spec, load_features, model_facts, sample_features
+from alignkit.trainers.qprobe.probe import chat_mismatch, check_compatible, describe_spec, load_probe
 
 
 def sample(
@@ -41,14 +42,18 @@ def sample(
     seed: int = 0,
     device: str = "auto",
     dtype: str = "auto",
+    backend: str = "hf",
+    chat: str | None = None,
     overwrite: bool = False,
     progress: bool = True,
     console: Any | None = None,
 ) -> dict[str, Any]:
     """The probe policy π_{θ,k}: k samples per prompt, one chosen by softmax(Q/β) (a seeded draw; argmax
     for β = 0). Writes one JSONL row per prompt (prompt, completion, q, index, prob, finished[, reward]).
-    Sampling settings default to those the probe's features were collected with."""
-    from alignkit import data, generation, models, rewards
+    Sampling settings, and the chat setting (`chat=None`), default to those the probe's features were
+    collected with; prompts rendered otherwise than the features' are warned about (the probe did not see
+    such inputs). `backend` samples with transformers or vLLM (`sample_features`)."""
+    from alignkit import data, generation, models, rewards, vllm_backend
     from alignkit.runs import atomic_write_text
     from alignkit.trainers._hf import quiet_libraries
 
@@ -59,6 +64,9 @@ def sample(
         raise UserError(f"--beta must be >= 0 (0 = argmax) and finite, got {beta}")
     if seed < 0:
         raise UserError(f"--seed must be >= 0, got {seed}")
+    if chat is not None:
+        generation.chat_mode(chat)
+    vllm_backend.check_backend(backend, device)
     out = Path(out)
     if out.exists() and not overwrite:
         raise UserError(f"{out} already exists: pass --overwrite or choose another --out")
@@ -68,25 +76,31 @@ def sample(
         raise UserError(f"probe '{probe_run}' records no base model: pass --model")
     ds, _ = data.load(prompts, kind="prompts", max_samples=max_samples, seed=seed)
     prompt_list = list(ds["prompt"])
+    tok, config = model_facts(spec)  # the cheap checks, before any weights load
+    setting = generation.chat_mode(chat, prompts) if chat is not None else info.get("chat") or "off"
+    chat_used, templated = chat_setting(tok, setting, prompt_list, prompts)
+    warnings = [w for w in [chat_mismatch(info, templated, probe_run, f"--chat {chat_used} on {prompts}")] if w]
+    if info["mode"] == "hidden":
+        if feature_spec("hidden", spec, info.get("layer"), None) != info["feature_spec"]:
+            raise UserError(f"probe '{probe_run}' was fitted on {describe_spec(info['feature_spec'])}; '{spec}' is "
+                            "another model, whose hidden states the probe cannot read: sample with the probe's own "
+                            "model")
+        if int(config.hidden_size) != int(info["d"]):
+            raise UserError(f"model '{spec}' has hidden size {config.hidden_size} but probe '{probe_run}' expects "
+                            f"d = {info['d']}")
     scorer = rewards.load_scorer(reward, device=device, dtype=dtype) if reward else None
-    lm, tok = models.load_causal_lm(spec, dtype=dtype, device=device)
-    encoder = None
-    if info["mode"] == "api":
-        encoder = models.load_encoder(info["encoder"], device=device)
-    elif feature_spec("hidden", spec, info.get("layer"), None) != info["feature_spec"]:
-        raise UserError(f"probe '{probe_run}' was fitted on {describe_spec(info['feature_spec'])}; '{spec}' is another "
-                        "model, whose hidden states the probe cannot read: sample with the probe's own model")
-    elif int(lm.config.hidden_size) != int(info["d"]):
-        raise UserError(
-            f"model '{spec}' has hidden size {lm.config.hidden_size} but probe '{probe_run}' expects d = {info['d']}"
-        )
-    layer = info.get("layer")
+    encoder = models.load_encoder(info["encoder"], device=device) if info["mode"] == "api" else None
+    for w in warnings:
+        print(f"warning: {w}", file=sys.stderr)
+    sampler, tok = generation.load_sampler(spec, backend, dtype=dtype, device=device, seed=seed)
     samples, x, timing = sample_features(
-        lm, tok, prompt_list, k, layer=layer, encoder=encoder, progress=progress,
+        sampler, tok, prompt_list, k, layer=info.get("layer"), encoder=encoder, progress=progress,
         max_new_tokens=_first(max_new_tokens, info.get("max_new_tokens"), 48),
         temperature=_first(temperature, info.get("temperature"), 1.0),
-        top_p=_first(top_p, info.get("top_p"), 1.0), batch_size=batch_size, seed=seed,
+        top_p=_first(top_p, info.get("top_p"), 1.0), batch_size=batch_size, seed=seed, chat=chat_used,
+        load_model=lambda: models.load_causal_lm(spec, dtype=dtype, device=device)[0],
     )
+    del sampler
     with torch.no_grad():
         q = probe(x).double().reshape(len(prompt_list), k)
     weights = losses.policy_weights(q, beta)
@@ -100,7 +114,8 @@ def sample(
          "prob": float(weights[i, choice[i]]), "finished": s.finished}
         for i, (p, s) in enumerate(zip(prompt_list, chosen, strict=True))
     ]
-    result: dict[str, Any] = {"n_prompts": len(rows), "k": k, "beta": beta, "out": str(out), **timing}
+    result: dict[str, Any] = {"n_prompts": len(rows), "k": k, "beta": beta, "out": str(out), "backend": backend,
+                              "chat": chat_used, "warnings": warnings, **timing}
     if scorer is not None:
         r = scorer.score(prompt_list, [s.completion for s in chosen], [s.finished for s in chosen]).mean.double()
         for row, v in zip(rows, r.tolist(), strict=True):
@@ -178,6 +193,9 @@ def evaluate_probes(cfg: ProbeEvalConfig, progress: bool = True, console: Any | 
         probe, info = load_probe(path)
         check_compatible(info, feats, name)
         probes[name] = (probe, info)
+    warnings = [w for name, (_, info) in probes.items()
+                if (w := chat_mismatch(info, bool(feats.meta.get("templated", False)), cfg.probes[name],
+                                       f"'{feats.path}'"))]
     scorer = None
     if cfg.model:
         spec = cfg.reward or feats.meta.get("reward")
@@ -198,7 +216,8 @@ def evaluate_probes(cfg: ProbeEvalConfig, progress: bool = True, console: Any | 
         lm, tok = models.load_causal_lm(cfg.model, dtype=cfg.dtype, device=cfg.device)
         say(console, f"greedy decoding of {len(prompts)} prompts with {cfg.model}")
         gs = generation.generate(lm, tok, prompts, k=1, temperature=0.0, batch_size=cfg.batch_size,
-                                 max_new_tokens=int(feats.meta.get("max_new_tokens") or 48), progress=progress)
+                                 max_new_tokens=int(feats.meta.get("max_new_tokens") or 48), progress=progress,
+                                 chat=feats.meta.get("chat") or "off")  # the prompts as the samples were fed
         g = scorer.score(prompts, [s.completion for s in gs], [s.finished for s in gs]).mean.double()
         if cfg.binary_threshold is not None:
             g = (g > cfg.binary_threshold).double()
@@ -210,6 +229,7 @@ def evaluate_probes(cfg: ProbeEvalConfig, progress: bool = True, console: Any | 
         "features": str(feats.path), "n_prompts": int(torch.unique(pidx).numel()), "n_per_prompt": fewest,
         "ks": ks, "betas": cfg.betas, "reward": feats.meta.get("reward"), "binary_threshold": cfg.binary_threshold,
         "feature_spec": feats.spec, "greedy": "computed" if greedy else "omitted: pass --model to decode greedily",
+        "warnings": warnings,
     }
     summary = {
         "command": cfg.command, "settings": settings, **table_, "greedy": greedy,
@@ -224,6 +244,8 @@ def evaluate_probes(cfg: ProbeEvalConfig, progress: bool = True, console: Any | 
         atomic_write_text(run.path("greedy.jsonl"), lines)
     plot(summary, run.path("plots", "reward_vs_k.png"))
     console.print(table(summary))
+    for w in warnings:
+        print(f"warning: {w}", file=sys.stderr)
     summary["wall_seconds"] = time.perf_counter() - t0
     final = run.finish(summary, readme=_EVAL_README)
     say(console, f"results in {final}/ (summary.json, plots/reward_vs_k.png)")

@@ -84,6 +84,20 @@ def check_compatible(info: dict[str, Any], feats: Features, name: str) -> None:
         )
 
 
+def chat_mismatch(info: dict[str, Any], templated: bool, name: str, other: str) -> str | None:
+    """A warning line when probe `name` meets prompts fed otherwise than its training features' (through the
+    chat template or as plain text): its Q values were fitted on other inputs. None when they match."""
+    fitted = bool(info.get("templated", False))  # probes from before `--chat`: plain text
+    if fitted == templated:
+        return None
+
+    def how(rendered: bool) -> str:
+        return "through the chat template" if rendered else "as plain text"
+
+    return (f"probe '{name}' was fitted on features of prompts fed {how(fitted)} (--chat {info.get('chat') or 'off'}) "
+            f"but {other} feeds them {how(templated)}: its Q values may not transfer")
+
+
 def describe_spec(spec: dict[str, Any]) -> str:
     if spec["mode"] == "api":
         return f"encoder '{spec['encoder']}' embeddings"
@@ -265,7 +279,8 @@ def fit(cfg: FitConfig, progress: bool = True, console: Any | None = None) -> di
             "model": feats.meta.get("model"), "layer": feats.meta.get("layer"), "encoder": feats.meta.get("encoder"),
             "feature_spec": feats.spec, "features": str(feats.path.resolve()), "reward": feats.meta.get("reward"),
             "max_new_tokens": feats.meta.get("max_new_tokens"), "temperature": feats.meta.get("temperature"),
-            "top_p": feats.meta.get("top_p"),
+            "top_p": feats.meta.get("top_p"), "chat": feats.meta.get("chat"),
+            "templated": bool(feats.meta.get("templated", False)),
         }
         run = loop.run
         save_file({k: v.detach().float().cpu().contiguous() for k, v in probe.state_dict().items()},
