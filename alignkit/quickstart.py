@@ -228,7 +228,7 @@ def _qprobe_step(cfg: QuickstartConfig, sft_dir: str, held_out: list[str], run_d
         src.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
         dirs[name] = work / "qprobe" / f"features-{name}"
         qprobe.collect(qprobe.CollectConfig(
-            model=sft_dir, prompts=str(src), max_samples=None, n=qp.n, device=cfg.model.device,
+            model=sft_dir, prompts=str(src), max_samples=None, n=qp.n, device=cfg.model.device, chat="off",
             dtype=cfg.model.dtype, seed=cfg.eval.seed + (name == "eval"), output={"dir": str(dirs[name])},
         ), progress=False, console=quiet)
         src.unlink()

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import importlib
 import os
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -59,3 +62,31 @@ def sft_tiny_dir(tiny_model_dir, tmp_path_factory):
                 output={"dir": str(out), "overwrite": True},
             ))
     return out / "model"
+
+
+FAKE_VLLM = Path(__file__).parent / "fake_vllm"
+
+
+@pytest.fixture
+def fake_vllm(monkeypatch):
+    """The fake `vllm` importable, CUDA reported visible (the fake runs on CPU); its call log, emptied."""
+    from alignkit import vllm_backend
+
+    for name in [m for m in sys.modules if m == "vllm" or m.startswith("vllm.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.syspath_prepend(str(FAKE_VLLM))
+    monkeypatch.setattr(vllm_backend, "_cuda_available", lambda: True)
+    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(key, raising=False)  # the engine sets them (external_launcher): restored after
+    vllm = importlib.import_module("vllm")
+    assert vllm.__file__.startswith(str(FAKE_VLLM))
+    vllm.reset_calls()
+    before = {key: os.environ.get(key) for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    yield vllm
+    for name in [m for m in sys.modules if m == "vllm" or m.startswith("vllm.")]:
+        sys.modules.pop(name, None)
+    for key, value in before.items():  # what an engine set for itself must not leak into the next test
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value

@@ -15,7 +15,6 @@ import torch
 from helpers import assert_python_runs, one_line_error
 from helpers import run_cli as _run
 from safetensors.torch import save_file
-from test_vllm_backend import fake_vllm  # noqa: F401 (the fixture: the fake vllm package, CUDA reported visible)
 
 from alignkit import losses
 from alignkit.errors import UserError
@@ -536,7 +535,7 @@ def _prompts_file(path: Path) -> Path:
     return path
 
 
-def test_vllm_backend_features_equal_hf_capture_greedy(fake_vllm, tiny_model_dir, tmp_path) -> None:  # noqa: F811
+def test_vllm_backend_features_equal_hf_capture_greedy(fake_vllm, tiny_model_dir, tmp_path) -> None:
     """Greedy (T = 0): vLLM samples, then ONE teacher-forced forward of the HF model gives the features that
     capture during HF sampling gives; meta.json records the backend and the time of each part."""
     common = dict(model=str(tiny_model_dir), max_samples=3, n=2, layer=1, max_new_tokens=6, temperature=0.0,

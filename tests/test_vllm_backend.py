@@ -9,44 +9,17 @@ real vLLM's numerics or memory: that is the GPU test at the end.
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
 import sys
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
+from conftest import FAKE_VLLM
 from helpers import one_line_error, run_cli
 
-FAKE = Path(__file__).parent / "fake_vllm"
 PROMPTS = ["The movie was", "I think that", "Overall the film"]
-
-
-@pytest.fixture
-def fake_vllm(monkeypatch):
-    """The fake `vllm` importable, CUDA reported visible (the fake runs on CPU); its call log, emptied."""
-    from alignkit import vllm_backend
-
-    for name in [m for m in sys.modules if m == "vllm" or m.startswith("vllm.")]:
-        monkeypatch.delitem(sys.modules, name)
-    monkeypatch.syspath_prepend(str(FAKE))
-    monkeypatch.setattr(vllm_backend, "_cuda_available", lambda: True)
-    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        monkeypatch.delenv(key, raising=False)  # the engine sets them (external_launcher): restored after
-    vllm = importlib.import_module("vllm")
-    assert vllm.__file__.startswith(str(FAKE))
-    vllm.reset_calls()
-    before = {key: os.environ.get(key) for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
-    yield vllm
-    for name in [m for m in sys.modules if m == "vllm" or m.startswith("vllm.")]:
-        sys.modules.pop(name, None)
-    for key, value in before.items():  # what an engine set for itself must not leak into the next test
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
 
 
 @pytest.fixture
@@ -344,7 +317,7 @@ def _real_vllm() -> bool:
         import vllm
     except ImportError:
         return False
-    return not str(getattr(vllm, "__file__", "")).startswith(str(FAKE))
+    return not str(getattr(vllm, "__file__", "")).startswith(str(FAKE_VLLM))
 
 
 @pytest.mark.skipif(not _real_vllm(), reason="needs a CUDA GPU and the real vLLM (pip install 'alignkit[vllm]')")

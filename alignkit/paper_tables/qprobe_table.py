@@ -46,7 +46,7 @@ def qprobe_table(
         for name in ("train", "eval"):
             t = time.perf_counter()
             cfg = qprobe.CollectConfig(model=base, prompts=str(files[name]), max_samples=None, n=n, embed=embed,
-                                       device="cpu", seed=seed + (0 if name == "train" else 1),
+                                       chat="off", device="cpu", seed=seed + (0 if name == "train" else 1),
                                        output={"dir": str(root / f"feats-{name}"), "overwrite": True})
             c = qprobe.collect(cfg, progress=False, console=quiet)
             timings[f"collect_{name}_s"] = time.perf_counter() - t

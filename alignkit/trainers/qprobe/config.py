@@ -11,7 +11,7 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from alignkit.config import Block, OutputSection
+from alignkit.config import CHAT_HELP, Block, ChatMode, OutputSection
 from alignkit.errors import UserError
 
 FEATURES_FILE, INDEX_FILE, META_FILE = "features.safetensors", "index.jsonl", "meta.json"
@@ -19,12 +19,6 @@ PROBE_FILE, PROBE_INFO = "probe.safetensors", "probe.json"
 FORMAT = "alignkit-qprobe-features/1"
 NO_REWARD = "none"  # `--reward none`: collect features only (fit then refuses: rewards missing)
 FLOAT32_MAX = 3.4028234663852886e38
-
-
-CHAT_FIELD = Field(
-    "auto", description="chat template for plain prompts: auto (when the tokenizer has one; not for builtin: prompts), "
-    "on, off; message prompts always use it (docs/models.md#chat-templates)"
-)
 
 
 class Common(Block):
@@ -66,7 +60,7 @@ class CollectConfig(Common):
         "hf", description="sampler: hf (hidden states captured while sampling) or vllm (extra alignkit[vllm], a CUDA "
         "GPU; hidden states from one teacher-forced forward after sampling)"
     )
-    chat: Literal["auto", "on", "off"] = CHAT_FIELD
+    chat: ChatMode = Field("auto", description=CHAT_HELP)
 
     @model_validator(mode="after")
     def _check(self) -> CollectConfig:
