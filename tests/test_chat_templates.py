@@ -133,7 +133,8 @@ def test_online_loops_read_the_chat_setting(command: str, no_template_dir: Path,
 @pytest.mark.parametrize("module, cls", [("alignkit.trainers.ppo", "PPOSection"),
                                          ("alignkit.trainers.sppo.config", "SPPOSection"),
                                          ("alignkit.evaluate", "PolicyEvalConfig"),
-                                         ("alignkit.pipeline", "PairsSection")])
+                                         ("alignkit.pipeline", "PairsSection"),
+                                         ("alignkit.trainers.qprobe.config", "CollectConfig")])
 def test_unquoted_yaml_on_off_is_the_chat_mode_everywhere(module: str, cls: str) -> None:
     """YAML reads `chat: off` as false: every config that samples takes it as `off` (one shared type)."""
     import importlib
