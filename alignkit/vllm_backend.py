@@ -31,7 +31,7 @@ from alignkit.errors import UserError
 BACKENDS = ("hf", "vllm")
 INSTALL_HINT = "pip install 'alignkit[vllm]' (needs a CUDA GPU)"
 # the range TRL 1.16's colocated vLLM generation supports (trl.import_utils.is_vllm_available)
-SUPPORTED_VLLM = ">=0.22,<0.32"
+SUPPORTED_VLLM = ">=0.22,<0.32,!=0.31.*"  # pyproject.toml's vllm extra
 
 
 def _vllm_installed() -> bool:
