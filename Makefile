@@ -10,6 +10,8 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.alignkit-installed
 CONSTRAINTS ?= constraints.txt
+# no .pyc at install time (a module compiles when first imported: most of transformers never is)
+PIP_FLAGS := --quiet --no-compile --disable-pip-version-check
 LOWEST := .venv-lowest
 LOWEST_STAMP := $(LOWEST)/.alignkit-installed
 TORCH_VERSION   ?= $(shell sed -n 's/^torch==\([^ ;]*\).*/\1/p' constraints.txt)
@@ -24,20 +26,20 @@ venv: $(STAMP)
 # pip's find-links has one, else PyTorch's CPU index), so that `torch` never pulls a multi-GB CUDA build.
 install_torch = if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then \
 		echo "CUDA GPU found: installing torch $(2) from PyPI"; \
-		$(1) -m pip install --quiet "torch==$(2)"; \
+		$(1) -m pip install $(PIP_FLAGS) "torch==$(2)"; \
 	else \
 		echo "no CUDA GPU: installing the CPU build of torch $(2)"; \
-		if $(1) -m pip install --quiet --no-index --no-deps "torch==$(2)" 2>/dev/null; then \
-			$(1) -m pip install --quiet "torch==$(2)"; \
+		if $(1) -m pip install $(PIP_FLAGS) --no-index --no-deps "torch==$(2)" 2>/dev/null; then \
+			$(1) -m pip install $(PIP_FLAGS) "torch==$(2)"; \
 		else \
-			$(1) -m pip install --quiet "torch==$(2)" --index-url $(TORCH_CPU_INDEX); \
+			$(1) -m pip install $(PIP_FLAGS) "torch==$(2)" --index-url $(TORCH_CPU_INDEX); \
 		fi; \
 	fi
 
 $(STAMP): pyproject.toml $(CONSTRAINTS)
 	$(PYTHON) -m venv $(VENV)
 	@$(call install_torch,$(PY),$(TORCH_VERSION))
-	$(PY) -m pip install --quiet $(if $(CONSTRAINTS),-c $(CONSTRAINTS)) -e ".[dev]"
+	$(PY) -m pip install $(PIP_FLAGS) $(if $(CONSTRAINTS),-c $(CONSTRAINTS)) -e ".[dev]"
 	touch $(STAMP)
 
 # every pin at its lower bound (.ci/constraints.py lowest: pip has no --resolution=lowest); torch at its
@@ -50,10 +52,10 @@ $(LOWEST_STAMP): pyproject.toml .ci/constraints.py
 	$(PYTHON) .ci/constraints.py lowest --extra dev --skip torch > $(LOWEST)/constraints.txt
 	@( $(call install_torch,$(LOWEST)/bin/python,$(TORCH_LOWEST)) ) || { \
 		echo "no CPU wheel of torch $(TORCH_LOWEST): installing PyPI's build of it (~3 GB)"; \
-		$(LOWEST)/bin/python -m pip install --quiet "torch==$(TORCH_LOWEST)"; } || { \
+		$(LOWEST)/bin/python -m pip install $(PIP_FLAGS) "torch==$(TORCH_LOWEST)"; } || { \
 		echo "*** torch $(TORCH_LOWEST) (the floor) cannot be installed here: the lowest run uses torch $(TORCH_VERSION)"; \
 		$(call install_torch,$(LOWEST)/bin/python,$(TORCH_VERSION)); }
-	$(LOWEST)/bin/python -m pip install --quiet -c $(LOWEST)/constraints.txt -e ".[dev]"
+	$(LOWEST)/bin/python -m pip install $(PIP_FLAGS) -c $(LOWEST)/constraints.txt -e ".[dev]"
 	touch $(LOWEST_STAMP)
 
 quickstart: $(STAMP)
