@@ -33,6 +33,7 @@ from alignkit.model_names import (  # noqa: F401  (re-exported: the loader's pub
 from alignkit.placement import (  # noqa: F401  (re-exported: where and how a model is placed)
     QLORA_HINT,
     LoadPlan,
+    adapters_in_compute_dtype,
     Placement,
     before_weights,
     check_load_in_4bit,
