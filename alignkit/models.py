@@ -33,8 +33,8 @@ from alignkit.model_names import (  # noqa: F401  (re-exported: the loader's pub
 from alignkit.placement import (  # noqa: F401  (re-exported: where and how a model is placed)
     QLORA_HINT,
     LoadPlan,
-    adapters_in_compute_dtype,
     Placement,
+    adapters_in_compute_dtype,
     before_weights,
     check_load_in_4bit,
     choose_device,
@@ -260,7 +260,7 @@ def load_causal_lm(
     attn_implementation: str | None = None,
 ) -> tuple[Any, Any]:
     """(model, tokenizer) for a decoder-only LM, safetensors only, on `device` (in a launched rank:
-    its own GPU), optionally with LoRA. `load_in_4bit`: QLoRA's NF4 weights (CUDA + bitsandbytes),
+    its own GPU), optionally with LoRA. `load_in_4bit`: QLoRA's NF4 weights (bitsandbytes; a CUDA GPU, or CPU)
     prepared for k-bit training when `lora` is given. `placement`: `launch_placement()` for a model a
     transformers/TRL Trainer trains (ZeRO-3 partitions it while loading, FSDP places it itself)."""
     from transformers import AutoModelForCausalLM

@@ -217,7 +217,7 @@ class LoadPlan:
 
     @property
     def move(self) -> bool:
-        """Whether the loaded model is moved whole to `device` (4-bit weights are put on their GPU while
+        """Whether the loaded model is moved whole to `device` (4-bit weights are put on their device while
         loading; ZeRO-3 and FSDP place them themselves)."""
         return self.placement == "device" and not self.load_in_4bit
 
@@ -237,8 +237,8 @@ class LoadPlan:
 
 def plan_loading(device: str = "auto", dtype: str = "auto", placement: Placement = "device",
                  load_in_4bit: bool = False) -> LoadPlan:
-    """The `LoadPlan` for the loaders' arguments, every check done (a bad device or dtype, 4-bit without
-    CUDA or bitsandbytes: one line each) before anything is read."""
+    """The `LoadPlan` for the loaders' arguments, every check done (a bad device or dtype, 4-bit where
+    no bitsandbytes runs it: one line each) before anything is read."""
     if placement not in get_args(Placement):
         raise ValueError(f"placement {placement!r}: one of {get_args(Placement)}")
     dev = choose_device(device)
