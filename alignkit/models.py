@@ -34,6 +34,7 @@ from alignkit.placement import (  # noqa: F401  (re-exported: where and how a mo
     QLORA_HINT,
     LoadPlan,
     Placement,
+    adapters_in_compute_dtype,
     before_weights,
     check_load_in_4bit,
     choose_device,
@@ -259,7 +260,7 @@ def load_causal_lm(
     attn_implementation: str | None = None,
 ) -> tuple[Any, Any]:
     """(model, tokenizer) for a decoder-only LM, safetensors only, on `device` (in a launched rank:
-    its own GPU), optionally with LoRA. `load_in_4bit`: QLoRA's NF4 weights (CUDA + bitsandbytes),
+    its own GPU), optionally with LoRA. `load_in_4bit`: QLoRA's NF4 weights (bitsandbytes; a CUDA GPU, or CPU)
     prepared for k-bit training when `lora` is given. `placement`: `launch_placement()` for a model a
     transformers/TRL Trainer trains (ZeRO-3 partitions it while loading, FSDP places it itself)."""
     from transformers import AutoModelForCausalLM

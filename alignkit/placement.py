@@ -7,6 +7,7 @@ every check done before anything is read; the loaders in models.py follow it. De
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import os
@@ -129,16 +130,64 @@ def _has_bitsandbytes() -> bool:
     return importlib.util.find_spec("bitsandbytes") is not None
 
 
+BITSANDBYTES_CPU_FLOOR = "0.46.1"  # transformers' own floor; its pure-torch kernels run 4-bit on CPU
+
+
+@functools.cache
+def _bitsandbytes_cpu_problem() -> str | None:
+    """None when the installed bitsandbytes runs QLoRA's 4-bit NF4 on CPU, else why not (one phrase).
+    Reads the version first (no import); then, once per process, quantises a 64×64 matrix and multiplies
+    by it (imports bitsandbytes: ~1-3 s; only a 4-bit load on CPU gets here, never --help or --dry-run)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    from packaging.version import InvalidVersion, Version
+
+    try:
+        found = version("bitsandbytes")
+        if Version(found) < Version(BITSANDBYTES_CPU_FLOOR):
+            return f"bitsandbytes {found} has no CPU backend"
+    except (PackageNotFoundError, InvalidVersion):
+        found = "(version unknown)"
+    try:
+        import bitsandbytes
+        from bitsandbytes.functional import quantize_4bit
+
+        weight, x = torch.linspace(-1, 1, 64 * 64).view(64, 64), torch.linspace(-1, 1, 2 * 64).view(2, 64)
+        packed, state = quantize_4bit(weight, quant_type="nf4", compress_statistics=True)
+        product = bitsandbytes.matmul_4bit(x, packed.t(), quant_state=state)
+        exact = x @ weight.t()
+        if not bool(torch.isfinite(product).all()) or (product - exact).abs().max() > 0.25 * exact.abs().max():
+            return f"bitsandbytes {found} gives wrong 4-bit products on CPU"
+    except Exception as err:  # an import or kernel failure of any kind means: not usable here
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:160]
+        return f"bitsandbytes {found} cannot run 4-bit on CPU ({type(err).__name__}: {first})"
+    return None
+
+
 def check_load_in_4bit(device: str | torch.device = "auto") -> None:
-    """`model.load_in_4bit` needs a CUDA GPU and bitsandbytes: one line each. Cheap; the loaders call it
-    before anything loads, and a trainer may call it before its data loads."""
+    """`model.load_in_4bit` needs bitsandbytes and a device it runs 4-bit on: a CUDA GPU, or the CPU
+    when the installed bitsandbytes has a working CPU backend (`_bitsandbytes_cpu_problem`). One line
+    each, saying the ways out. Cheap on CUDA; the loaders call it before anything loads, and a trainer
+    calls it before its data loads."""
     dev = device if isinstance(device, torch.device) else choose_device(device)
-    if dev.type != "cuda":
-        why = "no CUDA GPU is visible" if not torch.cuda.is_available() else f"model.device is {dev}"
-        raise UserError(f"model.load_in_4bit (QLoRA) needs a CUDA GPU and {why}: drop --load-in-4bit "
-                        "(train LoRA on the full-precision model) or run on a CUDA machine")
+    cuda = torch.cuda.is_available()
+    where = f"model.device is {dev}" if cuda else "no CUDA GPU is visible"
+    to_cuda = "use model.device auto or cuda" if cuda else "run on a CUDA machine"
+    drop = "drop --load-in-4bit (train LoRA on the full-precision model)"
+    if dev.type not in ("cuda", "cpu"):
+        raise UserError(f"model.load_in_4bit (QLoRA) runs on a CUDA GPU or the CPU, and {where}: "
+                        f"use model.device auto, cuda or cpu, or {drop}")
     if not _has_bitsandbytes():
-        raise UserError(f"model.load_in_4bit (QLoRA) needs bitsandbytes, which is not installed: {QLORA_HINT}")
+        if dev.type == "cuda":
+            raise UserError(f"model.load_in_4bit (QLoRA) needs bitsandbytes, which is not installed: {QLORA_HINT}")
+        raise UserError(f"model.load_in_4bit (QLoRA) needs bitsandbytes, which is not installed, and {where}: "
+                        f"{QLORA_HINT} (bitsandbytes >= {BITSANDBYTES_CPU_FLOOR} runs 4-bit on CPU too, slowly), "
+                        f"{to_cuda}, or {drop}")
+    if dev.type == "cpu":
+        problem = _bitsandbytes_cpu_problem()
+        if problem:
+            raise UserError(f"model.load_in_4bit (QLoRA) on CPU: {problem}, and {where}: "
+                            f"pip install -U 'bitsandbytes>={BITSANDBYTES_CPU_FLOOR}', {to_cuda}, or {drop}")
 
 
 def quantization_config(compute_dtype: torch.dtype, sharded: bool = False) -> Any:
@@ -168,24 +217,28 @@ class LoadPlan:
 
     @property
     def move(self) -> bool:
-        """Whether the loaded model is moved whole to `device` (4-bit weights are put on their GPU while
+        """Whether the loaded model is moved whole to `device` (4-bit weights are put on their device while
         loading; ZeRO-3 and FSDP place them themselves)."""
         return self.placement == "device" and not self.load_in_4bit
+
+    def _device_map_target(self) -> int | str:
+        if self.device.type == "cpu":
+            return "cpu"
+        return self.device.index if self.device.index is not None else torch.cuda.current_device()
 
     def from_pretrained_kwargs(self) -> dict[str, Any]:
         kwargs: dict[str, Any] = {"dtype": self.dtype}
         if self.load_in_4bit:
             kwargs["quantization_config"] = quantization_config(self.dtype, sharded=self.placement != "device")
-            if self.placement == "device":  # bitsandbytes quantises as the weights reach this GPU
-                index = self.device.index if self.device.index is not None else torch.cuda.current_device()
-                kwargs["device_map"] = {"": index}
+            if self.placement == "device":  # bitsandbytes quantises as the weights reach this device
+                kwargs["device_map"] = {"": self._device_map_target()}
         return kwargs
 
 
 def plan_loading(device: str = "auto", dtype: str = "auto", placement: Placement = "device",
                  load_in_4bit: bool = False) -> LoadPlan:
-    """The `LoadPlan` for the loaders' arguments, every check done (a bad device or dtype, 4-bit without
-    CUDA or bitsandbytes: one line each) before anything is read."""
+    """The `LoadPlan` for the loaders' arguments, every check done (a bad device or dtype, 4-bit where
+    no bitsandbytes runs it: one line each) before anything is read."""
     if placement not in get_args(Placement):
         raise ValueError(f"placement {placement!r}: one of {get_args(Placement)}")
     dev = choose_device(device)
@@ -218,6 +271,22 @@ def training_dtype(model: Any) -> torch.dtype:
     norms and embeddings are fp32 after `prepare_model_for_kbit_training`), else its parameters' dtype."""
     compute = getattr(getattr(model.config, "quantization_config", None), "bnb_4bit_compute_dtype", None)
     return compute if isinstance(compute, torch.dtype) else next(model.parameters()).dtype
+
+
+def adapters_in_compute_dtype(model: Any) -> None:
+    """After a TRL trainer is built on a 4-bit model: TRL casts its trainable parameters (LoRA, a reward
+    head) to bf16 whatever the compute dtype (QLoRA's bf16 adapters). With an fp32 compute dtype (the
+    CPU default, a GPU without bf16) that makes peft run every LoRA matmul in bf16 (several times slower
+    on a CPU without bf16 units) and lets AdamW's small updates vanish in bf16 rounding; cast them back,
+    as QLoRA's reference code does (bf16 adapters only under bf16). A bf16 compute dtype: left as TRL has it."""
+    if not getattr(model, "is_loaded_in_4bit", False):
+        return
+    compute = training_dtype(model)
+    if compute == torch.bfloat16:
+        return
+    for param in model.parameters():
+        if param.requires_grad and param.dtype == torch.bfloat16:
+            param.data = param.data.to(compute)
 
 
 def prepare_4bit(model: Any) -> Any:

@@ -2,7 +2,7 @@
 followed by the loaders of models.py).
 
 CUDA is faked (torch.cuda.is_available / device_count) where a test only checks a decision; the
-one test that needs a real GPU and bitsandbytes skips without them.
+one test that needs a real GPU and bitsandbytes skips without them. QLoRA's real path on CPU: test_qlora.py.
 """
 
 from __future__ import annotations
@@ -194,12 +194,14 @@ def _no_loading(monkeypatch):
     monkeypatch.setattr(models, "load_tokenizer", refuse)
 
 
-def test_4bit_without_cuda_is_one_line_before_anything_loads(monkeypatch):
+def test_4bit_without_cuda_or_a_cpu_capable_bitsandbytes_is_one_line_before_anything_loads(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(placement, "_has_bitsandbytes", lambda: True)
+    monkeypatch.setattr(placement, "_bitsandbytes_cpu_problem", lambda: "bitsandbytes 0.45.5 has no CPU backend")
     _no_loading(monkeypatch)
-    with pytest.raises(UserError, match="needs a CUDA GPU and no CUDA GPU is visible"):
+    with pytest.raises(UserError, match="on CPU: bitsandbytes 0.45.5 has no CPU backend, and no CUDA GPU is visible"):
         models.load_causal_lm("tiny", load_in_4bit=True, lora=LoraSpec())
-    with pytest.raises(UserError, match="needs a CUDA GPU"):
+    with pytest.raises(UserError, match="run on a CUDA machine"):
         models.load_sequence_classifier("tiny", load_in_4bit=True, lora=LoraSpec())
 
 
@@ -218,12 +220,13 @@ def test_cli_4bit_without_lora_is_one_line(tmp_path, monkeypatch, capsys):
     assert not out.exists() and not Path(f"{out}.partial").exists()
 
 
-def test_cli_4bit_without_cuda_is_one_line(tmp_path, monkeypatch, capsys):
+def test_cli_4bit_without_cuda_or_bitsandbytes_is_one_line(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(placement, "_has_bitsandbytes", lambda: False)
     out = tmp_path / "run"
     code, _, err = run_cli(["sft", "--lora", "--load-in-4bit", "--max-samples", "8", "-o", str(out)],
                            monkeypatch, capsys)
-    one_line_error(code, err, "load_in_4bit", "CUDA")
+    one_line_error(code, err, "load_in_4bit", "pip install 'alignkit[qlora]'", "run on a CUDA machine")
     assert not out.exists() and not Path(f"{out}.partial").exists()
 
 

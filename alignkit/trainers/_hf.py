@@ -109,7 +109,7 @@ def begin(cfg: JobConfig) -> tuple[str, bool]:
     check_trainer_block(cfg)  # cheap checks before anything is loaded
     require(cfg.output.report_to)
     quiet_libraries()
-    if cfg.model.load_in_4bit:  # no CUDA / no bitsandbytes: one line before the data loads
+    if cfg.model.load_in_4bit:  # no bitsandbytes, or none that runs 4-bit here: one line before the data loads
         from alignkit.models import check_load_in_4bit
 
         check_load_in_4bit(cfg.model.device)

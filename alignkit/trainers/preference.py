@@ -214,6 +214,8 @@ def _policy_and_reference(cfg: DPOConfig | KTOConfig, section: PrefSection | KTO
                 attn_implementation=cfg.model.attn_implementation)
     model, tokenizer = models.load_causal_lm(cfg.model.name, **load)
     lora = cfg.model.lora.enabled
+    if lora and cfg.model.load_in_4bit:  # QLoRA as in sft/rm; TRL adds the adapter (peft_config)
+        model = models.prepare_4bit(model)
     peft_config = models.LoraSpec(**cfg.model.lora.model_dump(exclude={"enabled"})).to_peft() if lora else None
     if section.ref_model is not None:
         ref, mode = models.load_causal_lm(section.ref_model, **load)[0], f"frozen model {section.ref_model}"
@@ -233,6 +235,7 @@ def _fit_and_finish(cfg, trainer, setup, run_dir, title: str, extra: dict[str, A
     from alignkit import models
     from alignkit.trainers import _hf
 
+    models.adapters_in_compute_dtype(trainer.model)  # QLoRA: TRL made the adapter bf16
     trainable, total = models.trainable_parameters(trainer.model)
     result, parallel = _hf.fit(trainer, run_dir)
     metrics = _hf.save_final(trainer, setup["tokenizer"], run_dir, title=title)

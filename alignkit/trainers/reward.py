@@ -240,6 +240,7 @@ def run(cfg: RMConfig, callbacks: list | None = None, progress: Any | None = Non
         model=model, args=args, train_dataset=train_tokens,
         processing_class=tokenizer, callbacks=[_hf.RunDirMetrics(run_dir, progress), *(callbacks or [])],
     )
+    models.adapters_in_compute_dtype(trainer.model)  # QLoRA: TRL made the adapter and head bf16
     _count_too_long(cfg, dropped, len(train_ds), trainer, run_dir)
 
     # -- train ---------------------------------------------------------------------------------------

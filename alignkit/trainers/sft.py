@@ -79,6 +79,7 @@ def run(cfg: SFTConfig, callbacks: list | None = None, progress: Any | None = No
         processing_class=tokenizer,
         callbacks=[_hf.RunDirMetrics(run_dir, progress), *(callbacks or [])],
     )
+    models.adapters_in_compute_dtype(trainer.model)  # QLoRA: TRL made the adapter bf16
 
     # -- train ---------------------------------------------------------------------------------------
     result, parallel = _hf.fit(trainer, run_dir)
