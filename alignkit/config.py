@@ -90,8 +90,8 @@ class ModelSection(Block):
     device: str = Field("auto", description="auto, cpu, cuda, cuda:1, ...")
     trust_remote_code: bool = Field(False, description="run code shipped with a hub model (off by default)")
     load_in_4bit: bool = Field(
-        False, description="QLoRA: 4-bit NF4 base weights under the LoRA adapter (a CUDA GPU, or a CPU with bitsandbytes>=0.46.1; pip install 'alignkit[qlora]')"
-    )
+        False, description="QLoRA: 4-bit NF4 base weights under the LoRA adapter (a CUDA GPU, or a CPU with "
+        "bitsandbytes>=0.46.1; pip install 'alignkit[qlora]')")
     attn_implementation: str | None = Field(
         None, description="attention kernel passed to from_pretrained: eager, sdpa, flash_attention_2, ... "
         "(default: transformers' choice)")
