@@ -70,7 +70,7 @@ def _decoder_block(base: Any) -> torch.nn.Module | None:
             return None
         # a sliding window changes which keys the last token sees: not modelled here (Qwen2 sets it
         # per layer on the attention module, Mistral in the config, Llama has none)
-        window = attn.sliding_window if hasattr(attn, "sliding_window") else getattr(base.config, "sliding_window", None)
+        window = getattr(attn if hasattr(attn, "sliding_window") else base.config, "sliding_window", None)
         if window is not None:
             return None
         return block
@@ -82,12 +82,11 @@ def for_model(model: Any) -> PooledLastBlock | None:
     model is not one this module reproduces exactly: a BERT sequence classifier (exact classes, encoder
     with its pooler) or a Llama / Mistral / Qwen2 sequence classifier without a sliding window."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    block = _bert_block(base)
-    if block is not None:
-        return PooledLastBlock(block, "bert", base.config)
-    block = _decoder_block(base)
-    if block is not None:
-        return PooledLastBlock(block, "decoder", base.config)
+    for family, find in (("bert", _bert_block), ("decoder", _decoder_block)):
+        block = find(base)
+        # a block whose forward something else already replaced (accelerate's device-map hook) is left alone
+        if block is not None and "forward" not in block.__dict__ and not hasattr(block, "_hf_hook"):
+            return PooledLastBlock(block, family, base.config)
     return None
 
 
@@ -139,6 +138,9 @@ class PooledLastBlock:
     @contextlib.contextmanager
     def active(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> Iterator[None]:
         """Around one model call on these ids (the call's own rows: N·B for a mixed batch)."""
+        if "forward" in self.block.__dict__:  # replaced since (a hook): leave it to run the full block
+            yield
+            return
         visible = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
         self.block.forward = functools.partial(self._forward, self.positions(input_ids), visible)
         try:
