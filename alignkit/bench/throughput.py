@@ -47,7 +47,8 @@ def quickstart_time(output_dir: str | Path | None = None) -> dict[str, Any]:
 
 # --------------------------------------------------------------------------- reward scoring cost
 
-SCORING_CONFIGS = ("one", "separate", "mixed", "loop", "shared", "shared-loop")
+SCORING_CONFIGS = ("one", "separate", "mixed", "loop", "shared", "shared-loop", "shared-loop-unpooled")
+ENSEMBLE_CONFIGS = SCORING_CONFIGS[2:]
 
 
 def scoring_child(backbone: str, config: str, n_members: int, batch: int, rows: int, repeats: int,
@@ -60,7 +61,8 @@ def scoring_child(backbone: str, config: str, n_members: int, batch: int, rows: 
     `RewardEnsemble` of `n_members` LoRA members (trainer defaults: r 32, α 64, query/value) through
     `EnsembleScorer` in that mode; shared / shared-loop: the same ensemble with its LoRA on the top
     `top_layers` blocks only (`lora.layers_to_transform`), the blocks below run once per batch, in
-    that mode.
+    that mode. Every ensemble runs its last block at the pooled position only (`pooled_block`) except
+    shared-loop-unpooled: shared-loop with the full last block, the forward before the pooled block.
     Every configuration includes tokenisation, batches of `batch`.
     """
     import resource
@@ -74,7 +76,7 @@ def scoring_child(backbone: str, config: str, n_members: int, batch: int, rows: 
     prompts, texts = [r["prompt"] for r in pairs], [r["chosen"] for r in pairs]
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
     torch.manual_seed(0)
-    if config in ("mixed", "loop", "shared", "shared-loop"):
+    if config in ENSEMBLE_CONFIGS:
         top = list(range(-top_layers, 0)) if config.startswith("shared") else None
         ens = rewards.RewardEnsemble.build(backbone, n_members=n_members, lora=models.LoraSpec(
             r=32, alpha=64, dropout=0.0, target_modules=None), device="cpu", layers_to_transform=top)
@@ -82,7 +84,10 @@ def scoring_child(backbone: str, config: str, n_members: int, batch: int, rows: 
             for name, p in ens.model.named_parameters():
                 if "lora_B" in name:
                     p.normal_(0, 0.02)
-        scorers: list[Any] = [rewards.EnsembleScorer(ens, mode=config, batch_size=batch)]
+        if config.endswith("-unpooled"):
+            ens.pooled_block = None
+        mode = config.removesuffix("-unpooled")
+        scorers: list[Any] = [rewards.EnsembleScorer(ens, mode=mode, batch_size=batch)]
     else:
         k = 1 if config == "one" else n_members
         scorers = []
@@ -113,8 +118,9 @@ def scoring_child(backbone: str, config: str, n_members: int, batch: int, rows: 
 def rm_scoring(backbone: str = "tiny", n_members: int = 5, batch: int = 32, rows: int = 512,
                repeats: int = 3, configs: tuple[str, ...] = SCORING_CONFIGS, top_layers: int = 1) -> dict[str, Any]:
     """Scoring throughput and peak memory of an N-member ensemble (mixed, loop; shared: LoRA on the top
-    `top_layers` blocks, the trunk below run once) vs N separate plain reward models vs one, each
-    configuration in a FRESH subprocess (`scoring_child`), in one run.
+    `top_layers` blocks, the trunk below run once; shared-loop-unpooled: without the pooled last block)
+    vs N separate plain reward models vs one, each configuration in a FRESH subprocess
+    (`scoring_child`), in one run.
 
     samples/s counts (prompt, completion) texts scored, i.e. N member rewards per sample for the
     ensemble and the separate models. Ratios are relative to one model (`configs` must include "one").
@@ -136,6 +142,7 @@ def rm_scoring(backbone: str = "tiny", n_members: int = 5, batch: int = 32, rows
         "settings": {"backbone": backbone, "n_members": n_members, "batch": batch, "rows": rows,
                      "repeats": repeats, "ensemble_lora": "r 32, alpha 64, peft default targets (query/value)",
                      "shared_top_layers": top_layers,
+                     "pooled_last_block": "every ensemble configuration except shared-loop-unpooled",
                      "texts": "builtin:pairwise (prompt, chosen)", "device": "cpu",
                      "memory": "peak ru_maxrss minus ru_maxrss after imports (torch, transformers, peft), "
                                "fresh process per configuration"},
@@ -160,12 +167,15 @@ def rm_scoring(backbone: str = "tiny", n_members: int = 5, batch: int = 32, rows
                "memory_vs_one": c[name]["peak_rss_delta_mib"] / one_mem if one_mem > 0 else None}
         for name in configs
     }
-    for mode in ("mixed", "loop", "shared", "shared-loop"):
+    for mode in ENSEMBLE_CONFIGS:
         if mode in c and "separate" in c:
             ratio = c[mode]["samples_per_s"] / c["separate"]["samples_per_s"]
             result["ratios"][f"{mode}_vs_separate_throughput"] = ratio
             ratio = c[mode]["samples_per_cpu_s"] / c["separate"]["samples_per_cpu_s"]
             result["ratios"][f"{mode}_vs_separate_per_cpu_s"] = ratio
+    if "shared-loop" in c and "shared-loop-unpooled" in c:  # what the pooled last block gains
+        result["ratios"]["shared-loop_vs_unpooled_throughput"] = (
+            c["shared-loop"]["samples_per_s"] / c["shared-loop-unpooled"]["samples_per_s"])
     result["load_avg_1m_end"] = os.getloadavg()[0]
     return result
 
