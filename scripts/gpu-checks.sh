@@ -57,8 +57,9 @@ for name in (\"deepspeed\", \"bitsandbytes\", \"vllm\"):
         print(name, \"missing:\", type(err).__name__, str(err)[:200])'"
 
 # the CUDA-only tests (they skip without a GPU; vLLM's skip without vllm, which no lent machine can carry)
-step cuda-tests $PY -m pytest -q -m "" -p no:cacheprovider -rs tests/test_model_loading.py tests/test_vllm_backend.py \
-  -k "cuda or gpu or 4bit or qlora or greedy"
+step cuda-tests $PY -m pytest -q -m "" -p no:cacheprovider -rs \
+  "tests/test_qlora.py::test_4bit_tiny_has_linear4bit_layers_and_trains_only_lora" \
+  "tests/test_vllm_backend.py::test_real_vllm_greedy_texts_equal_hf"
 
 step standin $PY -c "from pathlib import Path; from alignkit.bench.common import random_llama
 random_llama(Path('$WORK/standin'), hidden=$HIDDEN, layers=$LAYERS, heads=$HEADS, intermediate=$INTER)"

@@ -239,29 +239,6 @@ def test_cli_4bit_without_bitsandbytes_is_one_line(tmp_path, fake_cuda, single_p
     assert not out.exists() and not Path(f"{out}.partial").exists()
 
 
-def _has_cuda_and_bitsandbytes() -> bool:
-    import importlib.util
-
-    return torch.cuda.is_available() and importlib.util.find_spec("bitsandbytes") is not None
-
-
-@pytest.mark.skipif(not _has_cuda_and_bitsandbytes(), reason="needs a CUDA GPU and bitsandbytes")
-def test_qlora_tiny_trains_one_step_on_gpu(tiny_model_dir):
-    model, tok = models.load_causal_lm("tiny", load_in_4bit=True, lora=LoraSpec(r=4, dropout=0.0))
-    assert any(type(m).__name__ == "Linear4bit" for m in model.modules())
-    trainable = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-    assert trainable and all("lora_" in n for n in trainable)
-    batch = tok(["the cat sat on the mat", "a dog ran"], return_tensors="pt", padding=True).to("cuda")
-    optimiser = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    with torch.autocast("cuda", dtype=placement.training_dtype(model)):
-        loss = model(**batch, labels=batch["input_ids"]).loss
-    loss.backward()
-    optimiser.step()
-    assert torch.isfinite(loss)
-    after = dict(model.named_parameters())
-    assert any(not torch.equal(after[n].detach(), before) for n, before in trainable.items())
-
-
 def test_attn_implementation_reaches_from_pretrained(tiny_model_dir):
     """model.attn_implementation (a recipe key) is what the loaded model's config says."""
     lm, _ = models.load_causal_lm(str(tiny_model_dir), device="cpu", attn_implementation="eager")

@@ -40,16 +40,22 @@ def test_bitsandbytes_runs_4bit_on_this_cpu():
     assert placement._bitsandbytes_cpu_problem.__wrapped__() is None  # the detector's own tiny matmul
 
 
-def test_4bit_tiny_on_cpu_has_linear4bit_layers_and_trains_only_lora(tiny_model_dir, no_cuda):
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA GPU"))])
+def test_4bit_tiny_has_linear4bit_layers_and_trains_only_lora(tiny_model_dir, device, monkeypatch):
     pytest.importorskip("bitsandbytes")
+    if device == "cpu":
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     model, tok = models.load_causal_lm("tiny", load_in_4bit=True, lora=LoraSpec(r=4, dropout=0.0))
     assert "Linear4bit" in _layer_types(model)
-    assert placement.training_dtype(model) == torch.float32  # auto on CPU: fp32 compute
+    if device == "cpu":
+        assert placement.training_dtype(model) == torch.float32  # auto on CPU: fp32 compute
     trainable = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and all("lora_" in n for n in trainable)
-    batch = tok(["the cat sat on the mat", "a dog ran"], return_tensors="pt", padding=True)
+    batch = tok(["the cat sat on the mat", "a dog ran"], return_tensors="pt", padding=True).to(device)
     optimiser = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    loss = model(**batch, labels=batch["input_ids"]).loss
+    with torch.autocast(device, dtype=placement.training_dtype(model), enabled=device == "cuda"):
+        loss = model(**batch, labels=batch["input_ids"]).loss
     loss.backward()
     optimiser.step()
     assert torch.isfinite(loss)
