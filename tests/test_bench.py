@@ -56,3 +56,16 @@ def test_rm_table1_and_rm_scoring_small(tiny_model_dir):
     for name in ("one", "mixed"):
         assert s["configs"][name]["samples_per_s"] > 0 and s["ratios"][name]["throughput_vs_one"] > 0
     json.dumps([r, s], default=str)
+
+
+@pytest.mark.parametrize("argv, words", [(["--device", "cuda"], ["no CUDA GPU"]),
+                                         (["--backbone", "gpt9"], ["--backbone", "random-llama"])])
+def test_rm_scoring_bad_device_or_backbone_is_one_line(argv, words, monkeypatch, capsys, tmp_path):
+    import torch
+    from helpers import one_line_error, run_cli
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    out = tmp_path / "r.json"
+    code, _, err = run_cli(["bench", "rm-scoring", *argv, "--json", str(out)], monkeypatch, capsys)
+    one_line_error(code, err, *words)
+    assert not out.exists()

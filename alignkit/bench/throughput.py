@@ -13,7 +13,7 @@ from typing import Any
 
 from alignkit.bench.common import machine, random_llama
 
-SCORING_BACKBONES = ("tiny", "minilm")  # the reward-model backbones `rm_scoring` knows how to build
+SCORING_BACKBONES = ("tiny", "minilm", "random-llama")  # the reward-model backbones `rm_scoring` knows how to build
 
 def quickstart_time(output_dir: str | Path | None = None) -> dict[str, Any]:
     """Run `alignkit quickstart` once (default config) and report its wall time and table values."""
@@ -52,9 +52,10 @@ ENSEMBLE_CONFIGS = SCORING_CONFIGS[2:]
 
 
 def scoring_child(backbone: str, config: str, n_members: int, batch: int, rows: int, repeats: int,
-                  top_layers: int = 1) -> dict[str, Any]:
+                  top_layers: int = 1, device: str = "cpu") -> dict[str, Any]:
     """One scoring configuration, measured in THIS (fresh) process: median seconds to score `rows`
-    built-in (prompt, chosen) texts, and peak RSS minus the RSS after imports.
+    built-in (prompt, chosen) texts, and peak RSS minus the RSS after imports (on a GPU also the peak
+    GPU memory allocated, models included). `backbone`: a model spec or directory.
 
     one: one plain reward model (`RewardModelScorer`); separate: `n_members` plain reward models of the
     same backbone, each loaded (its own weights) and scored one after another; mixed / loop: a
@@ -75,11 +76,14 @@ def scoring_child(backbone: str, config: str, n_members: int, batch: int, rows: 
     pairs = arena.build_pairwise_offline(rows)
     prompts, texts = [r["prompt"] for r in pairs], [r["chosen"] for r in pairs]
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    cuda = device.startswith("cuda")
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
     torch.manual_seed(0)
     if config in ENSEMBLE_CONFIGS:
         top = list(range(-top_layers, 0)) if config.startswith("shared") else None
         ens = rewards.RewardEnsemble.build(backbone, n_members=n_members, lora=models.LoraSpec(
-            r=32, alpha=64, dropout=0.0, target_modules=None), device="cpu", layers_to_transform=top)
+            r=32, alpha=64, dropout=0.0, target_modules=None), device=device, layers_to_transform=top)
         with torch.no_grad():  # non-zero B: members that differ, as after training
             for name, p in ens.model.named_parameters():
                 if "lora_B" in name:
@@ -92,12 +96,14 @@ def scoring_child(backbone: str, config: str, n_members: int, batch: int, rows: 
         k = 1 if config == "one" else n_members
         scorers = []
         for _ in range(k):
-            model, tok = models.load_sequence_classifier(backbone, num_labels=1, device="cpu")
+            model, tok = models.load_sequence_classifier(backbone, num_labels=1, device=device)
             scorers.append(rewards.RewardModelScorer(model, tok, batch_size=batch))
 
     def once() -> None:
         for s in scorers:
             s.score(prompts, texts)
+        if cuda:
+            torch.cuda.synchronize(device)
 
     for s in scorers:  # warm-up: first-call allocations
         s.score(prompts[:batch], texts[:batch])
@@ -112,11 +118,13 @@ def scoring_child(backbone: str, config: str, n_members: int, batch: int, rows: 
     # CPU seconds of this process: what a pass costs even while other processes share the cores
     return {"config": config, "seconds": times, "median_s": sec, "samples_per_s": rows / sec,
             "cpu_seconds": cpu, "samples_per_cpu_s": rows / statistics.median(cpu),
-            "peak_rss_delta_mib": (peak - rss0) / 1024}
+            "peak_rss_delta_mib": (peak - rss0) / 1024,
+            **({"peak_gpu_mib": torch.cuda.max_memory_allocated(device) / 2**20} if cuda else {})}
 
 
 def rm_scoring(backbone: str = "tiny", n_members: int = 5, batch: int = 32, rows: int = 512,
-               repeats: int = 3, configs: tuple[str, ...] = SCORING_CONFIGS, top_layers: int = 1) -> dict[str, Any]:
+               repeats: int = 3, configs: tuple[str, ...] = SCORING_CONFIGS, top_layers: int = 1,
+               device: str = "cpu") -> dict[str, Any]:
     """Scoring throughput and peak memory of an N-member ensemble (mixed, loop; shared: LoRA on the top
     `top_layers` blocks, the trunk below run once; shared-loop-unpooled: without the pooled last block)
     vs N separate plain reward models vs one, each configuration in a FRESH subprocess
@@ -124,11 +132,9 @@ def rm_scoring(backbone: str = "tiny", n_members: int = 5, batch: int = 32, rows
 
     samples/s counts (prompt, completion) texts scored, i.e. N member rewards per sample for the
     ensemble and the separate models. Ratios are relative to one model (`configs` must include "one").
+    `random-llama`: `random_llama`'s ~0.8 B stand-in (a GPU backbone; built once, in a temporary directory).
+    On a GPU (`device` cuda[:N]) the memory ratios are of the peak GPU memory allocated.
     """
-    import json
-    import subprocess
-    import sys
-
     if backbone not in SCORING_BACKBONES:
         raise ValueError(f"backbone must be one of {SCORING_BACKBONES}, got {backbone!r}")
     if "one" not in configs or not set(configs) <= set(SCORING_CONFIGS):
@@ -137,22 +143,36 @@ def rm_scoring(backbone: str = "tiny", n_members: int = 5, batch: int = 32, rows
 
     if backbone == "tiny":
         models.build_tiny()  # built once here, not inside a timed child
+    with tempfile.TemporaryDirectory() as tmp:
+        spec = str(random_llama(Path(tmp) / "random-llama")) if backbone == "random-llama" else backbone
+        return _rm_scoring_children(backbone, spec, n_members, batch, rows, repeats, configs, top_layers, device)
+
+
+def _rm_scoring_children(backbone: str, spec: str, n_members: int, batch: int, rows: int, repeats: int,
+                         configs: tuple[str, ...], top_layers: int, device: str) -> dict[str, Any]:
+    import json
+    import subprocess
+    import sys
+
+    cuda = device.startswith("cuda")
+    memory_key = "peak_gpu_mib" if cuda else "peak_rss_delta_mib"
     result: dict[str, Any] = {
         "machine": machine(),
         "settings": {"backbone": backbone, "n_members": n_members, "batch": batch, "rows": rows,
                      "repeats": repeats, "ensemble_lora": "r 32, alpha 64, peft default targets (query/value)",
                      "shared_top_layers": top_layers,
                      "pooled_last_block": "every ensemble configuration except shared-loop-unpooled",
-                     "texts": "builtin:pairwise (prompt, chosen)", "device": "cpu",
-                     "memory": "peak ru_maxrss minus ru_maxrss after imports (torch, transformers, peft), "
-                               "fresh process per configuration"},
+                     "texts": "builtin:pairwise (prompt, chosen)", "device": device,
+                     "memory": ("peak GPU memory allocated (torch.cuda.max_memory_allocated), models included, "
+                                if cuda else "peak ru_maxrss minus ru_maxrss after imports (torch, transformers, "
+                                "peft), ") + "fresh process per configuration"},
         "configs": {},
     }
     code = ("import json, sys; from alignkit.bench.throughput import scoring_child; "
-            "print('RESULT ' + json.dumps(scoring_child(*sys.argv[1:3], *map(int, sys.argv[3:]))))")
+            "print('RESULT ' + json.dumps(scoring_child(*sys.argv[1:3], *map(int, sys.argv[3:8]), sys.argv[8])))")
     for config in configs:
-        cmd = [sys.executable, "-c", code, backbone, config, str(n_members), str(batch), str(rows), str(repeats),
-               str(top_layers)]
+        cmd = [sys.executable, "-c", code, spec, config, str(n_members), str(batch), str(rows), str(repeats),
+               str(top_layers), device]
         env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
         line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
@@ -160,11 +180,11 @@ def rm_scoring(backbone: str = "tiny", n_members: int = 5, batch: int = 32, rows
             raise RuntimeError(f"scoring child {config} failed: {proc.stderr[-2000:]}")
         result["configs"][config] = json.loads(line[-1][len("RESULT "):])
     c = result["configs"]
-    one_sps, one_mem = c["one"]["samples_per_s"], c["one"]["peak_rss_delta_mib"]
+    one_sps, one_mem = c["one"]["samples_per_s"], c["one"][memory_key]
     result["ratios"] = {
         name: {"throughput_vs_one": c[name]["samples_per_s"] / one_sps,
                # tiny runs can peak before the baseline is taken (delta 0): no ratio then
-               "memory_vs_one": c[name]["peak_rss_delta_mib"] / one_mem if one_mem > 0 else None}
+               "memory_vs_one": c[name][memory_key] / one_mem if one_mem > 0 else None}
         for name in configs
     }
     for mode in ENSEMBLE_CONFIGS:

@@ -439,13 +439,15 @@ def bench_rm_table1(
 
 @bench_app.command("rm-scoring")
 def bench_rm_scoring(
-    backbone: Annotated[str, typer.Option("--backbone", help="tiny or minilm")] = "tiny",
+    backbone: Annotated[str, typer.Option("--backbone", help="tiny, minilm, or random-llama (a ~0.8 B random "
+                                          "Llama: for a GPU)")] = "tiny",
     n_members: Annotated[int, typer.Option("--n-members", min=2, help="ensemble size N")] = 5,
     batch: Annotated[int, typer.Option("--batch", min=1, help="texts per forward")] = 32,
     rows: Annotated[int, typer.Option("--rows", min=1, help="texts scored per timed pass")] = 512,
     repeats: Annotated[int, typer.Option("--repeats", min=1, help="timed passes (median)")] = 3,
     top_layers: Annotated[int, typer.Option("--top-layers", min=1, help="blocks the shared / shared-loop "
                                             "ensembles adapt, from the top")] = 1,
+    device: DeviceOpt = None,
     json_out: JsonOpt = None,
 ) -> None:
     """Ensemble scoring (mixed, loop, shared trunk) vs N separate reward models vs one: samples/s, memory."""
@@ -453,19 +455,25 @@ def bench_rm_scoring(
 
     if backbone not in bench.SCORING_BACKBONES:
         raise UserError(f"--backbone must be one of {', '.join(bench.SCORING_BACKBONES)}, got '{backbone}'")
-    r = bench.rm_scoring(backbone, n_members=n_members, batch=batch, rows=rows, repeats=repeats, top_layers=top_layers)
+    from alignkit.placement import choose_device
+
+    on = str(choose_device(device or "cpu"))  # one line when no GPU is visible
+    r = bench.rm_scoring(backbone, n_members=n_members, batch=batch, rows=rows, repeats=repeats, top_layers=top_layers,
+                         device=on)
     m, c, q = r["machine"], r["configs"], r["ratios"]
     out = [("machine", f"{m['cpu']}, {m['cores']} cores; load avg {m['load_avg_1m']:.2f} -> "
                        f"{r['load_avg_1m_end']:.2f}"),
-           ("setup", f"{backbone}, N={n_members}, batch {batch}, {rows} texts x {repeats} passes, fresh process each")]
+           ("setup", f"{backbone} on {on}, N={n_members}, batch {batch}, {rows} texts x {repeats} passes, "
+                     "fresh process each")]
+    memory, key = ("peak GPU", "peak_gpu_mib") if on.startswith("cuda") else ("peak RSS Δ", "peak_rss_delta_mib")
     for name in bench.SCORING_CONFIGS:
         mem = "–" if q[name]["memory_vs_one"] is None else f"{q[name]['memory_vs_one']:.2f}x one"
         out.append((name, f"{c[name]['samples_per_s']:.1f} samples/s ({q[name]['throughput_vs_one']:.3f}x one) | "
-                          f"peak RSS Δ {c[name]['peak_rss_delta_mib']:.0f} MiB ({mem})"))
+                          f"{memory} {c[name][key]:.0f} MiB ({mem})"))
     forwards = ("mixed", "loop", "shared", "shared-loop")
     out.append(("vs separate, samples per CPU s (mixed | loop | shared | shared-loop)",
                 " | ".join(f"{q[f'{m}_vs_separate_per_cpu_s']:.2f}x" for m in forwards)))
-    _bench_out(r, out, f"alignkit bench rm-scoring --backbone {backbone}", json_out)
+    _bench_out(r, out, f"alignkit bench rm-scoring --backbone {backbone} --device {on}", json_out)
 
 
 @bench_app.command("sppo")
