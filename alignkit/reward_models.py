@@ -246,12 +246,14 @@ class RewardEnsemble(torch.nn.Module):
         trust_remote_code: bool = False,
         max_length: int = 512,
         layers_to_transform: int | Sequence[int] | None = None,
+        load_in_4bit: bool = False,
     ) -> RewardEnsemble:
         """A fresh ensemble of `n_members` LoRA members on `base` (member n seeded with seeds[n], default n).
 
         `layers_to_transform` (peft's option; negative = from the top) puts the members' LoRA on those
         blocks only: the blocks below the lowest one are then a trunk the members share, which the
-        "shared" forward runs once per batch."""
+        "shared" forward runs once per batch. `load_in_4bit`: QLoRA members on a 4-bit NF4 base
+        (`models.plan_loading`); the saved ensemble loads on the full-precision base unless asked."""
         from peft import get_peft_model
 
         if n_members < 2:
@@ -263,8 +265,11 @@ class RewardEnsemble(torch.nn.Module):
             raise UserError(f"ensemble seeds: got {len(seeds)} seeds for {n_members} members")
         lora = lora or models.LoraSpec()
         model, tokenizer = models.load_sequence_classifier(
-            base, num_labels=1, dtype=dtype, device=device, trust_remote_code=trust_remote_code
+            base, num_labels=1, dtype=dtype, device=device, trust_remote_code=trust_remote_code,
+            load_in_4bit=load_in_4bit,
         )
+        if load_in_4bit:
+            model = models.prepare_4bit(model)  # fp32 norms and head, input grads (as the single-model path)
         model.requires_grad_(False)  # the base stays frozen; only LoRA weights and member heads train
         names = [f"m{n}" for n in range(n_members)]
         config = lora.to_peft("SEQ_CLS")
@@ -294,6 +299,7 @@ class RewardEnsemble(torch.nn.Module):
             "lora": {**asdict(lora), "layers_to_transform": layers},
             "dropout": "disabled (eval mode in every forward, as TRL's disable_dropout)",
             "max_length": max_length,
+            "trained_on_4bit": load_in_4bit,
             "metadata": {},
         }
         ensemble = cls(model, tokenizer, info, max_length)

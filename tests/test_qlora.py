@@ -111,6 +111,31 @@ def test_rm_qlora_on_cpu_trains_the_adapter_and_head_and_scores(tmp_path, tiny_m
     assert torch.isfinite(scorer.score(["p"], ["a reply"]).mean).all()
 
 
+def test_rm_ensemble_qlora_on_cpu_trains_the_members_and_loads_on_the_full_base(tmp_path, tiny_model_dir, no_cuda):
+    pytest.importorskip("bitsandbytes")
+    from alignkit import rewards
+    from alignkit.trainers import reward
+
+    cfg = reward.RMEnsembleConfig(
+        model={"name": "tiny", "load_in_4bit": True, "lora": {"r": 4}},
+        data={"source": "builtin:pairwise", "max_samples": 20},
+        train={"batch_size": 8, "max_steps": 2, "learning_rate": 5e-3, "logging_steps": 1, "max_length": 96},
+        ensemble={"n_members": 2}, eval={"ood_source": None}, output={"dir": str(tmp_path / "ens")},
+    )
+    summary = reward.run_ensemble(cfg)
+    assert summary["steps"] == 2 and all(map(torch.isfinite, torch.tensor(_losses(tmp_path / "ens"))))
+    info = json.loads(next((tmp_path / "ens").rglob("ensemble.json")).read_text())
+    assert info["trained_on_4bit"] is True
+    for member in ("m0", "m1"):  # LoRA and the member's head, in fp32 (TRL's bf16 cast undone)
+        adapter = load_file(str(tmp_path / "ens" / "members" / member / "adapter_model.safetensors"))
+        assert any("score" in k for k in adapter) and {t.dtype for t in adapter.values()} == {torch.float32}
+    ensemble = rewards.load_scorer(str(tmp_path / "ens"))  # the members on the full-precision base
+    assert "Linear4bit" not in _layer_types(ensemble.ensemble.model)
+    scores = ensemble.score(["p", "q"], ["a reply", "another reply"])
+    assert scores.members.shape == (2, 2) and torch.isfinite(scores.members).all()
+    assert not torch.equal(scores.members[0], scores.members[1])  # two trained members, not copies
+
+
 def test_dpo_qlora_on_cpu_one_step(tmp_path, tiny_model_dir, no_cuda):
     pytest.importorskip("bitsandbytes")
     from alignkit.trainers import preference

@@ -111,9 +111,6 @@ class RMEnsembleConfig(RMConfig):
             raise ValueError("model.lora.enabled=false: ensemble members are LoRA adapters (use `alignkit rm`)")
         if self.model.lora.dropout > 0:
             raise ValueError("model.lora.dropout > 0 has no effect: ensemble forwards run without dropout")
-        if self.model.load_in_4bit:
-            raise ValueError("model.load_in_4bit: rm-ensemble does not train on 4-bit weights yet; "
-                             "drop --load-in-4bit (or train single reward models with `alignkit rm --load-in-4bit`)")
         return self
     model: EnsembleModel = Field(default_factory=EnsembleModel)
     ensemble: EnsembleSection = Field(default_factory=EnsembleSection)
@@ -447,11 +444,11 @@ def run_ensemble(cfg: RMEnsembleConfig, callbacks: list | None = None, progress:
     ensemble = rewards.RewardEnsemble.build(
         cfg.model.name, n_members=ens.n_members, lora=lora, seeds=seeds, dtype=cfg.model.dtype,
         device=cfg.model.device, trust_remote_code=cfg.model.trust_remote_code, max_length=cfg.train.max_length,
-        layers_to_transform=cfg.model.lora.layers_to_transform,
+        layers_to_transform=cfg.model.lora.layers_to_transform, load_in_4bit=cfg.model.load_in_4bit,
     )
     tokenizer = ensemble.tokenizer
     trainable, total = ensemble.trainable_parameters()
-    bf16 = next(ensemble.model.parameters()).dtype == torch.bfloat16
+    bf16 = models.training_dtype(ensemble.model) == torch.bfloat16
     max_length = _hf.cap_max_length(cfg.train.max_length, ensemble.model)
     train_tokens = _tokenized(train_ds, tokenizer, max_length)
     run_dir = RunDir.open(out, cfg.output.overwrite, cfg.output.resume, to_yaml(cfg), is_main=is_main)
@@ -460,6 +457,7 @@ def run_ensemble(cfg: RMEnsembleConfig, callbacks: list | None = None, progress:
         train_dataset=train_tokens, processing_class=tokenizer,
         callbacks=[_hf.RunDirMetrics(run_dir, progress), *(callbacks or [])], ensemble=ensemble, ens=ens,
     )
+    models.adapters_in_compute_dtype(trainer.model)  # QLoRA: TRL made the members' adapters and heads bf16
     _count_too_long(cfg, dropped, len(train_ds), trainer, run_dir)
 
     # -- train ---------------------------------------------------------------------------------------
