@@ -136,6 +136,37 @@ def test_rm_ensemble_qlora_on_cpu_trains_the_members_and_loads_on_the_full_base(
     assert not torch.equal(scores.members[0], scores.members[1])  # two trained members, not copies
 
 
+@pytest.mark.parametrize("command", ["ppo", "sppo"])
+def test_online_loops_train_lora_on_a_4bit_policy_on_cpu(command, tmp_path, tiny_model_dir, no_cuda, monkeypatch):
+    """ppo and sppo load their policy through the same loader: LoRA on 4-bit weights, a saved fp32 adapter."""
+    pytest.importorskip("bitsandbytes")
+    from alignkit.online import rollout
+
+    loaded = []
+    load_policy = rollout.load_policy
+    monkeypatch.setattr(rollout, "load_policy", lambda *a, **k: loaded.append(load_policy(*a, **k)) or loaded[-1])
+    model = {"name": "tiny", "device": "cpu", "load_in_4bit": True, "lora": {"enabled": True, "r": 4}}
+    out = tmp_path / command
+    if command == "ppo":
+        from alignkit.trainers import ppo
+
+        ppo.run(ppo.PPOConfig(model=model, data={"max_samples": 16}, output={"dir": str(out)},
+                              ppo={"iterations": 1, "prompts_per_iteration": 4, "k": 2, "max_new_tokens": 6,
+                                   "minibatch_size": 4, "ppo_epochs": 1}))
+        adapter = out / "model" / "adapter_model.safetensors"
+    else:
+        from alignkit.trainers.sppo import loop
+        from alignkit.trainers.sppo.config import SPPOConfig
+
+        loop.run(SPPOConfig(model=model, data={"max_samples": 24}, output={"dir": str(out)},
+                            sppo={"iterations": 1, "k": 2, "eval_prompts": 4, "max_new_tokens": 6, "chunk_prompts": 8},
+                            train={"optimizer": "adamw", "batch_size": 4}))
+        adapter = out / "iter-1" / "model" / "adapter_model.safetensors"
+    assert loaded and "Linear4bit" in _layer_types(loaded[0][0])
+    weights = load_file(str(adapter))
+    assert weights and all("lora_" in k for k in weights) and {t.dtype for t in weights.values()} == {torch.float32}
+
+
 def test_dpo_qlora_on_cpu_one_step(tmp_path, tiny_model_dir, no_cuda):
     pytest.importorskip("bitsandbytes")
     from alignkit.trainers import preference
