@@ -32,6 +32,7 @@ def _ensemble(base: str, layers, n: int = 3) -> RewardEnsemble:
         for name, p in ens.model.named_parameters():
             if "lora_B" in name:
                 p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
+    ens.pooled_block = None  # these tests count whole blocks; the pooled last block: test_rm_pooled_block.py
     return ens
 
 

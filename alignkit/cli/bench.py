@@ -470,9 +470,11 @@ def bench_rm_scoring(
         mem = "–" if q[name]["memory_vs_one"] is None else f"{q[name]['memory_vs_one']:.2f}x one"
         out.append((name, f"{c[name]['samples_per_s']:.1f} samples/s ({q[name]['throughput_vs_one']:.3f}x one) | "
                           f"{memory} {c[name][key]:.0f} MiB ({mem})"))
-    forwards = ("mixed", "loop", "shared", "shared-loop")
-    out.append(("vs separate, samples per CPU s (mixed | loop | shared | shared-loop)",
+    forwards = [name for name in bench.SCORING_CONFIGS if name not in ("one", "separate")]
+    out.append((f"vs separate, samples per CPU s ({' | '.join(forwards)})",
                 " | ".join(f"{q[f'{m}_vs_separate_per_cpu_s']:.2f}x" for m in forwards)))
+    out.append(("pooled last block", f"shared-loop {q['shared-loop_vs_unpooled_throughput']:.2f}x "
+                                     "shared-loop-unpooled (samples/s)"))
     _bench_out(r, out, f"alignkit bench rm-scoring --backbone {backbone} --device {on}", json_out)
 
 

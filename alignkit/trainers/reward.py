@@ -411,9 +411,10 @@ def _ensemble_trainer_cls():
             model.eval()  # peft allows adapter_names only in eval mode; dropout is off anyway
             try:
                 names = [name for name in self.ensemble.names for _ in range(b)]
-                with self.ensemble.trunk(b) if mode == "shared" else contextlib.nullcontext():
-                    out = model(input_ids=input_ids.repeat(n, 1), attention_mask=attention_mask.repeat(n, 1),
-                                adapter_names=names)
+                ids, mask = input_ids.repeat(n, 1), attention_mask.repeat(n, 1)
+                with (self.ensemble.trunk(b) if mode == "shared" else contextlib.nullcontext(),
+                      self.ensemble.pooled(ids, mask)):
+                    out = model(input_ids=ids, attention_mask=mask, adapter_names=names, use_cache=False)
             finally:
                 model.train()
             return out.logits.view(n, b)
