@@ -46,7 +46,6 @@ def test_kto_learns_the_builtin_preferences(tmp_path: Path, sft_tiny_dir):
     assert (out / "model" / "model.safetensors").is_file() and not (out / "checkpoints").exists()
 
 
-@pytest.mark.slow  # kto shares dpo's resume path (TRL trainer + _hf), which the default run tests
 def test_kto_resume_reproduces_the_uninterrupted_run(tmp_path: Path, tiny_model_dir):
     model = str(tiny_model_dir)
     straight = preference.run_kto(_cfg(tmp_path / "a", model, n=32, batch_size=8, save_steps=4))

@@ -92,7 +92,6 @@ def test_ensemble_diverges_beats_chance_and_is_uncertain_out_of_distribution(tmp
     torch.testing.assert_close(s1.members, s2.members, atol=1e-6, rtol=1e-6)
 
 
-@pytest.mark.slow  # two ensemble trainings (~10 s): `make test-all`
 def test_nnm_term_raises_diversity(tmp_path: Path, sft_tiny_dir):
     """λ > 0 must make the members' concatenated A matrices more diverse than λ = 0 (eq. 12)."""
     short = {"train__epochs": 1, "data__max_samples": 160}
@@ -107,7 +106,6 @@ def test_nnm_term_raises_diversity(tmp_path: Path, sft_tiny_dir):
 
 
 
-@pytest.mark.slow  # three ensemble trainings (~12 s); resume stays in the default run for sft, dpo, ppo, sppo
 def test_ensemble_resume_reproduces_the_uninterrupted_run(tmp_path: Path, sft_tiny_dir):
     short = {"train__save_steps": 2, "train__epochs": 1, "data__max_samples": 160}  # 4 steps
     straight = reward.run_ensemble(_ens_cfg(tmp_path / "a", sft_tiny_dir, **short))
