@@ -34,7 +34,7 @@ def _metrics(run: Path) -> list[dict]:
 # runs at β = 1 here (a gap of 1/2) for 2 epochs; its summed-reward accuracy (what TRL logs) is noisier.
 @pytest.mark.parametrize(
     ("loss", "n", "beta", "epochs"),
-    [("dpo", 512, 0.1, 1), ("ipo", 512, 1.0, 2), ("sppo", 256, 0.1, 1)],
+    [("dpo", 512, 0.1, 1), pytest.param("ipo", 512, 1.0, 2, marks=pytest.mark.slow), ("sppo", 256, 0.1, 1)],
 )
 def test_preference_losses_learn_the_builtin_preferences(loss, n, beta, epochs, tmp_path: Path, sft_tiny_dir):
     cfg = _cfg(tmp_path / "run", str(sft_tiny_dir), loss, n=n, beta=beta, epochs=epochs, logging_steps=4)
