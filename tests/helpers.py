@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import shutil
 import sys
+from pathlib import Path
 
 from transformers import TrainerCallback
 
@@ -50,3 +53,13 @@ def assert_python_runs(code: str) -> None:
 
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
+
+
+def copy_without_chat_template(model_dir: Path, out: Path) -> Path:
+    """A copy of a model directory whose tokenizer has no chat template (as base models like gpt2 or opt)."""
+    shutil.copytree(model_dir, out)
+    cfg = json.loads((out / "tokenizer_config.json").read_text())
+    cfg.pop("chat_template", None)
+    (out / "tokenizer_config.json").write_text(json.dumps(cfg))
+    (out / "chat_template.jinja").unlink(missing_ok=True)
+    return out

@@ -5,12 +5,11 @@ are the tokenizer's own `apply_chat_template` ids, the rollout's teacher-forced 
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import one_line_error, run_cli
+from helpers import copy_without_chat_template, one_line_error, run_cli
 
 from alignkit import generation
 from alignkit.errors import UserError
@@ -30,13 +29,7 @@ def tiny(tiny_model_dir: Path):
 @pytest.fixture(scope="module")
 def no_template_dir(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny model with a tokenizer that has no chat template (as base models like gpt2 or opt)."""
-    out = tmp_path_factory.mktemp("no-template") / "tiny"
-    shutil.copytree(tiny_model_dir, out)
-    cfg = json.loads((out / "tokenizer_config.json").read_text())
-    cfg.pop("chat_template", None)
-    (out / "tokenizer_config.json").write_text(json.dumps(cfg))
-    (out / "chat_template.jinja").unlink(missing_ok=True)
-    return out
+    return copy_without_chat_template(tiny_model_dir, tmp_path_factory.mktemp("no-template") / "tiny")
 
 
 def _template_ids(tok, messages) -> list[int]:

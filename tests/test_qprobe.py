@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import assert_python_runs, one_line_error
+from helpers import assert_python_runs, copy_without_chat_template, one_line_error
 from helpers import run_cli as _run
 from safetensors.torch import save_file
 
@@ -272,21 +272,9 @@ def bad(tmp_path_factory, tiny_model_dir) -> dict[str, str]:
                                    output={"dir": str(tmp_path / "probe")}), progress=False)["output_dir"]
     d.update(_corrupt_features(tmp_path, d["real"]))
     d.update(_corrupt_probes(tmp_path, Path(d["probe"])))
-    d["plain"] = _no_template(tiny_model_dir, tmp_path / "plain-tokenizer")
+    d["plain"] = copy_without_chat_template(tiny_model_dir, tmp_path / "plain-tokenizer")
     d["chat_pairs"] = _chat_pairs(tmp_path / "chat-pairs.jsonl")
     return {k: str(v) for k, v in d.items()} | {"tiny": str(tiny_model_dir)}
-
-
-def _no_template(model_dir: Path, out: Path) -> Path:
-    """A copy of the tiny model whose tokenizer has no chat template (as base models like gpt2 or opt)."""
-    import shutil
-
-    shutil.copytree(model_dir, out)
-    cfg = json.loads((out / "tokenizer_config.json").read_text())
-    cfg.pop("chat_template", None)
-    (out / "tokenizer_config.json").write_text(json.dumps(cfg))
-    (out / "chat_template.jinja").unlink(missing_ok=True)
-    return out
 
 
 CHAT_PAIRS = [  # conversational pairs: message prompts, one assistant reply per side
