@@ -74,10 +74,13 @@ def build(
     label: Label = "prob",
     seed: int = 0,
     progress: bool = True,
+    after_sampling: Any = None,
     **generate_kwargs: Any,
 ) -> tuple[list[dict], dict[str, Any]]:
     """Sample k completions per prompt from `model` (an HF model or a vLLM engine, `generation.load_sampler`),
-    judge them in ONE `preference.matrices` call, pick. Returns
+    judge them in ONE `preference.matrices` call, pick. `preference` may be a zero-argument loader, called
+    after sampling and `after_sampling()` (a vLLM engine's `close`: the judge then loads into the GPU memory
+    the engine held). Returns
     (pairwise rows, stats). An empty sample (EOS first) is judged as a copy of the prompt's first non-empty
     one, so it is never picked; prompts whose picks are the same text or whose P̂ are all equal are dropped
     (`dropped_ties`), as are prompts without two different non-empty samples (`dropped_identical`)."""
@@ -88,6 +91,10 @@ def build(
     gen_stats: dict[str, float] = {}
     samples = generation.generate(model, tokenizer, prompts, k=k, seed=seed, progress=progress, stats=gen_stats,
                                   **generate_kwargs)
+    if after_sampling is not None:
+        after_sampling()
+    if not hasattr(preference, "matrices"):
+        preference = preference()
     texts = [[samples[i * k + j].completion for j in range(k)] for i in range(len(prompts))]
     shown = [samples[i * k].prompt for i in range(len(prompts))]
     # an empty completion (EOS first) is no usable preference text: the shared loader refuses empty fields.
@@ -147,15 +154,20 @@ def write_pairs(
 
     from alignkit import generation, vllm_backend
     from alignkit.data import to_jsonl
-    from alignkit.rewards import load_preference
+    from alignkit.rewards import check_preference_spec, load_preference
 
     mode = generation.chat_mode(chat, source)
     vllm_backend.check_backend(backend, device)
-    judge = load_preference(preference, device=device)
+    check_preference_spec(preference)  # a bad judge is one line before anything loads
+    # with vLLM the judge loads after the engine is closed: the engine takes 0.9 of the GPU and will not
+    # start in less free memory
+    judge = (lambda: load_preference(preference, device=device)) if backend == "vllm" else load_preference(
+        preference, device=device)
     sampler, tokenizer = generation.load_sampler(model, backend, dtype=dtype, device=device, seed=seed)
     try:
         rows, stats = build(sampler, tokenizer, prompts, judge, k=k, select=select, label=label, seed=seed,
-                            progress=progress, chat=mode, **generate_kwargs)
+                            progress=progress, chat=mode, after_sampling=sampler.close if backend == "vllm" else None,
+                            **generate_kwargs)
     finally:
         if backend == "vllm":  # free the engine's GPU memory before a pipeline's next step loads a model
             sampler.close()

@@ -277,16 +277,16 @@ def adapters_in_compute_dtype(model: Any) -> None:
     """After a TRL trainer is built on a 4-bit model: TRL casts its trainable parameters (LoRA, a reward
     head) to bf16 whatever the compute dtype (QLoRA's bf16 adapters). With an fp32 compute dtype (the
     CPU default, a GPU without bf16) that makes peft run every LoRA matmul in bf16 (several times slower
-    on a CPU without bf16 units) and lets AdamW's small updates vanish in bf16 rounding; cast them back,
-    as QLoRA's reference code does (bf16 adapters only under bf16). A bf16 compute dtype: left as TRL has it."""
+    on a CPU without bf16 units) and lets AdamW's small updates vanish in bf16 rounding; cast them to fp32,
+    as QLoRA's reference code does (bf16 adapters only under bf16; fp32 under fp16 too, which trains without
+    loss scaling here). A bf16 compute dtype: left as TRL has it."""
     if not getattr(model, "is_loaded_in_4bit", False):
         return
-    compute = training_dtype(model)
-    if compute == torch.bfloat16:
+    if training_dtype(model) == torch.bfloat16:
         return
-    for param in model.parameters():
+    for param in model.parameters():  # fp32, also under fp16 compute: no loss scaling here, fp16 updates underflow
         if param.requires_grad and param.dtype == torch.bfloat16:
-            param.data = param.data.to(compute)
+            param.data = param.data.float()
 
 
 def prepare_4bit(model: Any) -> Any:

@@ -253,7 +253,7 @@ class RewardEnsemble(torch.nn.Module):
         `layers_to_transform` (peft's option; negative = from the top) puts the members' LoRA on those
         blocks only: the blocks below the lowest one are then a trunk the members share, which the
         "shared" forward runs once per batch. `load_in_4bit`: QLoRA members on a 4-bit NF4 base
-        (`models.plan_loading`); the saved ensemble loads on the full-precision base unless asked."""
+        (`models.plan_loading`); the saved ensemble loads on the full-precision base (`load`)."""
         from peft import get_peft_model
 
         if n_members < 2:

@@ -243,7 +243,10 @@ class VLLMEngine:
 
     def close(self) -> None:
         """Free the engine's GPU memory (before the next model loads). The process group is torn down only
-        when the engine created it (a one-process command), never a launched run's own."""
+        when the engine created it (a one-process command), never a launched run's own. A second call is a
+        no-op."""
+        if self.llm is None:
+            return
         self.llm = None
         gc.collect()
         if self._owns_process_group:

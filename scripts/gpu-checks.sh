@@ -21,7 +21,7 @@ step() {  # step NAME CMD...: run, log to $OUT/NAME.log, record rc and seconds
   shift
   echo "=== $name: $*"
   start=$(date +%s%N)
-  "$@" >"$OUT/$name.log" 2>&1
+  timeout "${STEP_TIMEOUT:-240}" "$@" >"$OUT/$name.log" 2>&1  # a hung step: rc 124, the next one runs
   rc=$?
   printf '%s\t%s\t%s\n' "$name" "$rc" "$(( ($(date +%s%N) - start) / 1000000 ))" | tee -a "$OUT/steps.tsv"
   tail -n 4 "$OUT/$name.log"
@@ -29,9 +29,12 @@ step() {  # step NAME CMD...: run, log to $OUT/NAME.log, record rc and seconds
 
 if [ -d .whl ] && [ "${GPU_CHECKS_SMOKE:-0}" != 1 ]; then  # the lent machine: its torch stays, the carried wheels go first on the path
   SITE=$WORK/site
-  step install bash -c "$PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-      --target $SITE .whl/*.whl && $PY -m pip install -q --no-index --no-deps --no-build-isolation \
-      --no-cache-dir --target $SITE .whl/deepspeed-*.tar.gz && cp -r .whl/site/. $SITE/"
+  PIP="$PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target $SITE"
+  # three steps, so that one failing (say the deepspeed build) leaves the others' checks meaningful
+  step install-wheels $PIP .whl/*.whl
+  # deepspeed is an sdist: built there against the machine's torch (setuptools and wheel are on that machine)
+  step install-deepspeed env DS_BUILD_OPS=0 $PIP --no-build-isolation .whl/deepspeed-*.tar.gz
+  step install-bitsandbytes cp -r .whl/site/. "$SITE/"
   export PYTHONPATH=$SITE:$PWD
 else
   export PYTHONPATH=$PWD
@@ -50,6 +53,9 @@ step env bash -c "nvidia-smi || true; $PY -c 'import sys, torch, transformers, t
 print(sys.version.split()[0], \"torch\", torch.__version__, \"cuda\", torch.cuda.is_available(),
       \"transformers\", transformers.__version__, \"trl\", trl.__version__, \"peft\", peft.__version__,
       \"accelerate\", accelerate.__version__, \"datasets\", datasets.__version__)
+import importlib.util
+print(\"missing modules:\", [m for m in (\"click\", \"rich\", \"shellingham\", \"pytest\", \"xxhash\", \"pyarrow\", \"fsspec\",
+      \"msgpack\", \"psutil\", \"tqdm\", \"yaml\", \"matplotlib\", \"pydantic\", \"typer\") if importlib.util.find_spec(m) is None])
 for name in (\"deepspeed\", \"bitsandbytes\", \"vllm\"):
     try:
         print(name, __import__(name).__version__)

@@ -241,3 +241,18 @@ def test_dry_run_does_not_probe_bitsandbytes(tmp_path, no_cuda, monkeypatch, cap
     code, _, err = run_cli(["sft", "--lora", "--load-in-4bit", "--dry-run", "-o", str(tmp_path / "r")],
                            monkeypatch, capsys)
     assert code == 0, err
+
+
+@pytest.mark.parametrize("compute, expected", [(torch.float32, torch.float32), (torch.float16, torch.float32),
+                                               (torch.bfloat16, torch.bfloat16)])
+def test_adapters_leave_bf16_unless_the_compute_dtype_is_bf16(compute, expected):
+    """TRL casts a 4-bit model's trainable weights to bf16: back to fp32 under fp32 and fp16 compute (fp16
+    adapters without loss scaling would underflow), left alone under bf16; frozen weights are not touched."""
+    from types import SimpleNamespace
+
+    model = torch.nn.Linear(2, 2).to(torch.bfloat16)
+    model.bias.requires_grad_(False)
+    model.is_loaded_in_4bit = True
+    model.config = SimpleNamespace(quantization_config=SimpleNamespace(bnb_4bit_compute_dtype=compute))
+    placement.adapters_in_compute_dtype(model)
+    assert model.weight.dtype == expected and model.bias.dtype == torch.bfloat16

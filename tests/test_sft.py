@@ -88,6 +88,10 @@ def test_token_throughput_counts_the_tokens_of_this_process_s_training_time():
     resumed = rows[:3] + [{"step": 6, "num_tokens": 300.0}]
     assert token_throughput(resumed, 4, 3.0) == {"train_tokens": 700, "train_tokens_per_s": 100.0}
     assert token_throughput(rows[:1] + resumed[3:], 4, 3.0) == {"train_tokens": None, "train_tokens_per_s": 100.0}
+    # resumed twice (at 2, then at 4): each segment's count restarts; the total adds every segment's end
+    twice = [{"step": 1, "num_tokens": 100.0}, {"step": 2, "num_tokens": 200.0}, {"step": 3, "num_tokens": 100.0},
+             {"step": 4, "num_tokens": 200.0}, {"step": 6, "num_tokens": 300.0}]
+    assert token_throughput(twice, 4, 3.0) == {"train_tokens": 700, "train_tokens_per_s": 100.0}
     assert token_throughput([{"step": 1, "loss": 1.0}], 0, 1.0) == {}  # a trainer without num_tokens
 
 

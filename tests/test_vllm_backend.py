@@ -360,3 +360,22 @@ def test_ppo_samples_its_rollouts_with_the_vllm_engine(fake_vllm, tiny_model_dir
     assert len(fake_vllm.CALLS["engines"]) == 1 and len(fake_vllm.CALLS["generate"]) == 3
     assert len(fake_vllm.CALLS["load_weights"]) == 3 * n_weights
     assert summary["iterations"] == 3 and (tmp_path / "run" / "model" / "adapter_model.safetensors").is_file()
+
+
+def test_pairs_with_vllm_load_the_judge_after_the_engine_is_closed(fake_vllm, tiny_model_dir, tmp_path, monkeypatch):
+    """vLLM takes 0.9 of the GPU and will not start in less free memory: the judge loads once the engine is
+    closed (and the engine is closed once, also when the pairs are written)."""
+    from alignkit import pairs, rewards, vllm_backend
+
+    engines: list = []
+    from_spec = vllm_backend.VLLMEngine.from_spec
+    monkeypatch.setattr(vllm_backend.VLLMEngine, "from_spec",
+                        classmethod(lambda cls, *a, **k: engines.append(from_spec(*a, **k)) or engines[-1]))
+    open_at_load: list[bool] = []
+    load_preference = rewards.load_preference
+    monkeypatch.setattr(rewards, "load_preference",
+                        lambda *a, **k: open_at_load.append(engines[0][0].llm is not None) or load_preference(*a, **k))
+    stats = pairs.write_pairs("tiny", PROMPTS * 2, tmp_path / "pairs.jsonl", preference="oracle", backend="vllm",
+                              chat="off", k=3, progress=False, max_new_tokens=8)
+    assert open_at_load == [False] and engines[0][0].llm is None and stats["backend"] == "vllm"
+    assert len(fake_vllm.CALLS["cleanup"]) <= 1  # a second close() is a no-op

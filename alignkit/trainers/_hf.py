@@ -318,15 +318,21 @@ def whole_run_loss(metrics: list[dict[str, Any]], resumed_from: int, segment_los
 
 def token_throughput(metrics: list[dict[str, Any]], resumed_from: int, runtime_s: float | None) -> dict[str, Any]:
     """`train_tokens` (TRL's `num_tokens`: non-padding tokens of every process) and `train_tokens_per_s`
-    over this process's training time. TRL's count lives in the trainer, not the checkpoint, so after a
-    resume it restarts at 0: the tokens of this segment are the last count logged after the resumed step,
-    and the run's total adds the count logged AT the resumed step (None when that step was not logged).
-    Empty for trainers that log no `num_tokens`."""
+    over this process's training time. TRL's count lives in the trainer, not the checkpoint, so it restarts
+    at 0 on every resume: the tokens of this segment are the last count logged after the resumed step; the
+    run's total adds, for each earlier segment (a drop in the count starts one), its count at its end, the
+    last one at the resumed step (None when that step was not logged). Empty for trainers that log no
+    `num_tokens`."""
     seen = [(m["step"], m["num_tokens"]) for m in metrics if m.get("num_tokens") is not None]
     segment = [t for step, t in seen if step > resumed_from]
     if not segment:
         return {}
-    before = 0.0 if not resumed_from else next((t for step, t in seen if step == resumed_from), None)
+    before: float | None = 0.0
+    if resumed_from:
+        earlier = [(step, t) for step, t in seen if step <= resumed_from]
+        ends = [t for (_, t), (_, nxt) in zip(earlier, earlier[1:]) if nxt < t]  # counts where a resume reset it
+        at_resume = next((t for step, t in earlier if step == resumed_from), None)
+        before = None if at_resume is None else sum(ends) + at_resume
     return {"train_tokens": int(before + segment[-1]) if before is not None else None,
             "train_tokens_per_s": segment[-1] / runtime_s if runtime_s else None}
 

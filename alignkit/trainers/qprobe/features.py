@@ -313,15 +313,17 @@ def sample_features(
 
     engine = isinstance(sampler, VLLMEngine)
     stats: dict[str, float] = {}
-    samples = generation.generate(
-        sampler, tok, prompts, k=k, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-        batch_size=batch_size, seed=seed, progress=progress, stats=stats, chat=chat,
-        capture_layer=None if encoder is not None or engine else layer,
-    )
+    try:
+        samples = generation.generate(
+            sampler, tok, prompts, k=k, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+            batch_size=batch_size, seed=seed, progress=progress, stats=stats, chat=chat,
+            capture_layer=None if encoder is not None or engine else layer,
+        )
+    finally:
+        if engine:
+            sampler.close()  # its GPU memory, before the HF model (or a scorer) loads; also on an error
     timing = {"generate_s": stats.get("seconds", 0.0), "samples_per_s": stats.get("samples_per_s", 0.0),
               "embed_s": 0.0, "forward_s": 0.0}
-    if engine:
-        sampler.close()  # its GPU memory, before the HF model loads
     t0 = time.perf_counter()
     if encoder is not None:
         texts = api_texts([s.prompt for s in samples], [s.completion for s in samples])
@@ -367,9 +369,9 @@ def collect(cfg: CollectConfig, progress: bool = True, console: Any | None = Non
     chat, templated = chat_setting(tok, generation.chat_mode(cfg.chat, source), prompts, source)
     n_layers = int(config.num_hidden_layers)
     layer = None if cfg.embed else resolve_layer(cfg.layer, n_layers)
-    scorer = None
-    if kind == "samples" and cfg.reward != NO_REWARD:
-        scorer = rewards.load_scorer(cfg.reward, device=cfg.device, dtype=cfg.dtype, batch_size=cfg.batch_size)
+    wants_reward = kind == "samples" and cfg.reward != NO_REWARD
+    if wants_reward:  # checked now, loaded after sampling (a vLLM engine needs 0.9 of the GPU free to start)
+        rewards.check_scorer_spec(cfg.reward)
     encoder = models.load_encoder(cfg.embed, device=cfg.device) if cfg.embed else None
     mode = "api" if encoder is not None else "hidden"
 
@@ -391,7 +393,9 @@ def collect(cfg: CollectConfig, progress: bool = True, console: Any | None = Non
         )
         del sampler
         reward = [None] * len(samples)
-        if scorer is not None:
+        scorer = None
+        if wants_reward:
+            scorer = rewards.load_scorer(cfg.reward, device=cfg.device, dtype=cfg.dtype, batch_size=cfg.batch_size)
             t0 = time.perf_counter()
             rep = [p for p in prompts for _ in range(cfg.n)]
             scores = scorer.score(rep, [s.completion for s in samples], [s.finished for s in samples]).mean

@@ -88,7 +88,8 @@ def sample(
         if int(config.hidden_size) != int(info["d"]):
             raise UserError(f"model '{spec}' has hidden size {config.hidden_size} but probe '{probe_run}' expects "
                             f"d = {info['d']}")
-    scorer = rewards.load_scorer(reward, device=device, dtype=dtype) if reward else None
+    if reward:  # checked now, loaded after sampling (a vLLM engine needs 0.9 of the GPU free to start)
+        rewards.check_scorer_spec(reward)
     encoder = models.load_encoder(info["encoder"], device=device) if info["mode"] == "api" else None
     for w in warnings:
         print(f"warning: {w}", file=sys.stderr)
@@ -116,7 +117,8 @@ def sample(
     ]
     result: dict[str, Any] = {"n_prompts": len(rows), "k": k, "beta": beta, "out": str(out), "backend": backend,
                               "chat": chat_used, "warnings": warnings, **timing}
-    if scorer is not None:
+    if reward:
+        scorer = rewards.load_scorer(reward, device=device, dtype=dtype)
         r = scorer.score(prompt_list, [s.completion for s in chosen], [s.finished for s in chosen]).mean.double()
         for row, v in zip(rows, r.tolist(), strict=True):
             row["reward"] = v
