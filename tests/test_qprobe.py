@@ -523,9 +523,16 @@ def _prompts_file(path: Path) -> Path:
     return path
 
 
-def test_vllm_backend_features_equal_hf_capture_greedy(fake_vllm, tiny_model_dir, tmp_path) -> None:
+def test_vllm_backend_features_equal_hf_capture_greedy(fake_vllm, tiny_model_dir, tmp_path, monkeypatch) -> None:
     """Greedy (T = 0): vLLM samples, then ONE teacher-forced forward of the HF model gives the features that
-    capture during HF sampling gives; meta.json records the backend and the time of each part."""
+    capture during HF sampling gives; meta.json records the backend and the time of each part. The reward
+    model loads after the engine is closed (vLLM needs 0.9 of the GPU free to start)."""
+    from alignkit import rewards
+
+    at_load: list[tuple[int, int]] = []  # (engine generate calls, engine cleanups) when a scorer loads
+    load_scorer = rewards.load_scorer
+    monkeypatch.setattr(rewards, "load_scorer", lambda *a, **k: at_load.append(
+        (len(fake_vllm.CALLS["generate"]), len(fake_vllm.CALLS["cleanup"]))) or load_scorer(*a, **k))
     common = dict(model=str(tiny_model_dir), max_samples=3, n=2, layer=1, max_new_tokens=6, temperature=0.0,
                   device="auto", dtype="float32")
     feats = {}
@@ -540,6 +547,7 @@ def test_vllm_backend_features_equal_hf_capture_greedy(fake_vllm, tiny_model_dir
     assert vl.meta["timings"]["forward_s"] > 0 and "forward_load_s" in vl.meta["timings"]
     assert hf.meta["timings"]["forward_s"] == 0  # captured while sampling: no second forward
     assert len(fake_vllm.CALLS["generate"]) == 1 and fake_vllm.CALLS["cleanup"]  # one engine, closed after sampling
+    assert at_load[-1][0] == 1 and at_load[-1][1] >= 1  # the vLLM collect's scorer: after sampling and closing
     # `qprobe sample` too: the probe policy picks the same completions with the same Q from either backend
     run = Q.fit(Q.FitConfig(features=str(hf.path), loss="q", k=2, epochs=1, zero_init=False,
                             output={"dir": str(tmp_path / "probe")}), progress=False)["output_dir"]
